@@ -1,0 +1,98 @@
+#pragma once
+// \brief Helpers for the per-ISA CPU kernels (cpp/cpu/kernels/*.cpp): load any float dtype as vectors of
+//        its accumulation type (fp32, or fp64 for fp64), store back with one rounding, split work.
+//
+// Only included from files compiled once per ISA; everything here lives in namespace
+// megacore::cpu::CPU_CAPABILITY so the AVX512 and DEFAULT copies never meet at link time.
+#ifndef CPU_CAPABILITY
+#error "cpu/vec.h is for files in cpp/cpu/kernels/, which CMake compiles once per ISA"
+#endif
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace megacore::cpu::CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename T>
+using acc_t = at::opmath_type<T>;  // float for fp32/fp16/bf16, double for fp64
+template <typename T>
+using AccVec = Vectorized<acc_t<T>>;
+template <typename T>
+inline constexpr int64_t kStep = AccVec<T>::size();  // elements per vector of the accumulation type
+
+template <typename T>
+inline constexpr bool kReduced = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+/// Loads kStep<T> elements as the accumulation type.
+template <typename T>
+inline AccVec<T> load_vec(const T* p) {
+  if constexpr (kReduced<T>) {
+    Vectorized<float> v;
+    at::vec::load_to_float(p, v);
+    return v;
+  } else {
+    return AccVec<T>::loadu(p);
+  }
+}
+
+/// Loads n < kStep<T> elements; the rest of the vector is 0.
+template <typename T>
+inline AccVec<T> load_vec(const T* p, int64_t n) {
+  if constexpr (kReduced<T>) {
+    alignas(64) float tmp[kStep<T>] = {};
+    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+    return Vectorized<float>::loadu(tmp);
+  } else {
+    return AccVec<T>::loadu(p, n);
+  }
+}
+
+/// Stores kStep<T> elements, rounding once from the accumulation type.
+template <typename T>
+inline void store_vec(T* p, const AccVec<T>& v) {
+  if constexpr (kReduced<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, kStep<T>);
+  } else {
+    v.store(p);
+  }
+}
+
+/// Stores the first n < kStep<T> elements.
+template <typename T>
+inline void store_vec(T* p, const AccVec<T>& v, int64_t n) {
+  if constexpr (kReduced<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, n);
+  } else {
+    v.store(p, n);
+  }
+}
+
+/// Grain for at::parallel_for over rows so that each task touches at least ~32k elements: smaller
+/// tasks cost more in scheduling than they save.
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+/// Runs f(row, col_begin, col_end) over the element range [begin, end) of a [rows, cols] matrix,
+/// one call per row segment. Lets an elementwise kernel over a row-broadcast operand (a bias)
+/// parallelize over elements even when there are few rows.
+template <typename F>
+inline void for_each_row_segment(int64_t begin, int64_t end, int64_t cols, const F& f) {
+  int64_t row = begin / cols, col = begin % cols;
+  while (begin < end) {
+    const int64_t stop = std::min(end - begin, cols - col);
+    f(row, col, col + stop);
+    begin += stop;
+    ++row;
+    col = 0;
+  }
+}
+
+}  // namespace megacore::cpu::CPU_CAPABILITY

@@ -1,0 +1,60 @@
+// The schema of every megacore op, defined once. Implementations register per dispatch key in
+// cpp/cpu/<family>.cpp and cpp/cuda/<family>.cpp; fake (meta) kernels and autograd are registered from
+// python/megacore/ops/<family>.py. Backward passes are ops of their own, so torch.compile, the profiler
+// and Nsight see them by name.
+#include <torch/library.h>
+
+TORCH_LIBRARY(megacore, m) {
+  m.set_python_module("megacore.ops");
+
+  // ---- bias + GeLU: y = gelu(x + bias), bias over the last dim -------------------------------------
+  m.def("bias_gelu(Tensor x, Tensor? bias, str approximate='tanh') -> Tensor");
+  // -> (grad_x, grad_bias); grad_bias is empty ([0]) when bias is None.
+  m.def("bias_gelu_backward(Tensor grad_out, Tensor x, Tensor? bias, str approximate) -> (Tensor, Tensor)");
+
+  // ---- residual + dropout(x + bias); the keep mask is a function of (seed, element index) ------------
+  // seed: int64 CPU tensor of one element.
+  m.def("bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, float p, Tensor seed) -> Tensor");
+  // -> (grad_x, grad_bias); grad_x = grad_out * mask / (1 - p), grad_bias = grad_x summed over rows
+  //    (empty when has_bias is false). The residual's gradient is grad_out itself.
+  m.def("bias_dropout_add_backward(Tensor grad_out, float p, Tensor seed, bool has_bias) -> (Tensor, Tensor)");
+
+  // ---- normalization over the last dim, statistics in fp32 (fp64 for fp64 input) ---------------------
+  // -> (out, mean, rstd); mean and rstd have the input's leading shape.
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_x, grad_weight, grad_bias); grad_weight/grad_bias empty when weight/bias is None.
+  m.def(
+      "layer_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool has_bias)"
+      " -> (Tensor, Tensor, Tensor)");
+  // -> (out, rstd)
+  m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  // -> (grad_x, grad_weight); grad_weight empty when weight is None.
+  m.def("rms_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
+
+  // ---- softmax(scale * scores) over the last dim with masking; fully masked rows give zeros ----------
+  // mask: bool, broadcastable to scores, True = exclude (Megatron's convention).
+  m.def("scaled_masked_softmax(Tensor scores, Tensor? mask, float scale) -> Tensor");
+  // scores [..., sq, sk]; query i sees keys j <= i + (sk - sq), and with a window w only j > i + (sk - sq) - w.
+  m.def("scaled_causal_softmax(Tensor scores, float scale, int? window=None) -> Tensor");
+  // grad_scores = scale * probs * (grad_out - sum(grad_out * probs)), for every mask kind.
+  m.def("scaled_softmax_backward(Tensor grad_out, Tensor probs, float scale) -> Tensor");
+
+  // ---- rotary position embedding, rotate-half pairing, x [seq, ..., head_dim], cos/sin [seq, rot] ----
+  m.def("apply_rotary_emb(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("apply_rotary_emb_backward(Tensor grad_out, Tensor cos, Tensor sin) -> Tensor");
+
+  // ---- softmax cross-entropy over [tokens, vocab] ----------------------------------------------------
+  // -> (loss, lse), both [tokens] in fp32 (fp64 for fp64 logits); lse = logsumexp of each row, kept for
+  //    backward instead of the softmax.
+  m.def("cross_entropy(Tensor logits, Tensor target, int ignore_index=-100) -> (Tensor, Tensor)");
+  // grad_logits = grad_loss * (softmax - onehot(target - vocab_start)); rows whose target is ignore_index
+  // get 0. With vocab_start != 0 and the global lse, this is the backward of the vocab-parallel loss too.
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, int vocab_start,"
+      " int ignore_index) -> Tensor");
+  // One pass over a vocab shard [tokens, vocab_local] -> (local max, sum of exp(logit - local max),
+  // logit of the target if it falls in [vocab_start, vocab_start + vocab_local), else 0); all [tokens], fp32.
+  m.def(
+      "vocab_parallel_cross_entropy_stats(Tensor logits, Tensor target, int vocab_start, int ignore_index)"
+      " -> (Tensor, Tensor, Tensor)");
+}
