@@ -1,11 +1,10 @@
 // The schema of every megacore op, defined once. Implementations register per dispatch key in
 // cpp/cpu/<family>.cpp and cpp/cuda/<family>.cpp; fake (meta) kernels and autograd are registered from
-// python/megacore/ops/<family>.py. Backward passes are ops of their own, so torch.compile, the profiler
+// python/megacore/ops/<family>.py (imported by `import megacore`, the only way _C is loaded). Backward passes are ops of their own, so torch.compile, the profiler
 // and Nsight see them by name.
 #include <torch/library.h>
 
 TORCH_LIBRARY(megacore, m) {
-  m.set_python_module("megacore.ops");
 
   // ---- bias + GeLU: y = gelu(x + bias), bias over the last dim -------------------------------------
   m.def("bias_gelu(Tensor x, Tensor? bias, str approximate='tanh') -> Tensor");
