@@ -1,0 +1,266 @@
+"""Fused-op benchmark: megacore vs the same math in PyTorch eager vs torch.compile of that math.
+
+For every op at a realistic size it times the forward alone and forward+backward, in one run, and
+reports each variant's time, megacore's speed-up over the other two, and megacore's effective memory
+bandwidth (the fewest bytes the op must move: every input read once, every output written once) as a
+fraction of a plain tensor copy's bandwidth measured in the same run.
+
+    python -m megacore.benchmarks ops [--dtypes float32 bfloat16] [--ops bias_gelu ...] [--quick]
+    megacore bench ops ...            (the same)
+    python benchmarks/ops.py ...      (the same)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import megacore
+from megacore import ops
+from megacore.ops import reference as ref
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Case:
+    """One op at one size. ``make(dtype, requires_grad)`` returns (inputs, kwargs-free closure args);
+    ``megacore_fn`` and ``eager_fn`` take the inputs and return the output to backprop from."""
+
+    name: str
+    shape: str
+    make: Callable[[torch.dtype, bool], list]
+    megacore_fn: Callable
+    eager_fn: Callable
+    elements: int  # elements of the main tensor
+    fwd_passes: float  # minimum tensor-sized reads + writes of the forward
+    bwd_passes: float  # ... of the backward
+    grad_inputs: tuple[int, ...] = (0,)  # which inputs get gradients
+
+
+def _randn(shape, dtype, requires_grad, scale=1.0):
+    return (torch.randn(shape) * scale).to(dtype).requires_grad_(requires_grad)
+
+
+def cases(quick: bool) -> list[Case]:
+    t = 2048 if quick else 8192  # tokens
+    h = 1024
+    b, heads, s = (2, 16, 512) if quick else (8, 16, 1024)
+    vocab, ce_tokens = (32000, 1024) if quick else (32000, 4096)
+    seq, batch = (512, 4) if quick else (2048, 4)
+    p = 0.1
+
+    def mask_for(dtype):
+        # padding mask [b, 1, s, s]: the last quarter of the keys of every other sequence excluded
+        m = torch.zeros(b, 1, s, s, dtype=torch.bool)
+        m[::2, :, :, 3 * s // 4 :] = True
+        return m
+
+    cos, sin = ops.rotary_tables(seq, 64)
+
+    def dropout_eager(x, bias, residual):
+        return residual + torch.nn.functional.dropout(x + bias, p=p, training=True)
+
+    return [
+        Case(
+            "bias_gelu", f"{t}x{4 * h}",
+            lambda d, g: [_randn((t, 4 * h), d, g), _randn((4 * h,), d, g)],
+            lambda x, bias: ops.bias_gelu(x, bias, "tanh"),
+            lambda x, bias: ref.bias_gelu(x, bias, "tanh"),
+            t * 4 * h, 2, 3, (0, 1),
+        ),
+        Case(
+            "bias_dropout_add", f"{t}x{h} p={p}",
+            lambda d, g: [_randn((t, h), d, g), _randn((h,), d, g), _randn((t, h), d, g)],
+            lambda x, bias, residual: ops.bias_dropout_add(x, bias, residual, p),
+            dropout_eager,
+            t * h, 3, 2, (0, 1, 2),
+        ),
+        Case(
+            "layer_norm", f"{t}x{h}",
+            lambda d, g: [_randn((t, h), d, g), _randn((h,), d, g), _randn((h,), d, g)],
+            lambda x, w, bb: ops.layer_norm(x, w, bb),
+            lambda x, w, bb: ref.layer_norm(x, w, bb),
+            t * h, 2, 3, (0, 1, 2),
+        ),
+        Case(
+            "rms_norm", f"{t}x{h}",
+            lambda d, g: [_randn((t, h), d, g), _randn((h,), d, g)],
+            lambda x, w: ops.rms_norm(x, w),
+            lambda x, w: ref.rms_norm(x, w),
+            t * h, 2, 3, (0, 1),
+        ),
+        Case(
+            "scaled_masked_softmax", f"{b}x{heads}x{s}x{s}",
+            lambda d, g: [_randn((b, heads, s, s), d, g), mask_for(d)],
+            lambda x, m: ops.scaled_masked_softmax(x, m, 0.125),
+            lambda x, m: ref.scaled_masked_softmax(x, m, 0.125),
+            b * heads * s * s, 2, 3,
+        ),
+        Case(
+            "scaled_causal_softmax", f"{b}x{heads}x{s}x{s}",
+            lambda d, g: [_randn((b, heads, s, s), d, g)],
+            lambda x: ops.scaled_causal_softmax(x, 0.125),
+            lambda x: ref.scaled_causal_softmax(x, 0.125),
+            b * heads * s * s, 2, 3,
+        ),
+        Case(
+            "apply_rotary_emb", f"{seq}x{batch}x16x64",
+            lambda d, g: [_randn((seq, batch, 16, 64), d, g)],
+            lambda x: ops.apply_rotary_emb(x, cos, sin),
+            lambda x: ref.apply_rotary_emb(x, cos, sin),
+            seq * batch * 16 * 64, 2, 2,
+        ),
+        Case(
+            "cross_entropy", f"{ce_tokens}x{vocab}",
+            lambda d, g: [_randn((ce_tokens, vocab), d, g, 3.0), torch.randint(0, vocab, (ce_tokens,))],
+            lambda x, tgt: ops.cross_entropy(x, tgt),
+            lambda x, tgt: ref.cross_entropy(x, tgt),
+            ce_tokens * vocab, 1, 2,
+        ),
+    ]  # fmt: skip
+
+
+def _time(fn: Callable[[], object], reps: int, min_time: float = 0.2) -> float:
+    """Median seconds of fn() over `reps` runs (at least `min_time` in all), after two warm-up runs."""
+    for _ in range(2):
+        fn()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+        if len(samples) >= 5 * reps:
+            break
+    return statistics.median(samples)
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
+    """GB/s of ``dst.copy_(src)`` (bytes read + bytes written) on this machine, now."""
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+    sec = _time(lambda: dst.copy_(src), reps=10)
+    return 2 * nbytes / sec / 1e9
+
+
+def _runner(fn: Callable, inputs: list, grad_idx: tuple[int, ...], backward: bool) -> Callable[[], object]:
+    if not backward:
+
+        def run_fwd():
+            with torch.no_grad():
+                return fn(*inputs)
+
+        return run_fwd
+    wrt = [inputs[i] for i in grad_idx]
+    out0 = fn(*inputs)
+    grad = torch.randn_like(out0)
+
+    def run_fwd_bwd():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, wrt, grad)
+
+    return run_fwd_bwd
+
+
+def run(
+    dtypes: list[str], only: list[str] | None, quick: bool, compile_: bool, reps: int
+) -> tuple[list[dict], float]:
+    torch.manual_seed(0)
+    copy_gbs = copy_bandwidth()
+    rows = []
+    for case in cases(quick):
+        if only and case.name not in only:
+            continue
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for backward in (False, True):
+                inputs = case.make(dtype, backward)
+                variants = {"megacore": case.megacore_fn, "eager": case.eager_fn}
+                if compile_:
+                    torch._dynamo.reset()
+                    variants["compile"] = torch.compile(case.eager_fn, fullgraph=True, dynamic=False)
+                times = {}
+                for vname, fn in variants.items():
+                    times[vname] = _time(_runner(fn, inputs, case.grad_inputs, backward), reps)
+                passes = case.fwd_passes + (case.bwd_passes if backward else 0)
+                nbytes = passes * case.elements * inputs[0].element_size()
+                gbs = nbytes / times["megacore"] / 1e9
+                rows.append(
+                    {
+                        "op": case.name,
+                        "shape": case.shape,
+                        "dtype": dname,
+                        "pass": "fwd+bwd" if backward else "fwd",
+                        **{f"{k}_ms": v * 1e3 for k, v in times.items()},
+                        "vs_eager": times["eager"] / times["megacore"],
+                        "vs_compile": times["compile"] / times["megacore"] if "compile" in times else math.nan,
+                        "gbs": gbs,
+                        "copy_frac": gbs / copy_gbs,
+                    }
+                )
+                print(_format_row(rows[-1]), flush=True)
+                del inputs
+    return rows, copy_gbs
+
+
+HEADER = (
+    "| op | shape | dtype | pass | megacore ms | eager ms | compile ms | vs eager | vs compile | GB/s | % of copy |\n"
+    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def _format_row(r: dict) -> str:
+    compile_ms = f"{r['compile_ms']:.2f}" if "compile_ms" in r else "-"
+    vs_compile = f"{r['vs_compile']:.2f}x" if not math.isnan(r["vs_compile"]) else "-"
+    return (
+        f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['pass']} | {r['megacore_ms']:.2f} | {r['eager_ms']:.2f} | "
+        f"{compile_ms} | {r['vs_eager']:.2f}x | {vs_compile} | {r['gbs']:.1f} | {100 * r['copy_frac']:.0f}% |"
+    )
+
+
+def describe_machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = megacore.build_info()
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"megacore CPU kernels: {info['cpu_isa_active']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megacore bench ops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--ops", nargs="+", default=None, help="only these ops (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per variant (median)")
+    args = parser.parse_args(argv)
+    known = {c.name for c in cases(True)}
+    if args.ops and not set(args.ops) <= known:
+        parser.error(f"unknown op(s) {sorted(set(args.ops) - known)}; known: {sorted(known)}")
+
+    print(f"# megacore op benchmark — {describe_machine()}")
+    print(HEADER, flush=True)
+    _, copy_gbs = run(args.dtypes, args.ops, args.quick, not args.no_compile, args.reps)
+    print(f"\nplain tensor copy on this machine, same run: {copy_gbs:.1f} GB/s (read + write)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
