@@ -74,7 +74,7 @@ class CMakeBuild(build_ext):
         args = [
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DPython_EXECUTABLE={os.path.realpath(sys.executable)}",
             f"-DMEGACORE_TORCH_VERSION={torch.__version__}",
             f"-DMEGACORE_CUDA={'ON' if cuda else 'OFF'}",
         ]
@@ -87,12 +87,13 @@ class CMakeBuild(build_ext):
 
                 args.append(f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}")
 
-        key = "|".join([sys.executable, torch.__version__, cmake, *args])
+        key = "|".join([os.path.realpath(sys.executable), torch.__version__, cmake, *args])
         build_dir = Path(
             os.environ.get("MEGACORE_BUILD_DIR")
             or ROOT / "build" / hashlib.sha256(key.encode()).hexdigest()[:12]
         )
         build_dir.mkdir(parents=True, exist_ok=True)
+        print(f"megacore build: CMake build directory {build_dir} ({key})", file=sys.stderr)
 
         if not (build_dir / "CMakeCache.txt").exists():
             subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
