@@ -187,8 +187,8 @@ cudaError_t with_row_layout(int64_t rows, int64_t cols, int n, const F& f) {
     const int64_t blocks = std::min<int64_t>((rows + kRowsPerBlock - 1) / kRowsPerBlock, kMaxGrid);
     return f(std::true_type{}, dim3(static_cast<unsigned>(blocks)), dim3(32, kRowsPerBlock));
   }
-  const int64_t per_thread = (cols / n + 3) / 4;
-  const int64_t threads = std::min<int64_t>(1024, std::max<int64_t>(128, (per_thread + 31) / 32 * 32));
+  const int64_t wanted = (cols / n + 3) / 4;  // threads for ~4 packs each
+  const int64_t threads = std::min<int64_t>(1024, std::max<int64_t>(128, (wanted + 31) / 32 * 32));
   return f(std::false_type{}, dim3(static_cast<unsigned>(std::min<int64_t>(rows, kMaxGrid))),
            dim3(static_cast<unsigned>(threads)));
 }

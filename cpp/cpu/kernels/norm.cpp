@@ -73,6 +73,14 @@ inline std::pair<A, A> row_sum2(int64_t cols, const F& f) {
   return {hsum<A>(a0 + a1), hsum<A>(b0 + b1)};
 }
 
+/// Calls f(c, n) over the row in vectors: full ones (n == S, a constant once inlined), then the tail.
+template <int64_t S, typename F>
+inline void row_for_each(int64_t cols, const F& f) {
+  int64_t c = 0;
+  for (; c + S <= cols; c += S) f(c, S);
+  if (c < cols) f(c, cols - c);
+}
+
 /// weight/bias in the accumulation type, converted once per call (a [cols] copy for fp16/bf16).
 template <typename T>
 const acc_t<T>* as_acc(const T* p, int64_t cols, std::vector<acc_t<T>>& buf) {
@@ -121,13 +129,12 @@ void forward_impl(const T* x, const T* weight_t, const T* bias_t, T* out, acc_t<
       if (mean) mean[r] = mu;
       rstd[r] = rs;
       const Vec m(mu), s(rs);
-      for (int64_t c = 0; c < cols; c += S) {
-        const int64_t n = std::min<int64_t>(S, cols - c);
+      row_for_each<S>(cols, [&](int64_t c, int64_t n) {
         Vec y = (load_n(xr + c, n) - m) * s;
         if (w) y = y * load_n(w + c, n);
         if (b) y = y + load_n(b + c, n);
         store_n(outr + c, y, n);
-      }
+      });
     }
   });
 }
@@ -158,13 +165,12 @@ void backward_impl(const T* grad, const T* x, const T* weight_t, const acc_t<T>*
       return std::pair{g, g * xh};
     });
     const Vec a(mean ? sum_g / A(cols) : A(0)), bcoef(sum_gx / A(cols));
-    for (int64_t c = 0; c < cols; c += S) {
-      const int64_t n = std::min<int64_t>(S, cols - c);
+    row_for_each<S>(cols, [&](int64_t c, int64_t n) {
       const Vec dy = load_n(gr + c, n);
       const Vec xh = (load_n(xr + c, n) - m) * s;
       const Vec g = w ? dy * load_n(w + c, n) : dy;
       store_n(gxr + c, (g - a - xh * bcoef) * s, n);
-    }
+    });
   };
   if (!grad_weight && !grad_bias) {
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
