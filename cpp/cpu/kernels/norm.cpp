@@ -1,0 +1,246 @@
+// LayerNorm / RMSNorm forward and backward on CPU. Parallel over rows; each row is reduced with vectors
+// of the accumulation type while it sits in L1 (an exact two-pass mean/variance, then the output pass).
+// The weight/bias gradients are column sums over rows: per-chunk partial rows added in a fixed order.
+#include "cpu/norm.h"
+
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "cpu/vec.h"
+
+namespace megacore::cpu::CPU_CAPABILITY {
+namespace {
+
+/// Loads n <= kStep<T> elements (zeros past n); n == kStep<T> is the plain full-width load.
+template <typename T>
+inline AccVec<T> load_n(const T* p, int64_t n) {
+  return n == kStep<T> ? load_vec(p) : load_vec(p, n);
+}
+
+/// Stores the first n <= kStep<T> lanes.
+template <typename T>
+inline void store_n(T* p, const AccVec<T>& v, int64_t n) {
+  if (n == kStep<T>) {
+    store_vec(p, v);
+  } else {
+    store_vec(p, v, n);
+  }
+}
+
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return a + b; }, v);
+}
+
+/// Sum over the row of f(c, n), called on vectors starting at column c with n valid lanes. Four
+/// independent accumulators, so consecutive adds do not wait on each other.
+template <typename A, typename F>
+inline A row_sum(int64_t cols, const F& f) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t S = Vec::size();
+  Vec a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
+  int64_t c = 0;
+  for (; c + 4 * S <= cols; c += 4 * S) {
+    a0 = a0 + f(c, S);
+    a1 = a1 + f(c + S, S);
+    a2 = a2 + f(c + 2 * S, S);
+    a3 = a3 + f(c + 3 * S, S);
+  }
+  for (; c + S <= cols; c += S) a0 = a0 + f(c, S);
+  if (c < cols) a1 = a1 + f(c, cols - c);
+  return hsum<A>((a0 + a1) + (a2 + a3));
+}
+
+/// Two sums at once: f(c, n) returns a pair of vectors.
+template <typename A, typename F>
+inline std::pair<A, A> row_sum2(int64_t cols, const F& f) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t S = Vec::size();
+  Vec a0(A(0)), a1(A(0)), b0(A(0)), b1(A(0));
+  int64_t c = 0;
+  for (; c + 2 * S <= cols; c += 2 * S) {
+    const auto [u0, v0] = f(c, S);
+    const auto [u1, v1] = f(c + S, S);
+    a0 = a0 + u0, b0 = b0 + v0, a1 = a1 + u1, b1 = b1 + v1;
+  }
+  for (; c < cols; c += S) {
+    const auto [u, v] = f(c, std::min<int64_t>(S, cols - c));
+    a0 = a0 + u, b0 = b0 + v;
+  }
+  return {hsum<A>(a0 + a1), hsum<A>(b0 + b1)};
+}
+
+/// Calls f(c, n) over the row in vectors: full ones (n == S, a constant once inlined), then the tail.
+template <int64_t S, typename F>
+inline void row_for_each(int64_t cols, const F& f) {
+  int64_t c = 0;
+  for (; c + S <= cols; c += S) f(c, S);
+  if (c < cols) f(c, cols - c);
+}
+
+/// weight/bias in the accumulation type, converted once per call (a [cols] copy for fp16/bf16).
+template <typename T>
+const acc_t<T>* as_acc(const T* p, int64_t cols, std::vector<acc_t<T>>& buf) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return p;
+  } else {
+    if (!p) return nullptr;
+    buf.resize(cols);
+    for (int64_t c = 0; c < cols; ++c) buf[c] = static_cast<acc_t<T>>(p[c]);
+    return buf.data();
+  }
+}
+
+template <typename T>
+void forward_impl(const T* x, const T* weight_t, const T* bias_t, T* out, acc_t<T>* mean, acc_t<T>* rstd,
+                  int64_t rows, int64_t cols, double eps) {
+  using A = acc_t<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t S = kStep<T>;
+  std::vector<A> wbuf, bbuf;
+  const A* w = as_acc(weight_t, cols, wbuf);
+  const A* b = as_acc(bias_t, cols, bbuf);
+  const bool rms = mean == nullptr;
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * cols;
+      T* outr = out + r * cols;
+      A mu = 0, var;
+      if (rms) {
+        var = row_sum<A>(cols, [&](int64_t c, int64_t n) {
+                const Vec v = load_n(xr + c, n);
+                return v * v;
+              }) / A(cols);
+      } else {
+        // Two passes over the cached row: the mean, then the mean of squared deviations (no
+        // cancellation, unlike E[x^2] - E[x]^2).
+        mu = row_sum<A>(cols, [&](int64_t c, int64_t n) { return load_n(xr + c, n); }) / A(cols);
+        const Vec m(mu);
+        var = row_sum<A>(cols, [&](int64_t c, int64_t n) {
+                Vec d = load_n(xr + c, n) - m;
+                if (n != S) d = Vec::set(Vec(A(0)), d, n);  // lanes past the row hold -mean
+                return d * d;
+              }) / A(cols);
+      }
+      const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));
+      if (mean) mean[r] = mu;
+      rstd[r] = rs;
+      const Vec m(mu), s(rs);
+      row_for_each<S>(cols, [&](int64_t c, int64_t n) {
+        Vec y = (load_n(xr + c, n) - m) * s;
+        if (w) y = y * load_n(w + c, n);
+        if (b) y = y + load_n(b + c, n);
+        store_n(outr + c, y, n);
+      });
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* grad, const T* x, const T* weight_t, const acc_t<T>* mean, const acc_t<T>* rstd,
+                   T* grad_x, acc_t<T>* grad_weight, acc_t<T>* grad_bias, int64_t rows, int64_t cols) {
+  using A = acc_t<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t S = kStep<T>;
+  std::vector<A> wbuf;
+  const A* w = as_acc(weight_t, cols, wbuf);
+  // One row. With xhat = (x - mean) * rstd and g = grad * weight:
+  //   grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat))   (RMSNorm: no mean(g) term).
+  // pw/pb, when given, accumulate grad * xhat and grad column by column (partial weight/bias grads).
+  auto row_op = [&](int64_t r, A* pw, A* pb) {
+    const T* gr = grad + r * cols;
+    const T* xr = x + r * cols;
+    T* gxr = grad_x + r * cols;
+    const Vec m(mean ? mean[r] : A(0)), s(rstd[r]);
+    const auto [sum_g, sum_gx] = row_sum2<A>(cols, [&](int64_t c, int64_t n) {
+      // Lanes past the row: dy = 0, so g, g * xhat and the partial updates are 0 there.
+      const Vec dy = load_n(gr + c, n);
+      const Vec xh = (load_n(xr + c, n) - m) * s;
+      if (pw) store_n(pw + c, load_n(pw + c, n) + dy * xh, n);
+      if (pb) store_n(pb + c, load_n(pb + c, n) + dy, n);
+      const Vec g = w ? dy * load_n(w + c, n) : dy;
+      return std::pair{g, g * xh};
+    });
+    const Vec a(mean ? sum_g / A(cols) : A(0)), bcoef(sum_gx / A(cols));
+    row_for_each<S>(cols, [&](int64_t c, int64_t n) {
+      const Vec dy = load_n(gr + c, n);
+      const Vec xh = (load_n(xr + c, n) - m) * s;
+      const Vec g = w ? dy * load_n(w + c, n) : dy;
+      store_n(gxr + c, (g - a - xh * bcoef) * s, n);
+    });
+  };
+  if (!grad_weight && !grad_bias) {
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) row_op(r, nullptr, nullptr);
+    });
+    return;
+  }
+  // The parameter gradients sum over rows. Rows are cut into a fixed number of chunks (independent of
+  // the thread count, so the result is bit-reproducible), each summed into its own partial rows, which
+  // are then added in chunk order.
+  const int64_t chunks = std::min<int64_t>(rows, 64);
+  const int64_t nparts = (grad_weight ? 1 : 0) + (grad_bias ? 1 : 0);
+  std::vector<A> partial(chunks * nparts * cols, A(0));  // [chunks, nparts, cols]
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      A* pw = grad_weight ? partial.data() + k * nparts * cols : nullptr;
+      A* pb = grad_bias ? partial.data() + (k * nparts + nparts - 1) * cols : nullptr;
+      for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) row_op(r, pw, pb);
+    }
+  });
+  at::parallel_for(0, cols, 1024, [&](int64_t c0, int64_t c1) {
+    for (int64_t p = 0; p < nparts; ++p) {
+      A* dst = (grad_weight && p == 0) ? grad_weight : grad_bias;
+      for (int64_t c = c0; c < c1; c += S) {
+        const int64_t n = std::min<int64_t>(S, c1 - c);
+        Vec acc(A(0));
+        for (int64_t k = 0; k < chunks; ++k) acc = acc + load_n(partial.data() + (k * nparts + p) * cols + c, n);
+        store_n(dst + c, acc, n);
+      }
+    }
+  });
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mutable_ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+void norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& out,
+                  const at::Tensor& mean, const at::Tensor& rstd, double eps) {
+  const int64_t cols = x.size(-1), rows = rstd.numel();
+  if (rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megacore.norm_forward", [&] {
+    using A = acc_t<scalar_t>;
+    forward_impl<scalar_t>(x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias),
+                           out.mutable_data_ptr<scalar_t>(), mutable_ptr_or_null<A>(mean), rstd.mutable_data_ptr<A>(),
+                           rows, cols, eps);
+  });
+}
+
+void norm_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+                   const at::Tensor& rstd, const at::Tensor& grad_x, const at::Tensor& grad_weight,
+                   const at::Tensor& grad_bias) {
+  const int64_t cols = x.size(-1), rows = rstd.numel();
+  if (grad_weight.defined()) grad_weight.zero_();
+  if (grad_bias.defined()) grad_bias.zero_();
+  if (rows == 0 || cols == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megacore.norm_backward", [&] {
+    using A = acc_t<scalar_t>;
+    backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                            ptr_or_null<scalar_t>(weight), ptr_or_null<A>(mean), rstd.const_data_ptr<A>(),
+                            grad_x.mutable_data_ptr<scalar_t>(), mutable_ptr_or_null<A>(grad_weight),
+                            mutable_ptr_or_null<A>(grad_bias), rows, cols);
+  });
+}
+
+}  // namespace megacore::cpu::CPU_CAPABILITY
