@@ -1,0 +1,207 @@
+// bias_dropout_add forward/backward on CPU. The keep mask is made tile by tile: Philox-4x32-10 run on
+// kLanes counters side by side (plain loops over lanes that the compiler vectorizes), turned into a tile of
+// multipliers (0 or 1 / (1 - p)) in the accumulation type, which the elementwise pass then reads as vectors.
+// The mask of element e depends on (seed, e) only, so any split of the work gives the same result.
+#include "cpu/dropout.h"
+
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "cpu/vec.h"
+#include "philox.h"  // cuda/philox.h, shared with the CUDA kernels
+
+namespace megacore::cpu::CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kLanes = 16;   // Philox counters computed side by side: one 512-bit vector of uint32
+constexpr int64_t kTile = 1024;  // elements per mask tile (a multiple of 4)
+
+template <typename A>
+struct Mask {
+  uint64_t seed;
+  uint32_t threshold;  // keep iff word >= threshold
+  A scale;             // 1 / (1 - p)
+};
+
+/// m[i] = scale if element 4 * q0 + i is kept, else 0, for the 4 * nq elements of counters [q0, q0 + nq);
+/// nq is a multiple of kLanes.
+template <typename A>
+void mask_tile(const Mask<A>& mask, uint64_t q0, int64_t nq, A* m) {
+  for (int64_t b = 0; b < nq; b += kLanes) {
+    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const uint64_t q = q0 + static_cast<uint64_t>(b + l);
+      c0[l] = static_cast<uint32_t>(q);
+      c1[l] = static_cast<uint32_t>(q >> 32);
+      c2[l] = 0;
+      c3[l] = 0;
+    }
+    uint32_t k0 = static_cast<uint32_t>(mask.seed), k1 = static_cast<uint32_t>(mask.seed >> 32);
+    for (int i = 0; i < philox::kRounds; ++i) {
+      if (i > 0) philox::bump_key(k0, k1);
+      for (int64_t l = 0; l < kLanes; ++l) philox::single_round(c0[l], c1[l], c2[l], c3[l], k0, k1);
+    }
+    // Word j of counter q is element 4 * q + j.
+    A* mb = m + 4 * b;
+    const uint32_t t = mask.threshold;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      mb[4 * l + 0] = c0[l] >= t ? mask.scale : A(0);
+      mb[4 * l + 1] = c1[l] >= t ? mask.scale : A(0);
+      mb[4 * l + 2] = c2[l] >= t ? mask.scale : A(0);
+      mb[4 * l + 3] = c3[l] >= t ? mask.scale : A(0);
+    }
+  }
+}
+
+/// Calls f(a, b, m) over consecutive tiles [a, b) of the element range [begin, end), where m[e - a] is the
+/// multiplier of element e.
+template <typename A, typename F>
+void for_each_mask_tile(const Mask<A>& mask, int64_t begin, int64_t end, const F& f) {
+  // A tile of kTile elements starting mid-counter spans up to kTile / 4 + 1 counters, rounded up to kLanes.
+  alignas(64) A m[kTile + 4 * kLanes];
+  for (int64_t a = begin; a < end; a += kTile) {
+    const int64_t b = std::min(end, a + kTile);
+    const int64_t q0 = a / 4, q1 = (b + 3) / 4;
+    const int64_t nq = (q1 - q0 + kLanes - 1) / kLanes * kLanes;
+    mask_tile(mask, static_cast<uint64_t>(q0), nq, m);
+    f(a, b, m + (a - 4 * q0));
+  }
+}
+
+template <typename T, bool Drop>
+void forward_impl(const T* x, const T* bias, const T* res, T* out, int64_t rows, int64_t cols,
+                  const Mask<acc_t<T>>& mask) {
+  using A = acc_t<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t S = kStep<T>;
+  // out = res + (x + bias) * m over [a, b), m indexed from a (null without dropout).
+  auto apply = [&](int64_t a, int64_t b, const A* m) {
+    for_each_row_segment(a, b, cols, [&](int64_t row, int64_t c0, int64_t c1) {
+      const int64_t off = row * cols;
+      const A* mr = Drop ? m + (off - a) : nullptr;
+      int64_t c = c0;
+      for (; c + S <= c1; c += S) {
+        Vec v = load_vec(x + off + c);
+        if (bias) v = v + load_vec(bias + c);
+        if constexpr (Drop) v = v * Vec::loadu(mr + c);
+        store_vec(out + off + c, load_vec(res + off + c) + v);
+      }
+      if (c < c1) {
+        const int64_t n = c1 - c;
+        Vec v = load_vec(x + off + c, n);
+        if (bias) v = v + load_vec(bias + c, n);
+        if constexpr (Drop) v = v * Vec::loadu(mr + c, n);
+        store_vec(out + off + c, load_vec(res + off + c, n) + v, n);
+      }
+    });
+  };
+  at::parallel_for(0, rows * cols, 32768, [&](int64_t begin, int64_t end) {
+    if constexpr (Drop) {
+      for_each_mask_tile(mask, begin, end, apply);
+    } else {
+      apply(begin, end, nullptr);
+    }
+  });
+}
+
+template <typename T, bool Drop>
+void backward_impl(const T* grad, T* grad_x, acc_t<T>* grad_bias, int64_t rows, int64_t cols,
+                   const Mask<acc_t<T>>& mask) {
+  using A = acc_t<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t S = kStep<T>;
+  // grad_x = grad * m over [a, b), m indexed from a; with `partial`, grad_x (before rounding) is added into
+  // it column by column.
+  auto apply = [&](int64_t a, int64_t b, const A* m, A* partial) {
+    for_each_row_segment(a, b, cols, [&](int64_t row, int64_t c0, int64_t c1) {
+      const int64_t off = row * cols;
+      const A* mr = Drop ? m + (off - a) : nullptr;
+      int64_t c = c0;
+      for (; c + S <= c1; c += S) {
+        Vec gx = load_vec(grad + off + c);
+        if constexpr (Drop) gx = gx * Vec::loadu(mr + c);
+        store_vec(grad_x + off + c, gx);
+        if (partial) (Vec::loadu(partial + c) + gx).store(partial + c);
+      }
+      if (c < c1) {
+        const int64_t n = c1 - c;
+        Vec gx = load_vec(grad + off + c, n);
+        if constexpr (Drop) gx = gx * Vec::loadu(mr + c, n);
+        store_vec(grad_x + off + c, gx, n);
+        if (partial) (Vec::loadu(partial + c, n) + gx).store(partial + c, n);
+      }
+    });
+  };
+  auto range = [&](int64_t begin, int64_t end, A* partial) {
+    if constexpr (Drop) {
+      for_each_mask_tile(mask, begin, end, [&](int64_t a, int64_t b, const A* m) { apply(a, b, m, partial); });
+    } else {
+      apply(begin, end, nullptr, partial);
+    }
+  };
+  if (!grad_bias) {
+    at::parallel_for(0, rows * cols, 32768, [&](int64_t begin, int64_t end) { range(begin, end, nullptr); });
+    return;
+  }
+  // The bias gradient sums over rows: a fixed number of row chunks (independent of the thread count, so
+  // the result is bit-reproducible), each summed into its own partial row, then added in order.
+  const int64_t chunks = std::min<int64_t>(rows, 64);
+  std::vector<A> partial(std::max<int64_t>(chunks, 1) * cols, A(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const int64_t r0 = rows * k / chunks, r1 = rows * (k + 1) / chunks;
+      range(r0 * cols, r1 * cols, partial.data() + k * cols);
+    }
+  });
+  at::parallel_for(0, cols, 256, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      A s = 0;
+      for (int64_t k = 0; k < chunks; ++k) s += partial[k * cols + c];
+      grad_bias[c] = s;
+    }
+  });
+}
+
+template <typename A>
+Mask<A> make_mask(double p, int64_t seed) {
+  return {static_cast<uint64_t>(seed), philox::keep_threshold(p), static_cast<A>(1.0 / (1.0 - p))};
+}
+
+}  // namespace
+
+void bias_dropout_add_forward(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual,
+                              const at::Tensor& out, double p, int64_t seed) {
+  const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
+  if (rows == 0 || cols == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megacore.bias_dropout_add", [&] {
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const auto mask = make_mask<acc_t<scalar_t>>(p, seed);
+    auto run = [&](auto drop) {
+      forward_impl<scalar_t, decltype(drop)::value>(x.const_data_ptr<scalar_t>(), b,
+                                                    residual.const_data_ptr<scalar_t>(),
+                                                    out.mutable_data_ptr<scalar_t>(), rows, cols, mask);
+    };
+    if (p > 0) run(std::true_type{}); else run(std::false_type{});
+  });
+}
+
+void bias_dropout_add_backward(const at::Tensor& grad_out, const at::Tensor& grad_x, const at::Tensor& grad_bias,
+                               double p, int64_t seed) {
+  const int64_t cols = grad_out.size(-1), rows = cols == 0 ? 0 : grad_out.numel() / cols;
+  if (grad_bias.defined()) grad_bias.zero_();
+  if (rows == 0 || cols == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(),
+                                  "megacore.bias_dropout_add_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const auto mask = make_mask<A>(p, seed);
+    A* gb = grad_bias.defined() ? grad_bias.mutable_data_ptr<A>() : nullptr;
+    auto run = [&](auto drop) {
+      backward_impl<scalar_t, decltype(drop)::value>(grad_out.const_data_ptr<scalar_t>(),
+                                                     grad_x.mutable_data_ptr<scalar_t>(), gb, rows, cols, mask);
+    };
+    if (p > 0) run(std::true_type{}); else run(std::false_type{});
+  });
+}
+
+}  // namespace megacore::cpu::CPU_CAPABILITY
