@@ -29,27 +29,19 @@ struct Mask {
 template <typename A>
 void mask_tile(const Mask<A>& mask, uint64_t q0, int64_t nq, A* m) {
   for (int64_t b = 0; b < nq; b += kLanes) {
-    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+    // One full Philox per lane: the compiler unrolls the rounds and vectorizes across lanes (a loop over
+    // lanes inside each round would be unrolled first and stay scalar).
+    uint32_t w[4][kLanes];
     for (int64_t l = 0; l < kLanes; ++l) {
-      const uint64_t q = q0 + static_cast<uint64_t>(b + l);
-      c0[l] = static_cast<uint32_t>(q);
-      c1[l] = static_cast<uint32_t>(q >> 32);
-      c2[l] = 0;
-      c3[l] = 0;
-    }
-    uint32_t k0 = static_cast<uint32_t>(mask.seed), k1 = static_cast<uint32_t>(mask.seed >> 32);
-    for (int i = 0; i < philox::kRounds; ++i) {
-      if (i > 0) philox::bump_key(k0, k1);
-      for (int64_t l = 0; l < kLanes; ++l) philox::single_round(c0[l], c1[l], c2[l], c3[l], k0, k1);
+      uint32_t o[4];
+      philox::philox4x32_10(q0 + static_cast<uint64_t>(b + l), mask.seed, o);
+      for (int j = 0; j < 4; ++j) w[j][l] = o[j];
     }
     // Word j of counter q is element 4 * q + j.
     A* mb = m + 4 * b;
     const uint32_t t = mask.threshold;
     for (int64_t l = 0; l < kLanes; ++l) {
-      mb[4 * l + 0] = c0[l] >= t ? mask.scale : A(0);
-      mb[4 * l + 1] = c1[l] >= t ? mask.scale : A(0);
-      mb[4 * l + 2] = c2[l] >= t ? mask.scale : A(0);
-      mb[4 * l + 3] = c3[l] >= t ? mask.scale : A(0);
+      for (int j = 0; j < 4; ++j) mb[4 * l + j] = w[j][l] >= t ? mask.scale : A(0);
     }
   }
 }
