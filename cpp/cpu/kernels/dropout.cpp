@@ -1,5 +1,5 @@
 // bias_dropout_add forward/backward on CPU. The keep mask is made tile by tile: Philox-4x32-10 run on
-// kLanes counters side by side (plain loops over lanes that the compiler vectorizes), turned into a tile of
+// kLanes counters side by side (AVX2/AVX512 intrinsics; plain loops over lanes for the DEFAULT build), turned into a tile of
 // multipliers (0 or 1 / (1 - p)) in the accumulation type, which the elementwise pass then reads as vectors.
 // The mask of element e depends on (seed, e) only, so any split of the work gives the same result.
 #include "cpu/dropout.h"
@@ -8,14 +8,96 @@
 
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include "cpu/vec.h"
 #include "philox.h"  // cuda/philox.h, shared with the CUDA kernels
 
 namespace megacore::cpu::CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t kLanes = 16;   // Philox counters computed side by side: one 512-bit vector of uint32
+constexpr int64_t kLanes = 64;   // Philox counters computed side by side (4 AVX512 vectors of uint32)
 constexpr int64_t kTile = 1024;  // elements per mask tile (a multiple of 4)
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Philox on vectors of uint32 lanes. x86 has no 32-bit mulhi, so each multiply is done as two widening
+// 32x32->64 multiplies (even lanes, odd lanes) recombined into the low and high words.
+#if defined(CPU_CAPABILITY_AVX512)
+using VecU = __m512i;
+constexpr int64_t kVecLanes = 16;
+inline VecU set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+inline VecU load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+inline void store(uint32_t* p, VecU v) { _mm512_storeu_si512(p, v); }
+inline VecU xor3(VecU a, VecU b, VecU c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+inline void mulhilo(VecU a, VecU m, VecU& hi, VecU& lo) {
+  const VecU even = _mm512_mul_epu32(a, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+#else
+using VecU = __m256i;
+constexpr int64_t kVecLanes = 8;
+inline VecU set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+inline VecU load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void store(uint32_t* p, VecU v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline VecU xor3(VecU a, VecU b, VecU c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+inline void mulhilo(VecU a, VecU m, VecU& hi, VecU& lo) {
+  const VecU even = _mm256_mul_epu32(a, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+#endif
+
+/// w[j][l] = word j of Philox(counter q0 + l), l < kLanes: the rounds of cuda/philox.h on vectors. Several
+/// independent vectors go through each round together: one alone would wait on the multiply latency.
+inline void philox_lanes(uint64_t q0, uint64_t seed, uint32_t (&w)[4][kLanes]) {
+  constexpr int64_t N = kLanes / kVecLanes;
+  static_assert(kLanes % kVecLanes == 0);
+  uint32_t lo[kLanes], hi[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    lo[l] = static_cast<uint32_t>(q0 + l);
+    hi[l] = static_cast<uint32_t>((q0 + l) >> 32);
+  }
+  VecU c0[N], c1[N], c2[N], c3[N];
+  for (int64_t n = 0; n < N; ++n) {
+    c0[n] = load(lo + n * kVecLanes);
+    c1[n] = load(hi + n * kVecLanes);
+    c2[n] = c3[n] = set1(0);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const VecU m0 = set1(philox::kMul0), m1 = set1(philox::kMul1);
+  for (int i = 0; i < philox::kRounds; ++i) {
+    if (i > 0) philox::bump_key(k0, k1);
+    const VecU vk0 = set1(k0), vk1 = set1(k1);
+    for (int64_t n = 0; n < N; ++n) {
+      VecU hi0, lo0, hi1, lo1;
+      mulhilo(c0[n], m0, hi0, lo0);
+      mulhilo(c2[n], m1, hi1, lo1);
+      c0[n] = xor3(hi1, c1[n], vk0);
+      c2[n] = xor3(hi0, c3[n], vk1);
+      c1[n] = lo1;
+      c3[n] = lo0;
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    store(w[0] + n * kVecLanes, c0[n]);
+    store(w[1] + n * kVecLanes, c1[n]);
+    store(w[2] + n * kVecLanes, c2[n]);
+    store(w[3] + n * kVecLanes, c3[n]);
+  }
+}
+#else
+/// w[j][l] = word j of Philox(counter q0 + l), l < kLanes (the compiler vectorizes across lanes).
+inline void philox_lanes(uint64_t q0, uint64_t seed, uint32_t (&w)[4][kLanes]) {
+  for (int64_t l = 0; l < kLanes; ++l) {
+    uint32_t o[4];
+    philox::philox4x32_10(q0 + static_cast<uint64_t>(l), seed, o);
+    for (int j = 0; j < 4; ++j) w[j][l] = o[j];
+  }
+}
+#endif
 
 template <typename A>
 struct Mask {
@@ -29,14 +111,8 @@ struct Mask {
 template <typename A>
 void mask_tile(const Mask<A>& mask, uint64_t q0, int64_t nq, A* m) {
   for (int64_t b = 0; b < nq; b += kLanes) {
-    // One full Philox per lane: the compiler unrolls the rounds and vectorizes across lanes (a loop over
-    // lanes inside each round would be unrolled first and stay scalar).
     uint32_t w[4][kLanes];
-    for (int64_t l = 0; l < kLanes; ++l) {
-      uint32_t o[4];
-      philox::philox4x32_10(q0 + static_cast<uint64_t>(b + l), mask.seed, o);
-      for (int j = 0; j < 4; ++j) w[j][l] = o[j];
-    }
+    philox_lanes(q0 + static_cast<uint64_t>(b), mask.seed, w);
     // Word j of counter q is element 4 * q + j.
     A* mb = m + 4 * b;
     const uint32_t t = mask.threshold;
