@@ -93,6 +93,11 @@ RowStats<acc_t<T>> row_stats(const T* x, int64_t V) {
     const Vec mv(m);
     i = 0;
     for (; i + 2 * S <= n; i += 2 * S) {
+      // This pass only computes: fetch the next chunk (or row: rows are contiguous) meanwhile. Prefetching
+      // past the end of the tensor is harmless.
+      for (int64_t b = 0; b < 2 * S * int64_t(sizeof(T)); b += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(p + n + i) + b);
+      }
       if constexpr (kReduced<T>) {
         s0 += fast_exp(Vec::loadu(buf + i) - mv);
         s1 += fast_exp(Vec::loadu(buf + i + S) - mv);
