@@ -79,6 +79,18 @@ def test_extreme_logits(device):
 
 
 @device_params
+@dtype_params
+def test_nan_logit_gives_nan_loss_and_grad_row(device, dtype):
+    logits = torch.randn(3, 5000, device=device).to(dtype)
+    logits[1, 4321] = float("nan")
+    logits = logits.requires_grad_()
+    loss = cross_entropy(logits, torch.tensor([1, 2, 3], device=device))
+    loss.sum().backward()
+    assert loss.isnan().tolist() == [False, True, False]
+    assert logits.grad[1].isnan().all() and not logits.grad[[0, 2]].isnan().any()
+
+
+@device_params
 def test_all_ignored_and_empty_batch(device):
     logits = torch.randn(4, 37, device=device, requires_grad=True)
     target = torch.full((4,), -100, device=device)

@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -175,6 +176,10 @@ void backward_impl(const acc_t<T>* grad_loss, const T* x, const I* target, const
         continue;
       }
       const A g = grad_loss[r], l = lse[r];
+      if (std::isnan(l)) {  // a NaN in the row: fast_exp would clamp it to a finite value
+        std::fill(gr, gr + V, static_cast<T>(std::numeric_limits<A>::quiet_NaN()));
+        continue;
+      }
       const Vec gv(g), lv(l);
       int64_t i = 0;
       for (; i + 2 * S <= V; i += 2 * S) {
