@@ -26,7 +26,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
         ``[tokens]`` (logits' leading shape), float32 (float64 for float64 logits).
 
     Raises:
-        ValueError: shape mismatch, a target out of range.
+        ValueError: shape mismatch, a target out of range. On CUDA the range check is done by the
+            kernel and read back as one flag (a host sync per call); during CUDA graph capture it is
+            skipped and an out-of-range target gets loss 0.
         TypeError: non-float logits, non-integer target.
     """
     loss, _ = _lib.cross_entropy(logits, target, int(ignore_index))

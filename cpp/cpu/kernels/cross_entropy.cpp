@@ -1,0 +1,255 @@
+// Softmax cross-entropy on CPU, parallel over rows. Forward/stats read each row from memory once: the
+// row goes in L1-sized chunks, each chunk's max is taken first, the running sum of exponentials is
+// rescaled when the max grows, then the chunk's exponentials (relative to the running max) are added
+// while it is still in L1. Backward is one pass per row recomputing the softmax from the saved lse.
+#include "cpu/cross_entropy.h"
+
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/vec.h"
+
+namespace megacore::cpu::CPU_CAPABILITY {
+namespace {
+
+// Elements per chunk (a multiple of every vector width): 8 KiB of fp32, well inside L1.
+constexpr int64_t kChunk = 2048;
+
+/// \brief exp in the accumulation type: the fast polynomial (about 2 ulp on [-87, 0], 0 below) for fp32,
+///        the accurate one for fp64 (gradcheck). Arguments here are always <= 0 or -inf.
+template <typename A>
+inline Vectorized<A> fast_exp(const Vectorized<A>& x) {
+  if constexpr (std::is_same_v<A, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+template <typename A>
+inline A vec_max_all(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return at::vec::maximum(a, b); },
+                                    v);
+}
+
+template <typename A>
+inline A vec_sum_all(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return a + b; }, v);
+}
+
+template <typename A>
+struct RowStats {
+  A max;  // max of the row
+  A sum;  // sum of exp(x - max)
+};
+
+/// \brief Max and sum of exp(x - max) of one row x[0, V), reading it from memory once. A NaN anywhere
+///        gives NaN; an all -inf row gives (-inf, 0).
+template <typename T>
+RowStats<acc_t<T>> row_stats(const T* x, int64_t V) {
+  using A = acc_t<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t S = kStep<T>;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  // Reduced types are converted once into `buf`, which the exp pass reads back; fp32/fp64 re-read x.
+  alignas(64) A buf[kReduced<T> ? kChunk : 1];
+  // One vector of the chunk: element i of p[0, n), the tail padded with -inf (exp gives 0).
+  auto load = [&](const T* p, int64_t i, int64_t n) -> Vec {
+    if (i + S <= n) return load_vec(p + i);
+    return Vec::set(Vec(kNegInf), load_vec(p + i, n - i), n - i);
+  };
+
+  A m = kNegInf;
+  Vec s0(A(0)), s1(A(0));
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const T* p = x + c0;
+    const int64_t n = std::min(kChunk, V - c0);
+    Vec m0(kNegInf), m1(kNegInf);
+    int64_t i = 0;
+    for (; i + 2 * S <= n; i += 2 * S) {
+      const Vec a = load_vec(p + i), b = load_vec(p + i + S);
+      if constexpr (kReduced<T>) a.store(buf + i), b.store(buf + i + S);
+      m0 = at::vec::maximum(m0, a);
+      m1 = at::vec::maximum(m1, b);
+    }
+    for (; i < n; i += S) {
+      const Vec a = load(p, i, n);
+      if constexpr (kReduced<T>) a.store(buf + i);
+      m0 = at::vec::maximum(m0, a);
+    }
+    const A cm = vec_max_all(at::vec::maximum(m0, m1));
+    if (std::isnan(cm)) return {cm, cm};
+    if (cm > m) {  // the running max grows: rescale the sum so far (exp(-inf) = 0 on the first chunk)
+      const Vec scale(std::exp(m - cm));
+      s0 = s0 * scale;
+      s1 = s1 * scale;
+      m = cm;
+    }
+    if (m == kNegInf) continue;  // everything so far is -inf and adds 0 (exp(-inf - -inf) would be NaN)
+    const Vec mv(m);
+    i = 0;
+    for (; i + 2 * S <= n; i += 2 * S) {
+      // This pass only computes: fetch the next chunk (or row: rows are contiguous) meanwhile. Prefetching
+      // past the end of the tensor is harmless.
+      for (int64_t b = 0; b < 2 * S * int64_t(sizeof(T)); b += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(p + n + i) + b);
+      }
+      if constexpr (kReduced<T>) {
+        s0 += fast_exp(Vec::loadu(buf + i) - mv);
+        s1 += fast_exp(Vec::loadu(buf + i + S) - mv);
+      } else {
+        s0 += fast_exp(load_vec(p + i) - mv);
+        s1 += fast_exp(load_vec(p + i + S) - mv);
+      }
+    }
+    for (; i < n; i += S) {
+      if constexpr (kReduced<T>) {
+        s0 += fast_exp(Vec::loadu(buf + i) - mv);
+      } else {
+        s0 += fast_exp(load(p, i, n) - mv);
+      }
+    }
+  }
+  return {m, vec_sum_all(s0 + s1)};
+}
+
+/// \brief Calls f(const I* target) with the target's index type (int32 or int64).
+template <typename F>
+void with_target(const at::Tensor& target, const F& f) {
+  if (target.scalar_type() == at::kInt) {
+    f(target.const_data_ptr<int32_t>());
+  } else {
+    f(target.const_data_ptr<int64_t>());
+  }
+}
+
+template <typename T, typename I>
+void forward_impl(const T* x, const I* target, acc_t<T>* loss, acc_t<T>* lse, int64_t rows, int64_t V,
+                  int64_t ignore_index) {
+  using A = acc_t<T>;
+  at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * V;
+      const RowStats<A> st = row_stats(xr, V);
+      const A l = st.max + std::log(st.sum);
+      const int64_t t = target[r];
+      lse[r] = l;
+      loss[r] = t == ignore_index ? A(0) : l - static_cast<A>(xr[t]);
+    }
+  });
+}
+
+template <typename T, typename I>
+void stats_impl(const T* x, const I* target, acc_t<T>* max, acc_t<T>* sum_exp, acc_t<T>* target_logit, int64_t rows,
+                int64_t V, int64_t vocab_start, int64_t ignore_index) {
+  using A = acc_t<T>;
+  at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * V;
+      const RowStats<A> st = row_stats(xr, V);
+      max[r] = st.max;
+      sum_exp[r] = st.sum;
+      const int64_t t = target[r], local = t - vocab_start;
+      target_logit[r] = t != ignore_index && local >= 0 && local < V ? static_cast<A>(xr[local]) : A(0);
+    }
+  });
+}
+
+template <typename T, typename I>
+void backward_impl(const acc_t<T>* grad_loss, const T* x, const I* target, const acc_t<T>* lse, T* grad, int64_t rows,
+                   int64_t V, int64_t vocab_start, int64_t ignore_index) {
+  using A = acc_t<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t S = kStep<T>;
+  at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * V;
+      T* gr = grad + r * V;
+      const int64_t t = target[r];
+      if (t == ignore_index) {
+        std::memset(static_cast<void*>(gr), 0, sizeof(T) * V);  // all-zero bits are +0 in every float type
+        continue;
+      }
+      const A g = grad_loss[r], l = lse[r];
+      if (std::isnan(l)) {  // a NaN in the row: fast_exp would clamp it to a finite value
+        std::fill(gr, gr + V, static_cast<T>(std::numeric_limits<A>::quiet_NaN()));
+        continue;
+      }
+      const Vec gv(g), lv(l);
+      int64_t i = 0;
+      for (; i + 2 * S <= V; i += 2 * S) {
+        const Vec a = fast_exp(load_vec(xr + i) - lv), b = fast_exp(load_vec(xr + i + S) - lv);
+        store_vec(gr + i, a * gv);
+        store_vec(gr + i + S, b * gv);
+      }
+      for (; i < V; i += S) {
+        const int64_t n = std::min(S, V - i);
+        const Vec a = fast_exp(load_vec(xr + i, n) - lv) * gv;
+        if (n == S) {
+          store_vec(gr + i, a);
+        } else {
+          store_vec(gr + i, a, n);
+        }
+      }
+      // The one-hot term, on the target's element only, rounded once.
+      const int64_t local = t - vocab_start;
+      if (local >= 0 && local < V) gr[local] = static_cast<T>(g * (std::exp(static_cast<A>(xr[local]) - l) - A(1)));
+    }
+  });
+}
+
+int64_t rows_of(const at::Tensor& logits) { return logits.numel() / logits.size(-1); }
+
+}  // namespace
+
+void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& loss,
+                           const at::Tensor& lse, int64_t ignore_index) {
+  const int64_t V = logits.size(-1), rows = rows_of(logits);
+  if (rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "megacore.cross_entropy", [&] {
+    using A = acc_t<scalar_t>;
+    with_target(target, [&](const auto* tp) {
+      forward_impl<scalar_t>(logits.const_data_ptr<scalar_t>(), tp, loss.mutable_data_ptr<A>(),
+                             lse.mutable_data_ptr<A>(), rows, V, ignore_index);
+    });
+  });
+}
+
+void cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                            const at::Tensor& lse, const at::Tensor& grad_logits, int64_t vocab_start,
+                            int64_t ignore_index) {
+  const int64_t V = logits.size(-1), rows = rows_of(logits);
+  if (rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "megacore.cross_entropy_backward", [&] {
+        using A = acc_t<scalar_t>;
+        with_target(target, [&](const auto* tp) {
+          backward_impl<scalar_t>(grad_loss.const_data_ptr<A>(), logits.const_data_ptr<scalar_t>(), tp,
+                                  lse.const_data_ptr<A>(), grad_logits.mutable_data_ptr<scalar_t>(), rows, V,
+                                  vocab_start, ignore_index);
+        });
+      });
+}
+
+void vocab_parallel_cross_entropy_stats(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& max,
+                                        const at::Tensor& sum_exp, const at::Tensor& target_logit,
+                                        int64_t vocab_start, int64_t ignore_index) {
+  const int64_t V = logits.size(-1), rows = rows_of(logits);
+  if (rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "megacore.vocab_parallel_cross_entropy_stats", [&] {
+        using A = acc_t<scalar_t>;
+        with_target(target, [&](const auto* tp) {
+          stats_impl<scalar_t>(logits.const_data_ptr<scalar_t>(), tp, max.mutable_data_ptr<A>(),
+                               sum_exp.mutable_data_ptr<A>(), target_logit.mutable_data_ptr<A>(), rows, V,
+                               vocab_start, ignore_index);
+        });
+      });
+}
+
+}  // namespace megacore::cpu::CPU_CAPABILITY
