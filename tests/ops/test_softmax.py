@@ -70,8 +70,9 @@ def test_masked_matches_reference(device, dtype, sk, mask_kind):
 @pytest.mark.parametrize("sk", KEYS)
 @pytest.mark.parametrize("window", [None, 1, 3, 100000])
 def test_causal_matches_reference(device, dtype, sk, window):
-    for sq in sorted({sk, max(1, sk // 3), 1}):
-        x = leaf((2, 2, sq, sk), dtype, device, scale=3.0)
+    # sq == sk (the usual triangle), and sq < sk (queries aligned to the end of the keys)
+    for sq in sorted({sk if sk <= 1000 else 600, max(1, min(sk // 3, 200)), 1}):
+        x = leaf((1, 2, sq, sk), dtype, device, scale=3.0)
 
         def fn(s, ref):
             return (reference.scaled_causal_softmax if ref else scaled_causal_softmax)(s, SCALE, window)
