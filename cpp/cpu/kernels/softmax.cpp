@@ -24,10 +24,20 @@ template <typename A>
 inline Vectorized<A> apply_mask(const Vectorized<A>& s, const bool* m, int64_t n) {
   constexpr int64_t S = Vectorized<A>::size();
   const auto* bytes = reinterpret_cast<const uint8_t*>(m);
-  int set = 0;
-  for (int64_t i = 0; i < n; ++i) set += bytes[i] != 0;
-  if (set == 0) return s;  // padding masks are mostly all-0 or all-1 per vector
-  if (set == S) return neg_inf<A>();
+  // Padding masks are mostly all-0 or all-1 per vector: test a full vector's bytes 8 at a time.
+  if constexpr (S % 8 == 0) {
+    if (n == S) {
+      uint64_t any = 0, all = ~uint64_t(0);
+      for (int64_t i = 0; i < S; i += 8) {
+        uint64_t w;
+        std::memcpy(&w, bytes + i, 8);
+        any |= w;
+        all &= w;
+      }
+      if (any == 0) return s;
+      if (all == 0x0101010101010101ull) return neg_inf<A>();  // torch bools are 0 or 1
+    }
+  }
   alignas(64) A lanes[S] = {};
   for (int64_t i = 0; i < n; ++i) lanes[i] = bytes[i] != 0 ? A(1) : A(0);
   return Vectorized<A>::blendv(s, neg_inf<A>(), Vectorized<A>::loadu(lanes) != Vectorized<A>(A(0)));
