@@ -19,7 +19,7 @@ inline Vectorized<A> neg_inf() {
   return Vectorized<A>(-std::numeric_limits<A>::infinity());
 }
 
-/// `s` with -inf in the lanes whose mask byte is set (only the first n < = size lanes are read).
+/// `s` with -inf in the lanes whose mask byte is set (only the first n <= size lanes are read).
 template <typename A>
 inline Vectorized<A> apply_mask(const Vectorized<A>& s, const bool* m, int64_t n) {
   constexpr int64_t S = Vectorized<A>::size();
