@@ -1,0 +1,362 @@
+// Scaled softmax on CUDA: for rows of up to 1024 keys a warp per row with the row held in registers
+// (one read, one write); longer rows get a block each, with an online max/sum sweep and a write sweep.
+// Padding masks are read in place through a row layout (broadcast dims have stride 0); causal rows
+// compute their visible key range [lo, hi) and only exponentiate inside it.
+#include <algorithm>
+#include <cmath>
+
+#include "common.cuh"
+#include "softmax.h"
+
+namespace megacore::cuda {
+namespace {
+
+constexpr int kWarpRowsPerBlock = 4;     // rows (warps) per block of the warp kernels
+constexpr int64_t kMaxWarpCols = 1024;   // longest row held in a warp's registers (32 values per lane)
+constexpr int64_t kMaxBlocks = 1 << 20;  // grid cap; the kernels stride over the remaining rows
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return -static_cast<A>(INFINITY);
+}
+
+/// \brief The keys one row sees: [lo, hi) minus those whose mask byte is set.
+struct RowView {
+  int64_t lo, hi;
+  const bool* mask;  // this row's mask, or null
+  int64_t mask_stride;
+
+  __device__ __forceinline__ bool visible(int64_t c) const {
+    return c >= lo && c < hi && !(mask != nullptr && mask[c * mask_stride]);
+  }
+};
+
+/// \brief How rows are masked: by a bool tensor (mask not null), causally, or not at all.
+struct RowRule {
+  const bool* mask;
+  MaskLayout layout;
+  int64_t sq, window;
+  bool causal;
+
+  __device__ __forceinline__ RowView view(int64_t row, int64_t sk) const {
+    RowView v{0, sk, nullptr, 0};
+    if (causal) {
+      v.hi = row % sq + (sk - sq) + 1;  // >= 1 since sq <= sk
+      if (window > 0) v.lo = max(int64_t(0), v.hi - window);
+    } else if (mask != nullptr) {
+      int64_t off = 0, r = row;
+#pragma unroll
+      for (int d = kMaxMaskDims - 1; d >= 0; --d) {
+        if (d < layout.ndim) {
+          off += (r % layout.sizes[d]) * layout.strides[d];
+          r /= layout.sizes[d];
+        }
+      }
+      v.mask = mask + off;
+      v.mask_stride = layout.col_stride;
+    }
+    return v;
+  }
+};
+
+// ---- forward --------------------------------------------------------------------------------------
+
+// One warp per row. Lane l holds packs l, l + 32, ... of N elements: ITEMS values, ITEMS * 32 >= sk.
+// N divides sk, so a pack that starts inside the row ends inside it.
+template <typename T, int ITEMS, int N>
+__global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
+    forward_warp_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t sk, acc_t<T> scale,
+                        RowRule rule) {
+  using A = acc_t<T>;
+  using P = Pack<T, N>;
+  constexpr int kPacks = ITEMS / N;
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = blockIdx.x * int64_t(kWarpRowsPerBlock) + threadIdx.x / 32; row < rows;
+       row += int64_t(gridDim.x) * kWarpRowsPerBlock) {
+    const RowView v = rule.view(row, sk);
+    const T* xr = x + row * sk;
+    A vals[ITEMS];
+    A mx = neg_inf<A>();
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      const int64_t c0 = (int64_t(k) * 32 + lane) * N;
+      P p{};
+      if (c0 < sk) p = *reinterpret_cast<const P*>(xr + c0);
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        vals[k * N + j] = c0 < sk && v.visible(c0 + j) ? to_acc(p.v[j]) * scale : neg_inf<A>();
+        mx = max(mx, vals[k * N + j]);
+      }
+    }
+    mx = warp_max(mx);
+    const bool empty = mx == neg_inf<A>();  // no visible key: the row is zeros
+    A sum = 0;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      vals[i] = empty ? A(0) : exp(vals[i] - mx);  // exp(-inf) = 0 for hidden keys
+      sum += vals[i];
+    }
+    sum = warp_sum(sum);
+    const A inv = empty ? A(0) : A(1) / sum;
+    T* outr = out + row * sk;
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      const int64_t c0 = (int64_t(k) * 32 + lane) * N;
+      if (c0 >= sk) continue;
+      P o;
+#pragma unroll
+      for (int j = 0; j < N; ++j) o.v[j] = from_acc<T>(vals[k * N + j] * inv);
+      *reinterpret_cast<P*>(outr + c0) = o;
+    }
+  }
+}
+
+// One block per row. Sweep 1 keeps a per-thread running max and sum of exp (rescaled when the max
+// grows) over the packs overlapping the visible range; sweep 2 writes the whole row.
+template <typename T, int N>
+__global__ void forward_block_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t sk,
+                                     acc_t<T> scale, RowRule rule) {
+  using A = acc_t<T>;
+  using P = Pack<T, N>;
+  __shared__ A shared[32];
+  const int64_t step = int64_t(blockDim.x) * N;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const RowView v = rule.view(row, sk);
+    const T* xr = x + row * sk;
+    A m = neg_inf<A>(), s = 0;
+    for (int64_t c0 = (v.lo / N) * N + int64_t(threadIdx.x) * N; c0 < v.hi; c0 += step) {
+      const P p = *reinterpret_cast<const P*>(xr + c0);
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        if (!v.visible(c0 + j)) continue;
+        const A val = to_acc(p.v[j]) * scale;
+        if (val == neg_inf<A>()) continue;  // adds exp(-inf) = 0; skipping avoids -inf - -inf
+        if (val > m) {
+          s = s * exp(m - val) + A(1);
+          m = val;
+        } else {
+          s += exp(val - m);
+        }
+      }
+    }
+    const A mx = block_max(m, shared, neg_inf<A>());
+    const bool empty = mx == neg_inf<A>();
+    const A sum = block_sum(m == neg_inf<A>() ? A(0) : s * exp(m - mx), shared);
+    const A inv = empty ? A(0) : A(1) / sum;
+    T* outr = out + row * sk;
+    for (int64_t c0 = int64_t(threadIdx.x) * N; c0 < sk; c0 += step) {
+      P p{};
+      if (!empty && c0 + N > v.lo && c0 < v.hi) p = *reinterpret_cast<const P*>(xr + c0);
+      P o;
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const A e = !empty && v.visible(c0 + j) ? exp(to_acc(p.v[j]) * scale - mx) * inv : A(0);
+        o.v[j] = from_acc<T>(e);
+      }
+      *reinterpret_cast<P*>(outr + c0) = o;
+    }
+  }
+}
+
+template <typename T, int ITEMS>
+cudaError_t launch_forward_warp(const T* x, T* out, int64_t rows, int64_t sk, acc_t<T> scale, const RowRule& rule,
+                                bool packed, cudaStream_t stream) {
+  constexpr int kPack = 16 / sizeof(T);
+  const int64_t blocks = std::min<int64_t>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock, kMaxBlocks);
+  const dim3 grid(static_cast<unsigned>(blocks)), block(kWarpRowsPerBlock * 32);
+  if constexpr (ITEMS >= kPack) {
+    if (packed) {
+      forward_warp_kernel<T, ITEMS, kPack><<<grid, block, 0, stream>>>(x, out, rows, sk, scale, rule);
+      return cudaGetLastError();
+    }
+  }
+  forward_warp_kernel<T, ITEMS, 1><<<grid, block, 0, stream>>>(x, out, rows, sk, scale, rule);
+  return cudaGetLastError();
+}
+
+/// Threads per block of a block-per-row kernel: enough for ~4 packs each, 128 to 1024.
+inline int block_threads(int64_t packs) {
+  int threads = 128;
+  while (threads < 1024 && threads * 4 < packs) threads *= 2;
+  return threads;
+}
+
+template <typename T>
+cudaError_t launch_forward(const T* x, T* out, int64_t rows, int64_t sk, acc_t<T> scale, const RowRule& rule,
+                           cudaStream_t stream) {
+  constexpr int kPack = 16 / sizeof(T);
+  const bool packed = pack_width<T>(sk, {x, out}) == kPack;
+  if (sk <= kMaxWarpCols) {
+    int items = 1;
+    while (items * 32 < sk) items *= 2;
+    switch (items) {
+      case 1: return launch_forward_warp<T, 1>(x, out, rows, sk, scale, rule, packed, stream);
+      case 2: return launch_forward_warp<T, 2>(x, out, rows, sk, scale, rule, packed, stream);
+      case 4: return launch_forward_warp<T, 4>(x, out, rows, sk, scale, rule, packed, stream);
+      case 8: return launch_forward_warp<T, 8>(x, out, rows, sk, scale, rule, packed, stream);
+      case 16: return launch_forward_warp<T, 16>(x, out, rows, sk, scale, rule, packed, stream);
+      default: return launch_forward_warp<T, 32>(x, out, rows, sk, scale, rule, packed, stream);
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, kMaxBlocks)));
+  if (packed) {
+    forward_block_kernel<T, kPack><<<grid, block_threads(sk / kPack), 0, stream>>>(x, out, rows, sk, scale, rule);
+  } else {
+    forward_block_kernel<T, 1><<<grid, block_threads(sk), 0, stream>>>(x, out, rows, sk, scale, rule);
+  }
+  return cudaGetLastError();
+}
+
+// ---- backward -------------------------------------------------------------------------------------
+
+// grad = scale * p * (g - dot(g, p)), one warp per row with both rows in registers (layout as forward).
+template <typename T, int ITEMS, int N>
+__global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
+    backward_warp_kernel(const T* __restrict__ grad, const T* __restrict__ probs, T* __restrict__ grad_scores,
+                         int64_t rows, int64_t sk, acc_t<T> scale) {
+  using A = acc_t<T>;
+  using P = Pack<T, N>;
+  constexpr int kPacks = ITEMS / N;
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = blockIdx.x * int64_t(kWarpRowsPerBlock) + threadIdx.x / 32; row < rows;
+       row += int64_t(gridDim.x) * kWarpRowsPerBlock) {
+    A g[ITEMS], p[ITEMS];
+    A dot = 0;
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      const int64_t c0 = (int64_t(k) * 32 + lane) * N;
+      P gp{}, pp{};
+      if (c0 < sk) {
+        gp = *reinterpret_cast<const P*>(grad + row * sk + c0);
+        pp = *reinterpret_cast<const P*>(probs + row * sk + c0);
+      }
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        g[k * N + j] = c0 < sk ? to_acc(gp.v[j]) : A(0);
+        p[k * N + j] = c0 < sk ? to_acc(pp.v[j]) : A(0);
+        dot += g[k * N + j] * p[k * N + j];
+      }
+    }
+    dot = warp_sum(dot);
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      const int64_t c0 = (int64_t(k) * 32 + lane) * N;
+      if (c0 >= sk) continue;
+      P o;
+#pragma unroll
+      for (int j = 0; j < N; ++j) o.v[j] = from_acc<T>(scale * p[k * N + j] * (g[k * N + j] - dot));
+      *reinterpret_cast<P*>(grad_scores + row * sk + c0) = o;
+    }
+  }
+}
+
+// One block per row: sweep 1 sums g * p, sweep 2 writes the gradient.
+template <typename T, int N>
+__global__ void backward_block_kernel(const T* __restrict__ grad, const T* __restrict__ probs,
+                                      T* __restrict__ grad_scores, int64_t rows, int64_t sk, acc_t<T> scale) {
+  using A = acc_t<T>;
+  using P = Pack<T, N>;
+  __shared__ A shared[32];
+  const int64_t step = int64_t(blockDim.x) * N;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* gr = grad + row * sk;
+    const T* pr = probs + row * sk;
+    A part = 0;
+    for (int64_t c0 = int64_t(threadIdx.x) * N; c0 < sk; c0 += step) {
+      const P gp = *reinterpret_cast<const P*>(gr + c0), pp = *reinterpret_cast<const P*>(pr + c0);
+#pragma unroll
+      for (int j = 0; j < N; ++j) part += to_acc(gp.v[j]) * to_acc(pp.v[j]);
+    }
+    const A dot = block_sum(part, shared);
+    T* outr = grad_scores + row * sk;
+    for (int64_t c0 = int64_t(threadIdx.x) * N; c0 < sk; c0 += step) {
+      const P gp = *reinterpret_cast<const P*>(gr + c0), pp = *reinterpret_cast<const P*>(pr + c0);
+      P o;
+#pragma unroll
+      for (int j = 0; j < N; ++j) o.v[j] = from_acc<T>(scale * to_acc(pp.v[j]) * (to_acc(gp.v[j]) - dot));
+      *reinterpret_cast<P*>(outr + c0) = o;
+    }
+  }
+}
+
+template <typename T, int ITEMS>
+cudaError_t launch_backward_warp(const T* grad, const T* probs, T* out, int64_t rows, int64_t sk, acc_t<T> scale,
+                                 bool packed, cudaStream_t stream) {
+  constexpr int kPack = 16 / sizeof(T);
+  const int64_t blocks = std::min<int64_t>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock, kMaxBlocks);
+  const dim3 grid(static_cast<unsigned>(blocks)), block(kWarpRowsPerBlock * 32);
+  if constexpr (ITEMS >= kPack) {
+    if (packed) {
+      backward_warp_kernel<T, ITEMS, kPack><<<grid, block, 0, stream>>>(grad, probs, out, rows, sk, scale);
+      return cudaGetLastError();
+    }
+  }
+  backward_warp_kernel<T, ITEMS, 1><<<grid, block, 0, stream>>>(grad, probs, out, rows, sk, scale);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_backward(const T* grad, const T* probs, T* out, int64_t rows, int64_t sk, acc_t<T> scale,
+                            cudaStream_t stream) {
+  constexpr int kPack = 16 / sizeof(T);
+  const bool packed = pack_width<T>(sk, {grad, probs, out}) == kPack;
+  if (sk <= kMaxWarpCols) {
+    int items = 1;
+    while (items * 32 < sk) items *= 2;
+    switch (items) {
+      case 1: return launch_backward_warp<T, 1>(grad, probs, out, rows, sk, scale, packed, stream);
+      case 2: return launch_backward_warp<T, 2>(grad, probs, out, rows, sk, scale, packed, stream);
+      case 4: return launch_backward_warp<T, 4>(grad, probs, out, rows, sk, scale, packed, stream);
+      case 8: return launch_backward_warp<T, 8>(grad, probs, out, rows, sk, scale, packed, stream);
+      case 16: return launch_backward_warp<T, 16>(grad, probs, out, rows, sk, scale, packed, stream);
+      default: return launch_backward_warp<T, 32>(grad, probs, out, rows, sk, scale, packed, stream);
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, kMaxBlocks)));
+  if (packed) {
+    backward_block_kernel<T, kPack><<<grid, block_threads(sk / kPack), 0, stream>>>(grad, probs, out, rows, sk, scale);
+  } else {
+    backward_block_kernel<T, 1><<<grid, block_threads(sk), 0, stream>>>(grad, probs, out, rows, sk, scale);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t scaled_masked_softmax_forward(const void* scores, const bool* mask, const MaskLayout& layout, void* out,
+                                          int64_t rows, int64_t sk, double scale, DType dtype, cudaStream_t stream) {
+  NvtxRange range("megacore.scaled_masked_softmax");
+  if (rows == 0 || sk == 0) return cudaSuccess;
+  const RowRule rule{mask, layout, 1, 0, false};
+  MEGACORE_DISPATCH_FLOAT(dtype, T, {
+    return launch_forward<T>(static_cast<const T*>(scores), static_cast<T*>(out), rows, sk,
+                             static_cast<acc_t<T>>(scale), rule, stream);
+  });
+  return cudaSuccess;
+}
+
+cudaError_t scaled_causal_softmax_forward(const void* scores, void* out, int64_t rows, int64_t sq, int64_t sk,
+                                          int64_t window, double scale, DType dtype, cudaStream_t stream) {
+  NvtxRange range("megacore.scaled_causal_softmax");
+  if (rows == 0 || sk == 0) return cudaSuccess;
+  if (sq <= 0 || sq > sk) return cudaErrorInvalidValue;
+  const RowRule rule{nullptr, MaskLayout{}, sq, window, true};
+  MEGACORE_DISPATCH_FLOAT(dtype, T, {
+    return launch_forward<T>(static_cast<const T*>(scores), static_cast<T*>(out), rows, sk,
+                             static_cast<acc_t<T>>(scale), rule, stream);
+  });
+  return cudaSuccess;
+}
+
+cudaError_t scaled_softmax_backward(const void* grad_out, const void* probs, void* grad_scores, int64_t rows,
+                                    int64_t sk, double scale, DType dtype, cudaStream_t stream) {
+  NvtxRange range("megacore.scaled_softmax_backward");
+  if (rows == 0 || sk == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(dtype, T, {
+    return launch_backward<T>(static_cast<const T*>(grad_out), static_cast<const T*>(probs),
+                              static_cast<T*>(grad_scores), rows, sk, static_cast<acc_t<T>>(scale), stream);
+  });
+  return cudaSuccess;
+}
+
+}  // namespace megacore::cuda
