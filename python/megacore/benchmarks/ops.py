@@ -129,19 +129,24 @@ def cases(quick: bool) -> list[Case]:
     ]  # fmt: skip
 
 
-def _time(fn: Callable[[], object], reps: int, min_time: float = 0.2) -> float:
-    """Median seconds of fn() over `reps` runs (at least `min_time` in all), after two warm-up runs."""
-    for _ in range(2):
-        fn()
-    samples = []
+def _time(fns: dict[str, Callable[[], object]], reps: int, min_time: float = 0.2) -> dict[str, float]:
+    """Median seconds per call of each fn, after two warm-up calls each. The variants are timed in
+    turns (one call of each per round, at least `reps` rounds and `min_time` seconds), so a change in
+    the machine's state during the run (page-cache, allocator, another process) hits all of them alike
+    instead of whichever happened to run then."""
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
-    while len(samples) < reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-        if len(samples) >= 5 * reps:
-            break
-    return statistics.median(samples)
+    rounds = 0
+    while rounds < reps or (time.perf_counter() - start < min_time and rounds < 5 * reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def copy_bandwidth(nbytes: int = 256 * 2**20) -> tuple[float, float]:
@@ -150,9 +155,8 @@ def copy_bandwidth(nbytes: int = 256 * 2**20) -> tuple[float, float]:
     tensor does: the page faults of a fresh large allocation are a real part of its cost on CPU."""
     src = torch.randn(nbytes // 4)
     dst = torch.empty_like(src)
-    copy_sec = _time(lambda: dst.copy_(src), reps=10)
-    clone_sec = _time(lambda: src.clone(), reps=10)
-    return 2 * nbytes / copy_sec / 1e9, 2 * nbytes / clone_sec / 1e9
+    sec = _time({"copy": lambda: dst.copy_(src), "clone": lambda: src.clone()}, reps=10)
+    return 2 * nbytes / sec["copy"] / 1e9, 2 * nbytes / sec["clone"] / 1e9
 
 
 def _runner(fn: Callable, inputs: list, grad_idx: tuple[int, ...], backward: bool) -> Callable[[], object]:
@@ -191,9 +195,8 @@ def run(
                 if compile_:
                     torch._dynamo.reset()
                     variants["compile"] = torch.compile(case.eager_fn, fullgraph=True, dynamic=False)
-                times = {}
-                for vname, fn in variants.items():
-                    times[vname] = _time(_runner(fn, inputs, case.grad_inputs, backward), reps)
+                runners = {k: _runner(fn, inputs, case.grad_inputs, backward) for k, fn in variants.items()}
+                times = _time(runners, reps)
                 passes = case.fwd_passes + (case.bwd_passes if backward else 0)
                 nbytes = passes * case.elements * inputs[0].element_size()
                 gbs = nbytes / times["megacore"] / 1e9
