@@ -7,11 +7,10 @@
 #include <torch/library.h>
 
 #include "ops/cross_entropy.h"
+#include "common/tensors.h"
 
 namespace megacore::cpu {
 namespace {
-
-at::ScalarType acc_type(const at::Tensor& logits) { return at::toOpMathType(logits.scalar_type()); }
 
 /// \brief Raises a ValueError for the first target outside [0, vocab) that is not ignore_index.
 template <typename I>
@@ -33,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy(const at::Tensor& logits, const
     check_range("cross_entropy", tc.const_data_ptr<int64_t>(), tc.numel(), vocab, ignore_index);
   }
   // logits [..., vocab] -> loss, lse [...]
-  at::Tensor loss = at::empty(ops::token_shape(logits), logits.options().dtype(acc_type(logits)));
+  at::Tensor loss = at::empty(ops::token_shape(logits), logits.options().dtype(acc_dtype(logits)));
   at::Tensor lse = at::empty_like(loss);
   cross_entropy_forward_kernel()(xc, tc, loss, lse, ignore_index);
   return {loss, lse};
@@ -47,7 +46,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor&
   ops::check_token_values(op, "lse", lse, logits);
   const at::Tensor xc = logits.contiguous(), tc = target.contiguous();
   // Per-token values in the accumulation type (a no-op for the fp32 loss's own gradient).
-  const at::Tensor gc = grad_loss.to(acc_type(logits)).contiguous(), lc = lse.to(acc_type(logits)).contiguous();
+  const at::Tensor gc = grad_loss.to(acc_dtype(logits)).contiguous(), lc = lse.to(acc_dtype(logits)).contiguous();
   at::Tensor grad = at::empty_like(xc);  // [..., vocab], logits' dtype
   cross_entropy_backward_kernel()(gc, xc, tc, lc, grad, vocab_start, ignore_index);
   return grad;
@@ -60,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_parallel_cross_entropy_stat
   ops::check_logits_target("vocab_parallel_cross_entropy_stats", logits, target);
   const at::Tensor xc = logits.contiguous(), tc = target.contiguous();
   // logits [..., vocab_local] -> max, sum_exp, target_logit [...]
-  at::Tensor max = at::empty(ops::token_shape(logits), logits.options().dtype(acc_type(logits)));
+  at::Tensor max = at::empty(ops::token_shape(logits), logits.options().dtype(acc_dtype(logits)));
   at::Tensor sum_exp = at::empty_like(max), target_logit = at::empty_like(max);
   vocab_parallel_cross_entropy_stats_kernel()(xc, tc, max, sum_exp, target_logit, vocab_start, ignore_index);
   return {max, sum_exp, target_logit};

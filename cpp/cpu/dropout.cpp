@@ -2,9 +2,9 @@
 #include "cpu/dropout.h"
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "common/tensors.h"
 #include "ops/dropout.h"
 
 namespace megacore::cpu {
@@ -14,7 +14,7 @@ at::Tensor bias_dropout_add(const at::Tensor& x, const std::optional<at::Tensor>
                             double p, const at::Tensor& seed) {
   const int64_t s = ops::check_bias_dropout_add("bias_dropout_add", x, bias, residual, p, seed);
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
-  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bc = contiguous_or_undefined(bias);
   at::Tensor out = at::empty_like(xc);
   bias_dropout_add_forward_kernel()(xc, bc, rc, out, p, s);
   return out;
@@ -25,13 +25,9 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& g
   const int64_t s = ops::check_bias_dropout_add_backward("bias_dropout_add_backward", grad_out, p, seed);
   const at::Tensor gc = grad_out.contiguous();
   at::Tensor grad_x = at::empty_like(gc);
-  at::Tensor grad_bias_acc;
-  if (has_bias) {
-    grad_bias_acc = at::empty({gc.size(-1)}, gc.options().dtype(at::toOpMathType(gc.scalar_type())));
-  }
+  const at::Tensor grad_bias_acc = empty_param_grad_acc(gc, has_bias);
   bias_dropout_add_backward_kernel()(gc, grad_x, grad_bias_acc, p, s);
-  at::Tensor grad_bias = has_bias ? grad_bias_acc.to(gc.scalar_type()) : at::empty({0}, gc.options());
-  return {grad_x, grad_bias};
+  return {grad_x, finish_param_grad(grad_bias_acc, gc)};
 }
 
 }  // namespace

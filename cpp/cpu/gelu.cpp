@@ -2,9 +2,9 @@
 #include "cpu/gelu.h"
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "common/tensors.h"
 #include "ops/gelu.h"
 
 namespace megacore::cpu {
@@ -13,7 +13,7 @@ namespace {
 at::Tensor bias_gelu(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view approximate) {
   const bool tanh = ops::check_bias_gelu("bias_gelu", x, bias, approximate);
   const at::Tensor xc = x.contiguous();
-  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bc = contiguous_or_undefined(bias);
   at::Tensor out = at::empty_like(xc);
   bias_gelu_forward_kernel()(xc, bc, out, tanh);
   return out;
@@ -26,13 +26,11 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward(const at::Tensor& grad_out
   check_same_dtype_device("bias_gelu_backward", "grad_out", grad_out, "x", x);
   check_same_shape("bias_gelu_backward", "grad_out", grad_out, "x", x);
   const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
-  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bc = contiguous_or_undefined(bias);
   at::Tensor grad_x = at::empty_like(xc);
-  at::Tensor grad_bias_acc;
-  if (bias.has_value()) grad_bias_acc = at::empty({x.size(-1)}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  const at::Tensor grad_bias_acc = empty_param_grad_acc(x, bias.has_value());
   bias_gelu_backward_kernel()(gc, xc, bc, grad_x, grad_bias_acc, tanh);
-  at::Tensor grad_bias = bias.has_value() ? grad_bias_acc.to(x.scalar_type()) : at::empty({0}, x.options());
-  return {grad_x, grad_bias};
+  return {grad_x, finish_param_grad(grad_bias_acc, x)};
 }
 
 }  // namespace

@@ -6,35 +6,17 @@
 #include <torch/library.h>
 
 #include "ops/norm.h"
+#include "common/tensors.h"
 
 namespace megacore::cpu {
 namespace {
-
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-/// [x.shape[:-1]] in the statistics dtype.
-at::Tensor empty_stat(const at::Tensor& x) {
-  return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::toOpMathType(x.scalar_type())));
-}
-
-/// [cols] in the accumulation type when `wanted`, for the kernel to sum into; else undefined.
-at::Tensor acc_grad(const at::Tensor& x, bool wanted) {
-  return wanted ? at::empty({x.size(-1)}, x.options().dtype(at::toOpMathType(x.scalar_type()))) : at::Tensor();
-}
-
-/// The parameter gradient in x's dtype, or the empty [0] tensor the schema promises when not wanted.
-at::Tensor finish_grad(const at::Tensor& acc, const at::Tensor& x) {
-  return acc.defined() ? acc.to(x.scalar_type()) : at::empty({0}, x.options());
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                           const std::optional<at::Tensor>& bias, double eps) {
   ops::check_norm_input("layer_norm", x, weight, bias);
   ops::check_eps("layer_norm", eps);
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc), mean = empty_stat(x), rstd = empty_stat(x);
+  at::Tensor out = at::empty_like(xc), mean = empty_row_stats(x), rstd = empty_row_stats(x);
   norm_forward_kernel()(xc, contiguous_or_undefined(weight), contiguous_or_undefined(bias), out, mean, rstd, eps);
   return {out, mean, rstd};
 }
@@ -46,17 +28,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   ops::check_norm_backward("layer_norm_backward", grad_out, x, weight, &mean, rstd);
   const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
   at::Tensor grad_x = at::empty_like(xc);
-  const at::Tensor gw = acc_grad(x, weight.has_value()), gb = acc_grad(x, has_bias);
+  const at::Tensor gw = empty_param_grad_acc(x, weight.has_value()), gb = empty_param_grad_acc(x, has_bias);
   norm_backward_kernel()(gc, xc, contiguous_or_undefined(weight), mean.contiguous(), rstd.contiguous(), grad_x, gw,
                          gb);
-  return {grad_x, finish_grad(gw, x), finish_grad(gb, x)};
+  return {grad_x, finish_param_grad(gw, x), finish_param_grad(gb, x)};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
   ops::check_norm_input("rms_norm", x, weight, std::nullopt);
   ops::check_eps("rms_norm", eps);
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc), rstd = empty_stat(x);
+  at::Tensor out = at::empty_like(xc), rstd = empty_row_stats(x);
   norm_forward_kernel()(xc, contiguous_or_undefined(weight), at::Tensor(), out, at::Tensor(), rstd, eps);
   return {out, rstd};
 }
@@ -66,10 +48,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out,
   ops::check_norm_backward("rms_norm_backward", grad_out, x, weight, nullptr, rstd);
   const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
   at::Tensor grad_x = at::empty_like(xc);
-  const at::Tensor gw = acc_grad(x, weight.has_value());
+  const at::Tensor gw = empty_param_grad_acc(x, weight.has_value());
   norm_backward_kernel()(gc, xc, contiguous_or_undefined(weight), at::Tensor(), rstd.contiguous(), grad_x, gw,
                          at::Tensor());
-  return {grad_x, finish_grad(gw, x)};
+  return {grad_x, finish_param_grad(gw, x)};
 }
 
 }  // namespace

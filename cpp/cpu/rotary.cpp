@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "common/tensors.h"
 #include "ops/rotary.h"
 
 namespace megacore::cpu {
@@ -16,7 +17,7 @@ at::Tensor rotary(const char* op, const char* x_name, const at::Tensor& x, const
   ops::check_rotary(op, x_name, x, cos, sin);
   const at::Tensor xc = x.contiguous();
   // cos/sin [seq, rotary_dim] are small: converting them costs nothing next to x.
-  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto acc = acc_dtype(x);
   const at::Tensor cc = cos.to(acc).contiguous(), sc = sin.to(acc).contiguous();
   at::Tensor out = at::empty_like(xc);
   rotary_emb_kernel()(xc, cc, sc, out, backward);

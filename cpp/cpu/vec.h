@@ -16,7 +16,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <vector>
 
 namespace megacore::cpu::CPU_CAPABILITY {
 
@@ -93,6 +95,37 @@ inline void for_each_row_segment(int64_t begin, int64_t end, int64_t cols, const
     ++row;
     col = 0;
   }
+}
+
+/// Column sums of a [rows, cols] matrix that is produced row by row (bias and weight gradients),
+/// bit-reproducible: rows are cut into a fixed number of chunks, independent of the thread count;
+/// chunk_fn(r0, r1, parts) handles rows [r0, r1) and adds each row into parts[i] (a zeroed row of
+/// `cols` values, null where outs[i] is null); the chunks' rows are then added in chunk order into
+/// outs[i]. With rows == 0 the outputs are zeros.
+template <typename A, size_t N, typename F>
+inline void column_sums_in_chunks(int64_t rows, int64_t cols, const std::array<A*, N>& outs, const F& chunk_fn) {
+  constexpr int64_t kChunks = 64;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, kChunks));
+  std::vector<A> partial(chunks * N * cols, A(0));  // [chunks, N, cols]
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      std::array<A*, N> parts;
+      for (size_t i = 0; i < N; ++i) parts[i] = outs[i] ? partial.data() + (k * N + i) * cols : nullptr;
+      chunk_fn(rows * k / chunks, rows * (k + 1) / chunks, parts);
+    }
+  });
+  using Vec = Vectorized<A>;
+  at::parallel_for(0, cols, 1024, [&](int64_t c0, int64_t c1) {
+    for (size_t i = 0; i < N; ++i) {
+      if (!outs[i]) continue;
+      for (int64_t c = c0; c < c1; c += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), c1 - c);
+        Vec acc(A(0));
+        for (int64_t k = 0; k < chunks; ++k) acc = acc + Vec::loadu(partial.data() + (k * N + i) * cols + c, n);
+        acc.store(outs[i] + c, n);
+      }
+    }
+  });
 }
 
 }  // namespace megacore::cpu::CPU_CAPABILITY

@@ -14,13 +14,10 @@
 #include "cross_entropy.h"  // cuda/cross_entropy.h
 #include "cuda/glue.h"
 #include "ops/cross_entropy.h"
+#include "common/tensors.h"
 
 namespace megacore::cuda_glue {
 namespace {
-
-at::ScalarType acc_type(const at::Tensor& logits) { return at::toOpMathType(logits.scalar_type()); }
-
-int64_t rows_of(const at::Tensor& logits) { return logits.numel() / logits.size(-1); }
 
 bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -35,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy(const at::Tensor& logits, const
   const at::Tensor xc = logits.contiguous(), tc = target.contiguous();
   const int64_t vocab = logits.size(-1), rows = rows_of(logits);
   // logits [..., vocab] -> loss, lse [...]
-  at::Tensor loss = at::empty(ops::token_shape(logits), logits.options().dtype(acc_type(logits)));
+  at::Tensor loss = at::empty(ops::token_shape(logits), logits.options().dtype(acc_dtype(logits)));
   at::Tensor lse = at::empty_like(loss);
   if (rows == 0) return {loss, lse};
   constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
@@ -60,7 +57,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor&
   ops::check_token_values(op, "lse", lse, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor xc = logits.contiguous(), tc = target.contiguous();
-  const at::Tensor gc = grad_loss.to(acc_type(logits)).contiguous(), lc = lse.to(acc_type(logits)).contiguous();
+  const at::Tensor gc = grad_loss.to(acc_dtype(logits)).contiguous(), lc = lse.to(acc_dtype(logits)).contiguous();
   at::Tensor grad = at::empty_like(xc);  // [..., vocab], logits' dtype
   MEGACORE_CUDA_CHECK(op, cuda::cross_entropy_backward(gc.const_data_ptr(), xc.const_data_ptr(), tc.const_data_ptr(),
                                                        tc.scalar_type() == at::kInt, lc.const_data_ptr(),
@@ -79,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_parallel_cross_entropy_stat
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor xc = logits.contiguous(), tc = target.contiguous();
   // logits [..., vocab_local] -> max, sum_exp, target_logit [...]
-  at::Tensor max = at::empty(ops::token_shape(logits), logits.options().dtype(acc_type(logits)));
+  at::Tensor max = at::empty(ops::token_shape(logits), logits.options().dtype(acc_dtype(logits)));
   at::Tensor sum_exp = at::empty_like(max), target_logit = at::empty_like(max);
   MEGACORE_CUDA_CHECK(op, cuda::vocab_parallel_cross_entropy_stats(
                               xc.const_data_ptr(), tc.const_data_ptr(), tc.scalar_type() == at::kInt,

@@ -6,6 +6,7 @@
 
 #include "cuda/glue.h"
 #include "dropout.h"  // cuda/dropout.h
+#include "common/tensors.h"
 #include "ops/dropout.h"
 
 namespace megacore::cuda_glue {
@@ -16,7 +17,7 @@ at::Tensor bias_dropout_add(const at::Tensor& x, const std::optional<at::Tensor>
   const int64_t s = ops::check_bias_dropout_add("bias_dropout_add", x, bias, residual, p, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
-  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bc = contiguous_or_undefined(bias);
   at::Tensor out = at::empty_like(xc);
   const int64_t cols = x.size(-1), rows = cols ? x.numel() / cols : 0;
   MEGACORE_CUDA_CHECK("bias_dropout_add",
@@ -38,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& g
   if (has_bias) {
     if (rows == 0) grad_bias.zero_();
     partial = at::empty({cuda::column_partial_rows(rows), cols},
-                        gc.options().dtype(at::toOpMathType(gc.scalar_type())));
+                        gc.options().dtype(acc_dtype(gc)));
   }
   MEGACORE_CUDA_CHECK("bias_dropout_add_backward",
                       cuda::bias_dropout_add_backward(gc.const_data_ptr(), grad_x.mutable_data_ptr(),

@@ -7,24 +7,10 @@
 #include "cuda/glue.h"
 #include "norm.h"  // cuda/norm.h
 #include "ops/norm.h"
+#include "common/tensors.h"
 
 namespace megacore::cuda_glue {
 namespace {
-
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-/// [x.shape[:-1]] in the statistics dtype.
-at::Tensor empty_stat(const at::Tensor& x) {
-  return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::toOpMathType(x.scalar_type())));
-}
-
-int64_t rows_of(const at::Tensor& x) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
-  return rows;
-}
 
 /// Shared by both backward ops: grad_x, and the parameter gradients ([cols] of x's dtype, or [0] when not
 /// wanted), from one launch.
@@ -46,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(const char* op, con
       grad_weight.zero_();
       grad_bias.zero_();
     }
-    partial = at::empty({2, cuda::column_partial_rows(rows), cols}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+    partial = at::empty({2, cuda::column_partial_rows(rows), cols}, x.options().dtype(acc_dtype(x)));
   }
   MEGACORE_CUDA_CHECK(op, cuda::norm_backward(gc.const_data_ptr(), xc.const_data_ptr(), ptr_or_null(wc), ptr_or_null(mc),
                                               rc.const_data_ptr(), grad_x.mutable_data_ptr(),
@@ -63,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, c
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = contiguous_or_undefined(weight), bc = contiguous_or_undefined(bias);
-  at::Tensor out = at::empty_like(xc), mean = empty_stat(x), rstd = empty_stat(x);
+  at::Tensor out = at::empty_like(xc), mean = empty_row_stats(x), rstd = empty_row_stats(x);
   MEGACORE_CUDA_CHECK("layer_norm", cuda::norm_forward(xc.const_data_ptr(), ptr_or_null(wc), ptr_or_null(bc),
                                                        out.mutable_data_ptr(), mean.mutable_data_ptr(),
                                                        rstd.mutable_data_ptr(), rows_of(x), x.size(-1), eps,
@@ -84,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::opti
   ops::check_eps("rms_norm", eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), wc = contiguous_or_undefined(weight);
-  at::Tensor out = at::empty_like(xc), rstd = empty_stat(x);
+  at::Tensor out = at::empty_like(xc), rstd = empty_row_stats(x);
   MEGACORE_CUDA_CHECK("rms_norm", cuda::norm_forward(xc.const_data_ptr(), ptr_or_null(wc), nullptr,
                                                      out.mutable_data_ptr(), nullptr, rstd.mutable_data_ptr(),
                                                      rows_of(x), x.size(-1), eps, dtype_of(x), stream_of(x)));

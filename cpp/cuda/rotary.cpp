@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cuda/glue.h"
+#include "common/tensors.h"
 #include "ops/rotary.h"
 #include "rotary.h"  // cuda/rotary.h
 
@@ -17,7 +18,7 @@ at::Tensor rotary(const char* op, const char* x_name, const at::Tensor& x, const
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   // cos/sin [seq, rotary_dim] are small: converting them costs little next to x.
-  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto acc = acc_dtype(x);
   const at::Tensor cc = cos.to(acc).contiguous(), sc = sin.to(acc).contiguous();
   at::Tensor out = at::empty_like(xc);
   // x [seq, ..., d] -> [seq, inner, d]

@@ -4,8 +4,6 @@
 
 #include <ATen/Dispatch.h>
 
-#include <vector>
-
 #include "cpu/vec.h"
 
 namespace megacore::cpu::CPU_CAPABILITY {
@@ -101,23 +99,8 @@ void backward_impl(const T* grad, const T* x, const T* bias, T* grad_x, acc_t<T>
     });
     return;
   }
-  // The bias gradient sums over rows. Rows are cut into a fixed number of chunks (independent of the
-  // thread count, so the result is bit-reproducible), each summed into its own partial row, then the
-  // partial rows are added in order.
-  const int64_t chunks = std::min<int64_t>(rows, 64);
-  std::vector<A> partial(std::max<int64_t>(chunks, 1) * cols, A(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const int64_t r0 = rows * k / chunks, r1 = rows * (k + 1) / chunks;
-      for (int64_t r = r0; r < r1; ++r) row_op(r, 0, cols, partial.data() + k * cols);
-    }
-  });
-  at::parallel_for(0, cols, 256, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      A s = 0;
-      for (int64_t k = 0; k < chunks; ++k) s += partial[k * cols + c];
-      grad_bias[c] = s;
-    }
+  column_sums_in_chunks<A, 1>(rows, cols, {grad_bias}, [&](int64_t r0, int64_t r1, std::array<A*, 1> part) {
+    for (int64_t r = r0; r < r1; ++r) row_op(r, 0, cols, part[0]);
   });
 }
 

@@ -178,30 +178,10 @@ void backward_impl(const T* grad, const T* x, const T* weight_t, const acc_t<T>*
     });
     return;
   }
-  // The parameter gradients sum over rows. Rows are cut into a fixed number of chunks (independent of
-  // the thread count, so the result is bit-reproducible), each summed into its own partial rows, which
-  // are then added in chunk order.
-  const int64_t chunks = std::min<int64_t>(rows, 64);
-  const int64_t nparts = (grad_weight ? 1 : 0) + (grad_bias ? 1 : 0);
-  std::vector<A> partial(chunks * nparts * cols, A(0));  // [chunks, nparts, cols]
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      A* pw = grad_weight ? partial.data() + k * nparts * cols : nullptr;
-      A* pb = grad_bias ? partial.data() + (k * nparts + nparts - 1) * cols : nullptr;
-      for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) row_op(r, pw, pb);
-    }
-  });
-  at::parallel_for(0, cols, 1024, [&](int64_t c0, int64_t c1) {
-    for (int64_t p = 0; p < nparts; ++p) {
-      A* dst = (grad_weight && p == 0) ? grad_weight : grad_bias;
-      for (int64_t c = c0; c < c1; c += S) {
-        const int64_t n = std::min<int64_t>(S, c1 - c);
-        Vec acc(A(0));
-        for (int64_t k = 0; k < chunks; ++k) acc = acc + load_n(partial.data() + (k * nparts + p) * cols + c, n);
-        store_n(dst + c, acc, n);
-      }
-    }
-  });
+  column_sums_in_chunks<A, 2>(rows, cols, {grad_weight, grad_bias},
+                              [&](int64_t r0, int64_t r1, std::array<A*, 2> part) {
+                                for (int64_t r = r0; r < r1; ++r) row_op(r, part[0], part[1]);
+                              });
 }
 
 template <typename T>
