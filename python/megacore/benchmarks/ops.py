@@ -50,7 +50,7 @@ def _randn(shape, dtype, requires_grad, scale=1.0):
     return (torch.randn(shape) * scale).to(dtype).requires_grad_(requires_grad)
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, device: str = "cpu") -> list[Case]:
     t = 2048 if quick else 8192  # tokens
     h = 1024
     b, heads, s = (2, 16, 512) if quick else (8, 16, 1024)
@@ -64,7 +64,7 @@ def cases(quick: bool) -> list[Case]:
         m[::2, :, :, 3 * s // 4 :] = True
         return m
 
-    cos, sin = ops.rotary_tables(seq, 64)
+    cos, sin = ops.rotary_tables(seq, 64, device=device)
 
     def dropout_eager(x, bias, residual):
         return residual + torch.nn.functional.dropout(x + bias, p=p, training=True)
@@ -129,7 +129,14 @@ def cases(quick: bool) -> list[Case]:
     ]  # fmt: skip
 
 
-def _time(fns: dict[str, Callable[[], object]], reps: int, min_time: float = 0.2) -> dict[str, float]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(
+    fns: dict[str, Callable[[], object]], reps: int, min_time: float = 0.2, device: str = "cpu"
+) -> dict[str, float]:
     """Median seconds per call of each fn, after two warm-up calls each. The variants are timed in
     turns (one call of each per round, at least `reps` rounds and `min_time` seconds), so a change in
     the machine's state during the run (page-cache, allocator, another process) hits all of them alike
@@ -137,6 +144,7 @@ def _time(fns: dict[str, Callable[[], object]], reps: int, min_time: float = 0.2
     for fn in fns.values():
         for _ in range(2):
             fn()
+    _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
@@ -144,18 +152,19 @@ def _time(fns: dict[str, Callable[[], object]], reps: int, min_time: float = 0.2
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20) -> tuple[float, float]:
+def copy_bandwidth(nbytes: int = 256 * 2**20, device: str = "cpu") -> tuple[float, float]:
     """GB/s (bytes read + bytes written) of ``dst.copy_(src)`` into a preallocated tensor, and of
     ``src.clone()``, which also allocates and first-touches its output, as every op returning a new
     tensor does: the page faults of a fresh large allocation are a real part of its cost on CPU."""
-    src = torch.randn(nbytes // 4)
+    src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    sec = _time({"copy": lambda: dst.copy_(src), "clone": lambda: src.clone()}, reps=10)
+    sec = _time({"copy": lambda: dst.copy_(src), "clone": lambda: src.clone()}, reps=10, device=device)
     return 2 * nbytes / sec["copy"] / 1e9, 2 * nbytes / sec["clone"] / 1e9
 
 
@@ -178,25 +187,29 @@ def _runner(fn: Callable, inputs: list, grad_idx: tuple[int, ...], backward: boo
     return run_fwd_bwd
 
 
+def _to(t, device: str):
+    return t.detach().to(device).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+
+
 def run(
-    dtypes: list[str], only: list[str] | None, quick: bool, compile_: bool, reps: int
+    dtypes: list[str], only: list[str] | None, quick: bool, compile_: bool, reps: int, device: str = "cpu"
 ) -> tuple[list[dict], float, float]:
     torch.manual_seed(0)
-    copy_gbs, clone_gbs = copy_bandwidth()
+    copy_gbs, clone_gbs = copy_bandwidth(device=device)
     rows = []
-    for case in cases(quick):
+    for case in cases(quick, device):
         if only and case.name not in only:
             continue
         for dname in dtypes:
             dtype = DTYPES[dname]
             for backward in (False, True):
-                inputs = case.make(dtype, backward)
+                inputs = [_to(t, device) for t in case.make(dtype, backward)]
                 variants = {"megacore": case.megacore_fn, "eager": case.eager_fn}
                 if compile_:
                     torch._dynamo.reset()
                     variants["compile"] = torch.compile(case.eager_fn, fullgraph=True, dynamic=False)
                 runners = {k: _runner(fn, inputs, case.grad_inputs, backward) for k, fn in variants.items()}
-                times = _time(runners, reps)
+                times = _time(runners, reps, device=device)
                 passes = case.fwd_passes + (case.bwd_passes if backward else 0)
                 nbytes = passes * case.elements * inputs[0].element_size()
                 gbs = nbytes / times["megacore"] / 1e9
@@ -235,7 +248,9 @@ def _format_row(r: dict) -> str:
     )
 
 
-def describe_machine() -> str:
+def describe_machine(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -260,14 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per variant (median)")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)"
+    )
     args = parser.parse_args(argv)
     known = {c.name for c in cases(True)}
     if args.ops and not set(args.ops) <= known:
         parser.error(f"unknown op(s) {sorted(set(args.ops) - known)}; known: {sorted(known)}")
 
-    print(f"# megacore op benchmark — {describe_machine()}")
+    if args.device.startswith("cuda") and not megacore.build_info()["cuda"]:
+        parser.error("--device cuda needs megacore built with CUDA (see megacore info)")
+    print(f"# megacore op benchmark — {describe_machine(args.device)}")
     print(HEADER, flush=True)
-    _, copy_gbs, clone_gbs = run(args.dtypes, args.ops, args.quick, not args.no_compile, args.reps)
+    _, copy_gbs, clone_gbs = run(args.dtypes, args.ops, args.quick, not args.no_compile, args.reps, args.device)
     print(
         f"\nsame run, read + write: tensor copy into a preallocated tensor {copy_gbs:.1f} GB/s; "
         f"clone (allocates its output) {clone_gbs:.1f} GB/s"
