@@ -15,7 +15,7 @@ import torch
 import megacore
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_SOURCES = sorted((ROOT / "cuda").glob("*.cu"))
+CUDA_SOURCES = sorted((ROOT / "cuda").rglob("*.cu"))
 CUDA_GLUE = sorted((ROOT / "cpp" / "cuda").glob("*.cpp"))
 
 
