@@ -52,7 +52,7 @@ needs_nvcc = pytest.mark.skipif(not Path(_nvcc()).exists(), reason="nvcc not fou
 
 
 @needs_nvcc
-@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: str(p.relative_to(ROOT / "cuda")))
 def test_cuda_kernel_compiles_for_sm80_and_sm90(source, tmp_path):
     cmd = [
         str(_nvcc()), "-std=c++17", "-O3", "--use_fast_math", "-Werror", "all-warnings",
