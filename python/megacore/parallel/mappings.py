@@ -40,7 +40,8 @@ def _keep_chunk(x: torch.Tensor, dim: int, group_name: str, op: str) -> torch.Te
     size = x.size(dim)
     if size % world != 0:
         raise ValueError(f"megacore.{op}: x has size {size} along dim {dim}, not divisible by the group size {world}")
-    return x.narrow(dim, rank * (size // world), size // world).contiguous()
+    # clone, not contiguous(): with one rank the chunk is all of x, and a custom op may not return its input
+    return x.narrow(dim, rank * (size // world), size // world).clone(memory_format=torch.contiguous_format)
 
 
 def _chunk_fake(x: torch.Tensor, dim: int, group_name: str, op: str) -> torch.Tensor:
