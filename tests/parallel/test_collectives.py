@@ -85,6 +85,14 @@ def _check_ops(rank, world_size):
             C.reduce_scatter(torch.zeros(2, world_size + 1), -1, group)
     dist.barrier()  # the error paths issued no collective: every rank is still in step
 
+    # opcheck: schema, fake impls (shapes/strides) and torch.compile tracing agree with the real ops.
+    name = group.group_name
+    x = _inputs(world_size, (2 * world_size, 3))[rank]
+    for op, args in [(torch.ops.megacore.all_reduce.default, (x, name, "max")),
+                     (torch.ops.megacore.all_gather.default, (x, -1, name)),
+                     (torch.ops.megacore.reduce_scatter.default, (x, 0, name))]:
+        torch.library.opcheck(op, args)
+
 
 def _check_mappings(rank, world_size, compile_too):
     from megacore.parallel import mappings as M
@@ -114,6 +122,12 @@ def _check_mappings(rank, world_size, compile_too):
         torch.testing.assert_close(out, want_out(xs, gs), rtol=0, atol=0, msg=fn.__name__)
         out.backward(gs[rank])
         torch.testing.assert_close(x.grad, want_grad(xs, gs), rtol=0, atol=0, msg=fn.__name__)
+
+    # opcheck the mapping ops, autograd included (each rank runs the same checks in the same order).
+    x = _inputs(W, (2 * W, 3 * W), seed=400)[rank].requires_grad_()
+    for op in (torch.ops.megacore.tp_copy, torch.ops.megacore.tp_reduce, torch.ops.megacore.tp_scatter,
+               torch.ops.megacore.tp_gather, torch.ops.megacore.sp_gather, torch.ops.megacore.sp_reduce_scatter):
+        torch.library.opcheck(op.default, (x, group.group_name))
 
     if compile_too:
         # A sequence-parallel block under torch.compile(fullgraph=True): gather, compute, reduce-scatter.
