@@ -3,7 +3,23 @@
 Call ``initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size)`` on every rank after
 ``torch.distributed.init_process_group``; then the ``get_*`` accessors return this rank's groups,
 ranks, sizes and group names. ``destroy_model_parallel`` undoes it.
+
+Collectives implemented in C++ (``torch.ops.megacore.all_reduce / all_gather / reduce_scatter``, the
+group resolved by name, every wait bounded by the group's timeout) are in ``megacore.parallel.collectives``;
+the autograd-aware tensor- and sequence-parallel mappings built on them are in
+``megacore.parallel.mappings``. Both work in eager mode and under ``torch.compile(fullgraph=True)``.
 """
+
+from megacore.parallel import collectives, mappings  # noqa: F401  (registers fake kernels and autograd)
+from megacore.parallel.collectives import all_gather, all_reduce, reduce_scatter
+from megacore.parallel.mappings import (
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_parallel_region,
+)
 
 from megacore.parallel.state import (
     ParallelState,
@@ -28,6 +44,17 @@ from megacore.parallel.state import (
 
 __all__ = [
     "ParallelState",
+    "all_gather",
+    "all_reduce",
+    "collectives",
+    "copy_to_tensor_parallel_region",
+    "gather_from_sequence_parallel_region",
+    "gather_from_tensor_parallel_region",
+    "mappings",
+    "reduce_from_tensor_parallel_region",
+    "reduce_scatter",
+    "reduce_scatter_to_sequence_parallel_region",
+    "scatter_to_tensor_parallel_region",
     "destroy_model_parallel",
     "get_data_parallel_group",
     "get_data_parallel_group_name",
