@@ -12,6 +12,14 @@ the autograd-aware tensor- and sequence-parallel mappings built on them are in
 
 from megacore.parallel import collectives, mappings  # noqa: F401  (registers fake kernels and autograd)
 from megacore.parallel.collectives import all_gather, all_reduce, reduce_scatter
+from megacore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megacore.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    merge_weights,
+    split_weight,
+)
 from megacore.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -43,7 +51,13 @@ from megacore.parallel.state import (
 )
 
 __all__ = [
+    "ColumnParallelLinear",
     "ParallelState",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "merge_weights",
+    "split_weight",
+    "vocab_parallel_cross_entropy",
     "all_gather",
     "all_reduce",
     "collectives",
