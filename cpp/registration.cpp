@@ -4,6 +4,16 @@
 // and Nsight see them by name.
 #include <torch/library.h>
 
+// The transformer layer's parameters and configuration, shared by its forward and backward schemas.
+#define MEGACORE_LAYER_PARAMS                                                                              \
+  "Tensor? attention_norm_weight, Tensor? attention_norm_bias, Tensor qkv_weight, Tensor? qkv_bias,"        \
+  " Tensor proj_weight, Tensor? proj_bias, Tensor? mlp_norm_weight, Tensor? mlp_norm_bias, Tensor fc1_weight," \
+  " Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias"
+#define MEGACORE_LAYER_CONFIG                                                                              \
+  "int num_heads, str normalization, float norm_eps, bool pre_norm, str mask_kind, int? window,"           \
+  " str activation, float attention_dropout, float hidden_dropout, bool sequence_parallel,"                \
+  " bool recompute_attention, str attention_backend, str group_name, bool training"
+
 TORCH_LIBRARY(megacore, m) {
 
   // ---- bias + GeLU: y = gelu(x + bias), bias over the last dim -------------------------------------
@@ -56,4 +66,16 @@ TORCH_LIBRARY(megacore, m) {
   m.def(
       "vocab_parallel_cross_entropy_stats(Tensor logits, Tensor target, int vocab_start, int ignore_index)"
       " -> (Tensor, Tensor, Tensor)");
+
+  // ---- the transformer layer (cpp/transformer/layer.cpp) ---------------------------------------------
+  // hidden [s_local, b, h] -> (out [s_local, b, h], saved): saved holds what backward needs, in a fixed
+  // order of slots (python/megacore/transformer/layer.py). Parameters are this rank's shards; the
+  // tensor-parallel group is resolved from group_name ("" = none). seed: int64 CPU tensor of one element.
+  m.def(
+      "transformer_layer(Tensor hidden, " MEGACORE_LAYER_PARAMS ", Tensor? attention_mask, Tensor? rotary_cos,"
+      " Tensor? rotary_sin, Tensor seed, " MEGACORE_LAYER_CONFIG ") -> (Tensor, Tensor[])");
+  // -> [grad_hidden, one gradient per parameter in the order above (empty [0] for a None parameter)].
+  m.def(
+      "transformer_layer_backward(Tensor grad_out, Tensor hidden, " MEGACORE_LAYER_PARAMS ", Tensor? attention_mask,"
+      " Tensor? rotary_cos, Tensor? rotary_sin, Tensor seed, Tensor[] saved, " MEGACORE_LAYER_CONFIG ") -> Tensor[]");
 }
