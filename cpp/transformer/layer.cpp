@@ -189,20 +189,20 @@ Dims check_inputs(const Config& c, const at::Tensor& hidden, const Params& p, co
   d.d = d.h / c.num_heads;
   MEGACORE_CHECK_ARG(p.fc1_weight.defined() && p.fc1_weight.dim() == 2, kOp, "fc1_weight must be a [ffn / tp, hidden] matrix");
   d.f = p.fc1_weight.size(0);
-  check_optional_vector("attention_norm_weight", p.norm1_weight, hidden, d.h, "hidden");
-  check_optional_vector("attention_norm_bias", p.norm1_bias, hidden, d.h, "hidden");
-  check_optional_vector("mlp_norm_weight", p.norm2_weight, hidden, d.h, "hidden");
-  check_optional_vector("mlp_norm_bias", p.norm2_bias, hidden, d.h, "hidden");
+  check_optional_vector("attention_norm_weight", p.norm1_weight, hidden, d.h, "the hidden size");
+  check_optional_vector("attention_norm_bias", p.norm1_bias, hidden, d.h, "the hidden size");
+  check_optional_vector("mlp_norm_weight", p.norm2_weight, hidden, d.h, "the hidden size");
+  check_optional_vector("mlp_norm_bias", p.norm2_bias, hidden, d.h, "the hidden size");
   MEGACORE_CHECK_ARG(c.norm == Norm::kLayerNorm || (!p.norm1_bias.has_value() && !p.norm2_bias.has_value()), kOp,
                      "rmsnorm takes no norm bias");
   check_matrix("qkv_weight", p.qkv_weight, hidden, 3 * d.np * d.d, d.h, "3 * heads / tp * head_dim, hidden");
   check_optional_vector("qkv_bias", p.qkv_bias, hidden, 3 * d.np * d.d, "3 * heads / tp * head_dim");
   check_matrix("proj_weight", p.proj_weight, hidden, d.h, d.np * d.d, "hidden, heads / tp * head_dim");
-  check_optional_vector("proj_bias", p.proj_bias, hidden, d.h, "hidden");
+  check_optional_vector("proj_bias", p.proj_bias, hidden, d.h, "the hidden size");
   check_matrix("fc1_weight", p.fc1_weight, hidden, d.f, d.h, "ffn / tp, hidden");
   check_optional_vector("fc1_bias", p.fc1_bias, hidden, d.f, "ffn / tp");
   check_matrix("fc2_weight", p.fc2_weight, hidden, d.h, d.f, "hidden, ffn / tp");
-  check_optional_vector("fc2_bias", p.fc2_bias, hidden, d.h, "hidden");
+  check_optional_vector("fc2_bias", p.fc2_bias, hidden, d.h, "the hidden size");
   if (c.mask == Mask::kPadding) {
     MEGACORE_CHECK_ARG(mask.has_value(), kOp, "mask_kind 'padding' needs attention_mask");
     const at::Tensor& m = *mask;

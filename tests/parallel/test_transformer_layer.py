@@ -1,0 +1,128 @@
+"""The C++ transformer layer under tensor (and sequence) parallelism, in real gloo processes.
+
+One spawned run per world size (TP = world, all configurations grouped to pay the process start-up once).
+For every mask kind, pre- and post-LN, with and without sequence parallelism, in fp32 and bf16:
+
+1. on every rank, the C++ layer equals the Python reference composition (output and every gradient,
+   dropout on: both use the same Philox masks);
+2. without dropout, the tensor-parallel layer equals the whole (TP=1) layer built from the same seed:
+   the output (this rank's sequence chunk under sequence parallelism), the input gradient, and every
+   parameter gradient once the shards are merged.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.parallel.utils import run_distributed
+
+SEQ, BATCH, HIDDEN, HEADS, FFN = 8, 2, 32, 4, 64
+VARIANTS = {
+    "causal": dict(attention_mask_type="causal"),
+    "padding": dict(attention_mask_type="padding"),
+    "sliding_window": dict(attention_mask_type="sliding_window", window_size=3, normalization="rmsnorm"),
+    "none_rope": dict(attention_mask_type="none", position_embedding_type="rope"),
+}
+
+
+def _gather(t, group, world):
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def _check_layer(rank, world, dtypes):
+    from megacore.parallel import destroy_model_parallel, get_tensor_parallel_group, initialize_model_parallel
+    from megacore.parallel.layers import merge_weights
+    from megacore.transformer import TransformerConfig, TransformerLayer
+    from tests.transformer.utils import (
+        assert_close_relative, assert_layer_close, make_mask, run_layer, run_reference)
+
+    initialize_model_parallel(world)
+    group = get_tensor_parallel_group()
+    cases = itertools.product(VARIANTS.items(), (True, False), (False, True), dtypes)
+    for (variant, kw), pre_norm, sp, dtype in cases:
+        where = f"{variant}, {'pre' if pre_norm else 'post'}-LN, sp={sp}, {dtype}, tp={world}"
+
+        def config(tensor_parallel, dropout):
+            return TransformerConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=FFN,
+                                     params_dtype=dtype, pre_norm=pre_norm, tensor_parallel=tensor_parallel,
+                                     sequence_parallel=sp and tensor_parallel, hidden_dropout=dropout,
+                                     attention_dropout=dropout, **kw)
+
+        x_full = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(3)).to(dtype)
+        chunk = SEQ // world
+        x = x_full[rank * chunk:(rank + 1) * chunk] if sp else x_full
+        mask = make_mask(config(False, 0.0), BATCH, SEQ)
+
+        # 1. C++ == reference on this rank, dropout on.
+        torch.manual_seed(0)
+        layer = TransformerLayer(config(True, 0.1))
+        out, grads = run_layer(layer, x, mask, seed=11)
+        ref_out, ref_grads = run_reference(layer, x, mask, seed=11)
+        try:
+            assert_layer_close(out, grads, ref_out, ref_grads, dtype,
+                               ["hidden"] + [n for n, _ in layer.named_parameters()])
+        except AssertionError as e:
+            raise AssertionError(f"C++ vs reference ({where}): {e}") from None
+
+        # 2. TP == the whole layer, dropout off.
+        torch.manual_seed(0)
+        tp_layer = TransformerLayer(config(True, 0.0))
+        torch.manual_seed(0)
+        full_layer = TransformerLayer(config(False, 0.0))
+        full_out, full_grads = _run_with_fixed_grad(full_layer, x_full, mask, rank, world)
+        out, grads = _run_with_fixed_grad(tp_layer, x, mask, rank, world, chunked=sp)
+        expected_out = full_out[rank * chunk:(rank + 1) * chunk] if sp else full_out
+        assert_close_relative(out, expected_out, dtype, f"TP output ({where})")
+        expected_gx = full_grads[0][rank * chunk:(rank + 1) * chunk] if sp else full_grads[0]
+        assert_close_relative(grads[0], expected_gx, dtype, f"TP input gradient ({where})")
+        for (name, p), g, g_full in zip(tp_layer.named_parameters(), grads[1:], full_grads[1:]):
+            merged = merge_weights(_gather(g, group, world), p.partition_dim) if p.tensor_parallel else g
+            assert_close_relative(merged, g_full, dtype, f"TP gradient of {name} ({where})")
+    destroy_model_parallel()
+
+
+def _run_with_fixed_grad(layer, x, mask, rank, world, chunked=False):
+    """Output and gradients for an output gradient drawn over the whole sequence from a fixed seed, of
+    which a sequence-parallel rank takes its chunk (so TP and TP=1 see the same upstream gradient)."""
+    from megacore.transformer import transformer_layer
+
+    x = x.detach().clone().requires_grad_()
+    rotary = layer.rotary_tables(layer.full_seq_len(x), x.device)
+    out = transformer_layer(x, layer.layer_params(), layer.config, mask, rotary, torch.tensor([5]),
+                            layer.group_name, layer.training)
+    g = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(6)).to(out.dtype)
+    if chunked:
+        chunk = SEQ // world
+        g = g[rank * chunk:(rank + 1) * chunk]
+    return out.detach(), list(torch.autograd.grad(out, [x, *layer.parameters()], g))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_transformer_layer_tensor_parallel(world):
+    run_distributed(_check_layer, world, [torch.float32, torch.bfloat16], timeout_s=400, collective_timeout_s=60)
+
+
+def _check_errors(rank, world):
+    from megacore.parallel import destroy_model_parallel, initialize_model_parallel
+    from megacore.transformer import TransformerConfig, TransformerLayer
+
+    initialize_model_parallel(world)
+    with pytest.raises(ValueError, match="TransformerLayer: num_attention_heads=6 is not divisible by the tensor-parallel size 4"):
+        TransformerLayer(TransformerConfig(hidden_size=48, num_attention_heads=6, tensor_parallel=True))
+    with pytest.raises(ValueError, match="TransformerLayer: ffn_hidden_size=10 is not divisible by the tensor-parallel size 4"):
+        TransformerLayer(TransformerConfig(hidden_size=32, num_attention_heads=4, ffn_hidden_size=10,
+                                           tensor_parallel=True))
+    # A layer sharded for another group size: the C++ op checks the shard shapes against the group.
+    whole = TransformerLayer(TransformerConfig(hidden_size=32, num_attention_heads=4, tensor_parallel=False))
+    whole.group_name = dist.group.WORLD.group_name
+    with pytest.raises(ValueError, match=r"megacore.transformer_layer: qkv_weight has shape \[96, 32\], expected \[24, 32\]"):
+        whole(torch.randn(4, 2, 32))
+    destroy_model_parallel()
+
+
+def test_transformer_layer_errors():
+    run_distributed(_check_errors, 4, timeout_s=120)

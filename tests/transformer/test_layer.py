@@ -1,0 +1,291 @@
+"""The C++ transformer layer (megacore.transformer) against its Python reference composition and against a
+plain PyTorch block, in one process. The tensor-parallel cases are in tests/parallel/test_transformer_layer.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megacore.transformer import PARAM_NAMES, TransformerConfig, TransformerLayer, transformer_layer
+from megacore.transformer.layer import SAVED_SLOTS, _config_args
+from megacore.transformer.reference import transformer_layer_reference
+from tests.ops.utils import compile_fullgraph
+from tests.transformer.utils import assert_layer_close, make_mask, run_layer, run_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+dtype_ids = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+
+VARIANTS = {
+    "causal": dict(attention_mask_type="causal"),
+    "padding": dict(attention_mask_type="padding"),
+    "sliding_window": dict(attention_mask_type="sliding_window", window_size=3),
+    "no_mask": dict(attention_mask_type="none"),
+    "rope_rmsnorm_nobias": dict(position_embedding_type="rope", rotary_percent=0.5, normalization="rmsnorm",
+                                add_bias_linear=False, activation="gelu_tanh"),
+}
+
+
+def _config(dtype, **kw) -> TransformerConfig:
+    base = dict(hidden_size=48, num_attention_heads=4, ffn_hidden_size=72, params_dtype=dtype,
+                hidden_dropout=0.1, attention_dropout=0.1)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre_ln", "post_ln"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_layer_matches_reference(variant, pre_norm, dtype):
+    torch.manual_seed(0)
+    config = _config(dtype, pre_norm=pre_norm, **VARIANTS[variant])
+    layer = TransformerLayer(config)
+    x = torch.randn(11, 3, 48).to(dtype)
+    mask = make_mask(config, 3, 11)
+    out, grads = run_layer(layer, x, mask, seed=123)
+    ref_out, ref_grads = run_reference(layer, x, mask, seed=123)
+    assert_layer_close(out, grads, ref_out, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_ids)
+@pytest.mark.parametrize("mask_kind", ["causal", "none"])
+def test_flash_backend_matches_fused_softmax(mask_kind, dtype):
+    torch.manual_seed(0)
+    config = _config(dtype, attention_mask_type=mask_kind, attention_dropout=0.0, attention_backend="flash")
+    flash = TransformerLayer(config)
+    fused = TransformerLayer(_config(dtype, attention_mask_type=mask_kind, attention_dropout=0.0,
+                                     attention_backend="fused_softmax"))
+    fused.load_state_dict(flash.state_dict())
+    x = torch.randn(13, 2, 48).to(dtype)
+    out, grads = run_layer(flash, x, None, seed=5)
+    ref_out, ref_grads = run_layer(fused, x, None, seed=5)
+    assert_layer_close(out, grads, ref_out, ref_grads, dtype)
+
+
+def test_auto_backend_picks_flash_only_where_it_applies():
+    """auto = flash for causal/no mask without attention dropout on CPU; fused softmax otherwise
+    (seen through the saved slots: flash keeps the logsumexp, the fused path the probabilities)."""
+    x = torch.randn(6, 2, 48)
+
+    def saved(**kw):
+        config = _config(torch.float32, **kw)
+        layer = TransformerLayer(config)
+        args = _config_args(config, "", True)
+        _, slots = torch.ops.megacore.transformer_layer(
+            x, *layer.layer_params().values(), make_mask(config, 2, 6), None, None, torch.tensor([1]), *args.values())
+        return dict(zip(SAVED_SLOTS, slots))
+
+    flash = saved(attention_dropout=0.0)
+    assert flash["lse"].shape == (2, 4, 6) and flash["probs"].numel() == 0
+    fused = saved(attention_dropout=0.1)
+    assert fused["lse"].numel() == 0 and fused["probs"].shape == (2, 4, 6, 6)
+    padded = saved(attention_dropout=0.0, attention_mask_type="padding")
+    assert padded["probs"].shape == (2, 4, 6, 6)
+
+
+def test_selective_recompute_keeps_no_probabilities_and_changes_nothing():
+    torch.manual_seed(0)
+    plain = TransformerLayer(_config(torch.float32))
+    recompute = TransformerLayer(_config(torch.float32, recompute_core_attention=True))
+    recompute.load_state_dict(plain.state_dict())
+    x = torch.randn(9, 2, 48)
+    out, grads = run_layer(plain, x, None, seed=9)
+    out_r, grads_r = run_layer(recompute, x, None, seed=9)
+    torch.testing.assert_close(out_r, out, atol=0, rtol=0)
+    for a, b in zip(grads_r, grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    args = _config_args(recompute.config, "", True)
+    _, slots = torch.ops.megacore.transformer_layer(x, *recompute.layer_params().values(), None, None, None,
+                                                    torch.tensor([9]), *args.values())
+    assert dict(zip(SAVED_SLOTS, slots))["probs"].numel() == 0
+
+
+def test_reference_matches_a_plain_pytorch_block():
+    """The reference itself, without dropout, against a block written with torch.nn.functional only
+    (layer_norm, scaled_dot_product_attention, gelu): the reference is the specification the C++ layer
+    is held to, so it is checked independently of megacore's ops."""
+    torch.manual_seed(0)
+    for pre_norm in (True, False):
+        config = _config(torch.float64, pre_norm=pre_norm, hidden_dropout=0.0, attention_dropout=0.0,
+                         position_embedding_type="rope")
+        layer = TransformerLayer(config)
+        p = {n: t.detach() for n, t in layer.layer_params().items()}
+        for n in ("attention.qkv.bias", "attention.proj.bias", "mlp.fc1.bias", "mlp.fc2.bias"):
+            p[n] = torch.randn_like(p[n]) * 0.1  # zeros would hide a misplaced bias
+        x = torch.randn(10, 2, 48, dtype=torch.float64)
+        cos, sin = layer.rotary_tables(10, x.device)
+        ref = transformer_layer_reference(x, p, config, None, (cos, sin), seed=0)
+
+        def ln(t, name):
+            return F.layer_norm(t, (48,), p[name + ".weight"], p[name + ".bias"], config.norm_epsilon)
+
+        def rope(t):  # [s, b, heads, d], rotate-half
+            r = cos.shape[1]
+            t1, t2 = t[..., : r // 2], t[..., r // 2: r]
+            rot = torch.cat([-t2, t1], -1)
+            c, s_ = cos[:, None, None, :].double(), sin[:, None, None, :].double()
+            return torch.cat([t[..., :r] * c + rot * s_, t[..., r:]], -1)
+
+        def attention(t):
+            qkv = F.linear(t, p["attention.qkv.weight"], p["attention.qkv.bias"]).view(10, 2, 4, 3, 12)
+            q, k, v = rope(qkv[..., 0, :]), rope(qkv[..., 1, :]), qkv[..., 2, :]
+            q, k, v = (u.permute(1, 2, 0, 3) for u in (q, k, v))
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(2, 0, 1, 3).reshape(10, 2, 48)
+            return F.linear(ctx, p["attention.proj.weight"], p["attention.proj.bias"])
+
+        def mlp(t):
+            return F.linear(F.gelu(F.linear(t, p["mlp.fc1.weight"], p["mlp.fc1.bias"])),
+                            p["mlp.fc2.weight"], p["mlp.fc2.bias"])
+
+        if pre_norm:
+            h = x + attention(ln(x, "attention_norm"))
+            expected = h + mlp(ln(h, "mlp_norm"))
+        else:
+            h = ln(x + attention(x), "attention_norm")
+            expected = ln(h + mlp(h), "mlp_norm")
+        torch.testing.assert_close(ref, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    for kw in (dict(pre_norm=True, attention_mask_type="padding"),
+               dict(pre_norm=False, position_embedding_type="rope", attention_mask_type="sliding_window",
+                    window_size=2, recompute_core_attention=True)):
+        config = TransformerConfig(hidden_size=8, num_attention_heads=2, ffn_hidden_size=12,
+                                   params_dtype=torch.float64, **kw)
+        layer = TransformerLayer(config)
+        x = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
+        mask = make_mask(config, 2, 5)
+        params = layer.layer_params()
+        names = [n for n in PARAM_NAMES if params[n] is not None]
+
+        def f(x, *ps):  # dropout on: the fixed seed makes it a fixed linear map
+            return transformer_layer(x, dict(zip(names, ps)), config, mask, layer.rotary_tables(5, x.device),
+                                     torch.tensor([7]))
+
+        assert torch.autograd.gradcheck(f, (x, *[params[n] for n in names]))
+
+
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre_ln", "post_ln"])
+def test_opcheck(pre_norm):
+    torch.manual_seed(0)
+    config = _config(torch.float32, pre_norm=pre_norm, position_embedding_type="rope", attention_mask_type="padding")
+    layer = TransformerLayer(config)
+    x = torch.randn(7, 2, 48, requires_grad=True)
+    args = (x, *layer.layer_params().values(), make_mask(config, 2, 7), *layer.rotary_tables(7, x.device),
+            torch.tensor([3]), *_config_args(config, "", True).values())
+    torch.library.opcheck(torch.ops.megacore.transformer_layer.default, args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch.manual_seed(0)
+    layer = TransformerLayer(_config(torch.float32, position_embedding_type="rope"))
+    x = torch.randn(8, 2, 48)
+    seed = torch.tensor([11])
+
+    def step(x):
+        return transformer_layer(x, layer.layer_params(), layer.config, None, layer.rotary_tables(8, x.device), seed)
+
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, compiled = step(x1), compile_fullgraph(step)(x2)
+    torch.testing.assert_close(compiled, eager)
+    g = torch.randn_like(eager)
+    torch.testing.assert_close(torch.autograd.grad(compiled, x2, g)[0], torch.autograd.grad(eager, x1, g)[0])
+
+
+def test_eval_mode_has_no_dropout():
+    torch.manual_seed(0)
+    layer = TransformerLayer(_config(torch.float32, hidden_dropout=0.5, attention_dropout=0.5)).eval()
+    x = torch.randn(6, 2, 48)
+    torch.testing.assert_close(layer(x), layer(x), atol=0, rtol=0)
+    ref = transformer_layer_reference(x, layer.layer_params(), layer.config, training=False)
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))  # fresh dropout masks each call
+
+
+def test_output_projection_init_is_scaled():
+    torch.manual_seed(0)
+    layer = TransformerLayer(TransformerConfig(hidden_size=256, num_attention_heads=4, num_layers=8))
+    std = layer.attention.qkv.weight.std().item()
+    proj_std = layer.attention.proj.weight.std().item()
+    assert abs(std - 0.02) < 0.001
+    assert abs(proj_std - 0.02 / math.sqrt(16)) < 0.0005
+
+
+def test_module_names_and_shapes():
+    layer = TransformerLayer(_config(torch.float32))
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
+    assert shapes == {
+        "attention_norm.weight": (48,), "attention_norm.bias": (48,),
+        "attention.qkv.weight": (144, 48), "attention.qkv.bias": (144,),
+        "attention.proj.weight": (48, 48), "attention.proj.bias": (48,),
+        "mlp_norm.weight": (48,), "mlp_norm.bias": (48,),
+        "mlp.fc1.weight": (72, 48), "mlp.fc1.bias": (72,),
+        "mlp.fc2.weight": (48, 72), "mlp.fc2.bias": (48,),
+    }
+    rms = TransformerLayer(_config(torch.float32, normalization="rmsnorm", add_bias_linear=False))
+    assert sorted(n for n, _ in rms.named_parameters()) == sorted(
+        ["attention_norm.weight", "attention.qkv.weight", "attention.proj.weight", "mlp_norm.weight",
+         "mlp.fc1.weight", "mlp.fc2.weight"])
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, error, text",
+    [
+        (dict(hidden_size=50), ValueError, "hidden_size=50 is not divisible by num_attention_heads=4"),
+        (dict(normalization="batchnorm"), ValueError, "normalization='batchnorm' is not one of layernorm, rmsnorm"),
+        (dict(attention_mask_type="sliding_window"), ValueError, "window_size must be set exactly when"),
+        (dict(window_size=4), ValueError, "window_size must be set exactly when"),
+        (dict(hidden_dropout=1.0), ValueError, "hidden_dropout=1.0 must be in [0, 1)"),
+        (dict(sequence_parallel=True), ValueError, "sequence_parallel=True needs tensor_parallel=True"),
+        (dict(params_dtype=torch.int32), TypeError, "params_dtype=torch.int32 is not one of"),
+        (dict(num_attention_heads=0), ValueError, "num_attention_heads=0 must be >= 1"),
+        (dict(attention_backend="xformers"), ValueError, "attention_backend='xformers' is not one of"),
+    ],
+)
+def test_config_errors(kw, error, text):
+    base = dict(hidden_size=48, num_attention_heads=4)
+    base.update(kw)
+    with pytest.raises(error, match="megacore.transformer.TransformerConfig: " + _escape(text)):
+        TransformerConfig(**base)
+
+
+def test_tensor_parallel_layer_before_initialization():
+    with pytest.raises(RuntimeError, match="TransformerLayer: tensor_parallel=True but model parallel is not initialized"):
+        TransformerLayer(_config(torch.float32, tensor_parallel=True))
+
+
+def test_bad_inputs_name_the_op_and_argument():
+    layer = TransformerLayer(_config(torch.float32))
+    x = torch.randn(6, 2, 48)
+    with pytest.raises(ValueError, match="TransformerLayer: hidden_states has shape \\[6, 48\\], expected \\[seq, batch, hidden\\]"):
+        layer(x[:, 0])
+    with pytest.raises(ValueError, match="megacore.transformer_layer: attention_mask is only taken with mask_kind 'padding'"):
+        layer(x, torch.zeros(2, 1, 1, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"megacore.transformer_layer: attention_norm_weight has dtype Float, expected Double \(the dtype of hidden\)"):
+        layer(x.double())  # parameters are fp32: mismatched dtypes are a TypeError
+    with pytest.raises(ValueError, match="megacore.transformer_layer: hidden size 42 is not divisible by num_heads=4"):
+        layer(torch.randn(6, 2, 42))
+    padded = TransformerLayer(_config(torch.float32, attention_mask_type="padding"))
+    with pytest.raises(ValueError, match="mask_kind 'padding' needs attention_mask"):
+        padded(x)
+    with pytest.raises(ValueError, match="attention_mask has shape \\[2, 1, 1, 5\\], expected \\[batch or 1, 1, seq or 1, seq\\]"):
+        padded(x, torch.zeros(2, 1, 1, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attention_mask has dtype Float, expected Bool"):
+        padded(x, torch.zeros(2, 1, 1, 6))
+    forced = TransformerLayer(_config(torch.float32, attention_mask_type="padding", attention_backend="flash",
+                                      attention_dropout=0.0))
+    with pytest.raises(ValueError, match="attention_backend 'flash' cannot run here: it handles only mask_kind causal or none"):
+        forced(x, torch.zeros(2, 1, 1, 6, dtype=torch.bool))
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)

@@ -1,0 +1,70 @@
+"""Helpers shared by the transformer-layer tests (single-process and tensor-parallel)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megacore.transformer import TransformerConfig, TransformerLayer, transformer_layer
+from megacore.transformer.reference import transformer_layer_reference
+
+# Largest difference allowed, relative to the largest magnitude of the expected tensor. The C++ layer and
+# the reference run the same kernels in a different grouping (batched vs. per-call GEMMs, fused vs.
+# autograd-summed bias gradients), so low-precision results differ by a few roundings.
+RELATIVE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 6e-3}
+
+
+def make_mask(config: TransformerConfig, batch: int, seq: int) -> Optional[torch.Tensor]:
+    """A padding mask [batch, 1, 1, seq] (True = masked): sequence i has its last i % 3 positions padded;
+    None for the other mask kinds. Deterministic, so every rank builds the same one."""
+    if config.attention_mask_type != "padding":
+        return None
+    mask = torch.zeros(batch, 1, 1, seq, dtype=torch.bool)
+    for i in range(batch):
+        pad = i % 3
+        if pad:
+            mask[i, ..., seq - pad:] = True
+    return mask
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(out.shape, generator=gen).to(out.dtype)
+    return list(torch.autograd.grad(out, inputs, grad_out))
+
+
+def run_layer(layer: TransformerLayer, x: torch.Tensor, mask, seed: int):
+    """The C++ layer's output and gradients (input first, then the parameters in module order) for a
+    fixed random output gradient."""
+    x = x.detach().clone().requires_grad_()
+    rotary = layer.rotary_tables(layer.full_seq_len(x), x.device)
+    out = transformer_layer(x, layer.layer_params(), layer.config, mask, rotary, torch.tensor([seed]),
+                            layer.group_name, layer.training)
+    return out.detach(), _grads(out, [x, *layer.parameters()], seed)
+
+
+def run_reference(layer: TransformerLayer, x: torch.Tensor, mask, seed: int):
+    """Same as run_layer, with the Python reference composition."""
+    x = x.detach().clone().requires_grad_()
+    rotary = layer.rotary_tables(layer.full_seq_len(x), x.device)
+    out = transformer_layer_reference(x, layer.layer_params(), layer.config, mask, rotary, seed, layer.group_name,
+                                      layer.training)
+    return out.detach(), _grads(out, [x, *layer.parameters()], seed)
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double()
+    scale = max(e.abs().max().item(), 1e-6)
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    assert err <= RELATIVE_TOLERANCE[dtype] * scale, (
+        f"{what}: max |difference| {err:.3g} > {RELATIVE_TOLERANCE[dtype]:g} * max |expected| {scale:.3g}")
+
+
+def assert_layer_close(out, grads, ref_out, ref_grads, dtype, names=None):
+    names = names or ["hidden"] + [f"grad {i}" for i in range(1, len(grads))]
+    assert_close_relative(out, ref_out, dtype, "output")
+    assert len(grads) == len(ref_grads)
+    for name, g, r in zip(["grad hidden"] + list(names[1:]), grads, ref_grads):
+        assert_close_relative(g, r, dtype, name)
