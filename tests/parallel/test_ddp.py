@@ -6,7 +6,6 @@ from fixed seeds, so the reference is computed locally on every rank. Checks are
 spawned run per world size to keep the multi-process start-up cost low.
 """
 
-import copy
 import time
 from datetime import timedelta
 
@@ -109,17 +108,19 @@ def _check_accumulation(rank, world_size, micro_batches=2):
     _loss(reference, x, y).backward()
     want = _grads(reference)
 
-    before = ddp.reducer.num_allreduces_launched()
+    want.update({"extra.weight": torch.zeros(16, 16), "extra.bias": torch.zeros(16)})
     xs, ys = _shard(x, rank, world_size), _shard(y, rank, world_size)
     micro = list(zip(xs.chunk(micro_batches), ys.chunk(micro_batches)))
-    with ddp.no_sync():
-        for mx, my in micro[:-1]:
-            (_loss(ddp, mx, my) / micro_batches).backward()
-    assert ddp.reducer.num_allreduces_launched() == before, "no_sync reduced"
-    (_loss(ddp, *micro[-1]) / micro_batches).backward()
-    assert ddp.reducer.num_allreduces_launched() == before + ddp.reducer.num_buckets()
-    want.update({"extra.weight": torch.zeros(16, 16), "extra.bias": torch.zeros(16)})
-    _assert_grads(ddp, want)
+    for set_to_none in (False, True):  # the second round starts from param.grad = None
+        ddp.zero_grad(set_to_none=set_to_none)
+        before = ddp.reducer.num_allreduces_launched()
+        with ddp.no_sync():
+            for mx, my in micro[:-1]:
+                (_loss(ddp, mx, my) / micro_batches).backward()
+        assert ddp.reducer.num_allreduces_launched() == before, "no_sync reduced"
+        (_loss(ddp, *micro[-1]) / micro_batches).backward()
+        assert ddp.reducer.num_allreduces_launched() == before + ddp.reducer.num_buckets()
+        _assert_grads(ddp, want)
 
 
 def _check_unused_and_zero_grad(rank, world_size):

@@ -74,7 +74,10 @@ class DistributedDataParallel(nn.Module):
     the parameter's, ``param.grad`` is that same view (autograd accumulates into it in place, like
     torch DDP's ``gradient_as_bucket_view``); otherwise ``param.grad`` is added into ``main_grad`` and
     freed, so optimizers must read ``main_grad`` and ``zero_grad_buffers()`` clears it. Gradients are
-    complete and averaged when ``backward()`` returns; inside ``no_sync()`` they only accumulate.
+    complete and averaged when ``backward()`` returns; inside ``no_sync()`` they only accumulate. A
+    parameter unused on this rank contributes zero; after a reducing backward its ``param.grad`` is its
+    bucket view (the other ranks' average, zero if no rank used it). One reduction per
+    ``backward()``: reentrant activation checkpointing (a nested backward) is not supported.
     ``state_dict``/``named_parameters`` are the wrapped module's (no ``module.`` prefix).
 
     Raises RuntimeError when torch.distributed is not initialized; ValueError for ``bucket_size_mb``
