@@ -7,63 +7,22 @@
 // its backend (gloo on CPU, NCCL on CUDA). The ops are out-of-place and have no autograd formula;
 // python/megacore/parallel/mappings.py gives them one per tensor-parallel mapping.
 //
-// Timeouts: the collective is issued with the group's own timeout (the `timeout=` of
+// Timeouts (parallel/group.h): the collective is issued with the group's own timeout (the `timeout=` of
 // init_process_group/new_group, which gloo and NCCL enforce themselves), and we wait on the Work with
-// that same timeout, or kDefaultTimeout (300 s) when the backend does not expose its options. A rank
+// that same timeout, or kDefaultGroupTimeout (300 s) when the backend does not expose its options. A rank
 // that skips a collective therefore makes its peers raise instead of hanging forever.
 #include <ATen/ATen.h>
 #include <ATen/WrapDimUtils.h>
-#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/library.h>
 
-#include <chrono>
 #include <string>
 #include <vector>
 
 #include "common/checks.h"
+#include "parallel/group.h"
 
 namespace megacore {
 namespace {
-
-constexpr std::chrono::milliseconds kDefaultTimeout{300 * 1000};
-
-/// \brief The process group registered under `group_name`, or a ValueError naming the op.
-c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const char* op, const std::string& group_name) {
-  try {
-    return c10d::resolve_process_group(group_name);
-  } catch (const c10::Error&) {
-    MEGACORE_CHECK_ARG(false, op, "group_name '", group_name,
-                       "' names no registered process group (pass group.group_name of a live group)");
-  }
-  return {};  // unreachable
-}
-
-/// \brief The group's timeout for tensors on `device`, or kDefaultTimeout if the backend hides it.
-std::chrono::milliseconds group_timeout(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceType device) {
-  try {
-    auto opts = pg->getBackend(device)->getBackendOptions();
-    if (opts && opts->timeout.count() > 0) return opts->timeout;
-  } catch (const c10::Error&) {
-    // Backend without getBackendOptions: fall back to the default.
-  }
-  return kDefaultTimeout;
-}
-
-/// \brief Waits for `work` at most the group's timeout; raises (naming the op) if it did not finish.
-void wait_for(const char* op, const c10::intrusive_ptr<c10d::Work>& work,
-              const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceType device) {
-  const auto timeout = group_timeout(pg, device);
-  bool done = false;
-  try {
-    done = work->wait(timeout);
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "megacore.", op, ": the collective failed or timed out (group timeout ", timeout.count(),
-                " ms; did every rank of the group call it with matching shapes?): ", e.what());
-  }
-  TORCH_CHECK(done, "megacore.", op, ": the collective did not finish within the group timeout (", timeout.count(),
-              " ms); did every rank of the group call it?");
-}
 
 /// \brief The reduction named by `reduce_op` (sum|avg|max|min).
 c10d::ReduceOp parse_reduce_op(const std::string& reduce_op) {

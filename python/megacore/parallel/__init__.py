@@ -13,6 +13,7 @@ the autograd-aware tensor- and sequence-parallel mappings built on them are in
 from megacore.parallel import collectives, mappings  # noqa: F401  (registers fake kernels and autograd)
 from megacore.parallel.collectives import all_gather, all_reduce, reduce_scatter
 from megacore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megacore.parallel.distributed import DistributedDataParallel
 from megacore.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -52,6 +53,7 @@ from megacore.parallel.state import (
 
 __all__ = [
     "ColumnParallelLinear",
+    "DistributedDataParallel",
     "ParallelState",
     "RowParallelLinear",
     "VocabParallelEmbedding",

@@ -1,0 +1,44 @@
+// Process groups by name and bounded waits; see group.h.
+#include "parallel/group.h"
+
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+
+#include "common/checks.h"
+
+namespace megacore {
+
+c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const char* op, const std::string& group_name) {
+  try {
+    return c10d::resolve_process_group(group_name);
+  } catch (const c10::Error&) {
+    MEGACORE_CHECK_ARG(false, op, "group_name '", group_name,
+                       "' names no registered process group (pass group.group_name of a live group)");
+  }
+  return {};  // unreachable
+}
+
+std::chrono::milliseconds group_timeout(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceType device) {
+  try {
+    auto opts = pg->getBackend(device)->getBackendOptions();
+    if (opts && opts->timeout.count() > 0) return opts->timeout;
+  } catch (const c10::Error&) {
+    // Backend without getBackendOptions: fall back to the default.
+  }
+  return kDefaultGroupTimeout;
+}
+
+void wait_for(const char* op, const c10::intrusive_ptr<c10d::Work>& work,
+              const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceType device, const std::string& what) {
+  const auto timeout = group_timeout(pg, device);
+  bool done = false;
+  try {
+    done = work->wait(timeout);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "megacore.", op, ": ", what, " failed or timed out (group timeout ", timeout.count(),
+                " ms; did every rank of the group call it with matching shapes?): ", e.what());
+  }
+  TORCH_CHECK(done, "megacore.", op, ": ", what, " did not finish within the group timeout (", timeout.count(),
+              " ms); did every rank of the group call it?");
+}
+
+}  // namespace megacore
