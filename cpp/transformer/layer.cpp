@@ -434,10 +434,12 @@ at::Tensor merge_head_grads(const Dims& d, const at::Tensor& gq, const at::Tenso
   return g.view({d.s, d.b, 3 * d.np * d.d});
 }
 
-/// \brief The attention probabilities after dropout (a fresh tensor only when p > 0).
+/// \brief The attention probabilities after dropout (a fresh tensor only when p > 0). bias_dropout_add's
+/// backward is exactly `probs * mask / (1 - p)` with the mask its forward draws from `seed`: one pass,
+/// without the zero residual the forward op would need.
 at::Tensor dropped(const at::Tensor& probs, double p, const at::Tensor& seed) {
   if (p == 0.0) return probs;
-  return bias_dropout_add(probs, std::nullopt, at::zeros_like(probs), p, seed);
+  return std::get<0>(bias_dropout_add_backward(probs, p, seed, /*has_bias=*/false));
 }
 
 /// \brief Forward core attention; fills the context [s, b, np * d] and the slots backward needs.

@@ -207,6 +207,10 @@ def _setup_context(ctx, inputs, output):
     hidden, rest = inputs[0], inputs[1:]
     params, extras, config = rest[:_N_PARAMS], rest[_N_PARAMS:_N_PARAMS + 4], rest[_N_PARAMS + 4:]
     _, saved = output
+    # The saved slots are outputs only so that backward gets them: no gradient flows into them, and
+    # autograd must not materialize zero gradients of their (large) shapes on every backward.
+    ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(hidden, *params, *extras, *saved)
     ctx.config = config
     ctx.has_param = [p is not None for p in params]
@@ -214,6 +218,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_saved):
     t = ctx.saved_tensors
+    if grad_out is None:  # the output reached the loss only through paths with no gradient
+        return (None,) * (1 + _N_PARAMS + 4 + _N_CONFIG)
     hidden, params, (mask, cos, sin, seed) = t[0], t[1:1 + _N_PARAMS], t[1 + _N_PARAMS:5 + _N_PARAMS]
     saved = list(t[5 + _N_PARAMS:])
     grads = _lib.transformer_layer_backward(grad_out, hidden, *params, mask, cos, sin, seed, saved, *ctx.config)
