@@ -26,6 +26,16 @@ def test_bench_ops_prints_a_row_per_op_dtype_and_pass(capsys):
     assert "clone (allocates its output)" in out
 
 
+def test_bench_layer_prints_a_row_per_size_dtype_and_dropout(capsys):
+    argv = ["bench", "layer", "--quick", "--hidden", "256", "--dtypes", "float32", "bfloat16", "--reps", "1",
+            "--no-compile"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 256 |")]
+    assert len(rows) == 4, out  # 2 dtypes x attention dropout 0.1 and 0
+    assert all(row.count("|") == 12 and "x |" in row for row in rows)
+
+
 def test_bench_rejects_an_unknown_op():
     r = subprocess.run(
         [sys.executable, "-m", "megacore", "bench", "ops", "--ops", "nope"], capture_output=True, text=True
@@ -35,4 +45,4 @@ def test_bench_rejects_an_unknown_op():
 
 def test_python_dash_m_megacore_benchmarks_needs_a_name():
     r = subprocess.run([sys.executable, "-m", "megacore.benchmarks"], capture_output=True, text=True)
-    assert r.returncode == 2 and "usage: python -m megacore.benchmarks {ops}" in r.stderr
+    assert r.returncode == 2 and "usage: python -m megacore.benchmarks {ops,layer}" in r.stderr

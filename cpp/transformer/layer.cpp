@@ -404,7 +404,7 @@ bool use_flash(const Config& c, const at::Tensor& hidden, int64_t head_dim) {
 
 /// \brief The slots of the saved-for-backward list (see python/megacore/transformer/layer.py's fake kernel).
 enum Slot : int64_t {
-  kNorm1Mean, kNorm1Rstd, kAttnIn, kQ, kK, kV, kProbs, kContext, kLse, kRngState, kRngUnused,
+  kNorm1Mean, kNorm1Rstd, kAttnIn, kQ, kK, kV, kProbs, kProbsDropped, kContext, kLse, kRngState, kRngUnused,
   kRes1, kNorm2Mean, kNorm2Rstd, kMlpIn, kFc1Out, kGeluOut, kRes2, kNumSlots
 };
 
@@ -461,8 +461,12 @@ void attention_forward(const Config& c, const Dims& d, bool flash, const at::Ten
     if (std::get<7>(r).defined()) saved[kRngUnused] = std::get<7>(r);
   } else {
     at::Tensor probs = masked_softmax(c, at::matmul(q, k.transpose(-2, -1)), mask, scale);  // [b, np, s, s]
-    context = at::matmul(dropped(probs, c.attention_p(), seed), v);
-    if (!c.recompute_attention) saved[kProbs] = probs;
+    at::Tensor probs_dropped = dropped(probs, c.attention_p(), seed);
+    context = at::matmul(probs_dropped, v);
+    if (!c.recompute_attention) {  // keep both: backward then needs no pass over [b, np, s, s] to rebuild them
+      saved[kProbs] = probs;
+      if (c.attention_p() > 0.0) saved[kProbsDropped] = probs_dropped;
+    }
   }
   saved[kContext] = context.permute({2, 0, 1, 3}).reshape({d.s, d.b, d.np * d.d});
 }
@@ -492,7 +496,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const Config& 
   at::Tensor probs = c.recompute_attention ? masked_softmax(c, at::matmul(q, k.transpose(-2, -1)), mask, scale)
                                            : saved[kProbs];
   const double p = c.attention_p();
-  at::Tensor g_v = at::matmul(dropped(probs, p, seed).transpose(-2, -1), g);
+  const bool kept = !c.recompute_attention && p > 0.0;
+  at::Tensor g_v = at::matmul((kept ? saved[kProbsDropped] : dropped(probs, p, seed)).transpose(-2, -1), g);
   at::Tensor g_probs = at::matmul(g, v.transpose(-2, -1));  // [b, np, s, s]
   if (p > 0.0) g_probs = std::get<0>(bias_dropout_add_backward(g_probs, p, seed, false));
   at::Tensor g_scores = softmax_backward(g_probs, probs, scale);

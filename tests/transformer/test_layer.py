@@ -148,6 +148,21 @@ def test_reference_matches_a_plain_pytorch_block():
         torch.testing.assert_close(ref, expected, atol=1e-10, rtol=1e-10)
 
 
+def test_benchmark_eager_block_is_the_same_layer():
+    """benchmarks/layer.py compares megacore with an eager block holding the same weights: check it
+    computes the same function (dropout off), so the benchmark compares like with like."""
+    from megacore.benchmarks.layer import EagerBlock
+
+    torch.manual_seed(0)
+    layer = TransformerLayer(_config(torch.float32)).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # non-trivial biases and norm weights
+    block = EagerBlock(layer).eval()
+    x = torch.randn(9, 2, 48)
+    torch.testing.assert_close(block(x.transpose(0, 1)).transpose(0, 1), layer(x), atol=1e-5, rtol=1e-5)
+
+
 def test_gradcheck_float64():
     torch.manual_seed(0)
     for kw in (dict(pre_norm=True, attention_mask_type="padding"),

@@ -55,7 +55,7 @@ _N_CONFIG = 14  # the schema's scalar arguments, num_heads ... training
 
 # The saved-for-backward slots of the forward op, in cpp/transformer/layer.cpp's order.
 SAVED_SLOTS = (
-    "norm1_mean", "norm1_rstd", "attn_in", "q", "k", "v", "probs", "context", "lse", "rng_state",
+    "norm1_mean", "norm1_rstd", "attn_in", "q", "k", "v", "probs", "probs_dropped", "context", "lse", "rng_state",
     "rng_unused", "res1", "norm2_mean", "norm2_rstd", "mlp_in", "fc1_out", "gelu_out", "res2",
 )
 
@@ -191,6 +191,8 @@ def _transformer_layer_fake(hidden, *rest):
             saved["rng_unused"] = r[7]
     elif not args["recompute_attention"]:
         saved["probs"] = hidden.new_empty((b, heads, s, s))
+        if args["training"] and args["attention_dropout"] > 0:
+            saved["probs_dropped"] = hidden.new_empty((b, heads, s, s))
     return hidden.new_empty(hidden.shape), list(saved.values())
 
 
