@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "softmax.h"
 
@@ -181,22 +183,27 @@ inline int block_threads(int64_t packs) {
   return threads;
 }
 
+/// \brief Calls f(std::integral_constant<int, N>{}) with N the smallest power of two (1..32) such that a
+/// warp holding N elements per lane covers a row of sk <= kMaxWarpCols: the warp kernels' template argument.
+template <typename F>
+cudaError_t with_warp_items(int64_t sk, F&& f) {
+  if (sk <= 32) return f(std::integral_constant<int, 1>{});
+  if (sk <= 64) return f(std::integral_constant<int, 2>{});
+  if (sk <= 128) return f(std::integral_constant<int, 4>{});
+  if (sk <= 256) return f(std::integral_constant<int, 8>{});
+  if (sk <= 512) return f(std::integral_constant<int, 16>{});
+  return f(std::integral_constant<int, 32>{});
+}
+
 template <typename T>
 cudaError_t launch_forward(const T* x, T* out, int64_t rows, int64_t sk, acc_t<T> scale, const RowRule& rule,
                            cudaStream_t stream) {
   constexpr int kPack = 16 / sizeof(T);
   const bool packed = pack_width<T>(sk, {x, out}) == kPack;
   if (sk <= kMaxWarpCols) {
-    int items = 1;
-    while (items * 32 < sk) items *= 2;
-    switch (items) {
-      case 1: return launch_forward_warp<T, 1>(x, out, rows, sk, scale, rule, packed, stream);
-      case 2: return launch_forward_warp<T, 2>(x, out, rows, sk, scale, rule, packed, stream);
-      case 4: return launch_forward_warp<T, 4>(x, out, rows, sk, scale, rule, packed, stream);
-      case 8: return launch_forward_warp<T, 8>(x, out, rows, sk, scale, rule, packed, stream);
-      case 16: return launch_forward_warp<T, 16>(x, out, rows, sk, scale, rule, packed, stream);
-      default: return launch_forward_warp<T, 32>(x, out, rows, sk, scale, rule, packed, stream);
-    }
+    return with_warp_items(sk, [&](auto items) {
+      return launch_forward_warp<T, decltype(items)::value>(x, out, rows, sk, scale, rule, packed, stream);
+    });
   }
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, kMaxBlocks)));
   if (packed) {
@@ -301,16 +308,9 @@ cudaError_t launch_backward(const T* grad, const T* probs, T* out, int64_t rows,
   constexpr int kPack = 16 / sizeof(T);
   const bool packed = pack_width<T>(sk, {grad, probs, out}) == kPack;
   if (sk <= kMaxWarpCols) {
-    int items = 1;
-    while (items * 32 < sk) items *= 2;
-    switch (items) {
-      case 1: return launch_backward_warp<T, 1>(grad, probs, out, rows, sk, scale, packed, stream);
-      case 2: return launch_backward_warp<T, 2>(grad, probs, out, rows, sk, scale, packed, stream);
-      case 4: return launch_backward_warp<T, 4>(grad, probs, out, rows, sk, scale, packed, stream);
-      case 8: return launch_backward_warp<T, 8>(grad, probs, out, rows, sk, scale, packed, stream);
-      case 16: return launch_backward_warp<T, 16>(grad, probs, out, rows, sk, scale, packed, stream);
-      default: return launch_backward_warp<T, 32>(grad, probs, out, rows, sk, scale, packed, stream);
-    }
+    return with_warp_items(sk, [&](auto items) {
+      return launch_backward_warp<T, decltype(items)::value>(grad, probs, out, rows, sk, scale, packed, stream);
+    });
   }
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, kMaxBlocks)));
   if (packed) {

@@ -8,19 +8,13 @@ The full weight must also equal the documented master init: ``normal(0, 0.02)`` 
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.parallel.utils import run_distributed
+from tests.parallel.utils import gather_shards, run_distributed
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def _gather(t, group, world):
-    """Every rank's ``t`` (same shape), in rank order."""
-    out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t.contiguous(), group=group)
-    return out
 
 
 def _seeded(seed, *shape, dtype=torch.float32):
@@ -36,7 +30,7 @@ def _check_layers(rank, world):
 
     initialize_model_parallel(world)
     group = get_tensor_parallel_group()
-    merged = lambda t, dim: merge_weights(_gather(t, group, world), dim)  # noqa: E731
+    merged = lambda t, dim: merge_weights(gather_shards(t, group, world), dim)  # noqa: E731
 
     # ColumnParallelLinear(gather_output=True): [3, 5, 6] -> [3, 5, 8].
     torch.manual_seed(7)

@@ -68,3 +68,10 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 120
         raise AssertionError(f"ranks {hung} of {world_size} still running after {timeout_s:.0f} s: killed (a hang)")
     bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
     assert not bad, f"workers exited with non-zero codes: {bad}"
+
+
+def gather_shards(t, group, world: int) -> list:
+    """Every rank's ``t`` (same shape on every rank), in rank order."""
+    out = [t.new_empty(t.shape) for _ in range(world)]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out

@@ -51,7 +51,12 @@ PARAM_NAMES = (
     "mlp.fc2.bias",
 )
 _N_PARAMS = len(PARAM_NAMES)
-_N_CONFIG = 14  # the schema's scalar arguments, num_heads ... training
+# The schema's scalar arguments, in schema order.
+CONFIG_NAMES = (
+    "num_heads", "normalization", "norm_eps", "pre_norm", "mask_kind", "window", "activation", "attention_dropout",
+    "hidden_dropout", "sequence_parallel", "recompute_attention", "attention_backend", "group_name", "training",
+)
+_N_CONFIG = len(CONFIG_NAMES)
 
 # The saved-for-backward slots of the forward op, in cpp/transformer/layer.cpp's order.
 SAVED_SLOTS = (
@@ -85,8 +90,8 @@ def uses_flash(config_args: dict, hidden: torch.Tensor) -> bool:
 
 
 def _config_args(config: TransformerConfig, group_name: str, training: bool) -> dict:
-    """The op's scalar arguments, by schema name, in schema order."""
-    return dict(
+    """The op's scalar arguments, by schema name, in schema order (``CONFIG_NAMES``)."""
+    args = dict(
         num_heads=config.num_attention_heads,
         normalization=config.normalization,
         norm_eps=float(config.norm_epsilon),
@@ -102,6 +107,8 @@ def _config_args(config: TransformerConfig, group_name: str, training: bool) -> 
         group_name=group_name,
         training=training,
     )
+    assert tuple(args) == CONFIG_NAMES
+    return args
 
 
 def transformer_layer(
@@ -145,9 +152,7 @@ def transformer_layer(
 @torch.library.register_fake("megacore::transformer_layer")
 def _transformer_layer_fake(hidden, *rest):
     params, (mask, cos, sin, seed), config = rest[:_N_PARAMS], rest[_N_PARAMS:_N_PARAMS + 4], rest[_N_PARAMS + 4:]
-    args = dict(zip(("num_heads", "normalization", "norm_eps", "pre_norm", "mask_kind", "window", "activation",
-                     "attention_dropout", "hidden_dropout", "sequence_parallel", "recompute_attention",
-                     "attention_backend", "group_name", "training"), config))
+    args = dict(zip(CONFIG_NAMES, config))
     tp = _world_size("transformer_layer", args["group_name"]) if args["group_name"] else 1
     s_local, b, h = hidden.shape
     s = s_local * tp if args["sequence_parallel"] else s_local

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from megacore import ops
 from megacore.parallel.mappings import (
+    _rank_and_size,
     _sp_gather,
     _sp_reduce_scatter,
     _tp_copy,
@@ -104,12 +105,11 @@ def transformer_layer_reference(
 
 
 def _group(group_name: str) -> tuple[int, int]:
+    """(size, rank) of the tensor-parallel group; (1, 0) without one."""
     if not group_name:
         return 1, 0
-    import torch.distributed as dist
-
-    pg = dist.distributed_c10d._resolve_process_group(group_name)
-    return pg.size(), pg.rank()
+    rank, size = _rank_and_size("transformer_layer_reference", group_name)
+    return size, rank
 
 
 __all__ = ["transformer_layer_reference"]
