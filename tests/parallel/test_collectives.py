@@ -109,6 +109,8 @@ def _check_mappings(rank, world_size, compile_too):
          lambda xs, gs: _chunk(xs[rank], -1, rank, W), lambda xs, gs: torch.cat(gs, -1)),
         (M.gather_from_tensor_parallel_region, (2, 3, 5), (2, 3, W * 5),
          lambda xs, gs: torch.cat(xs, -1), lambda xs, gs: _chunk(gs[rank], -1, rank, W)),
+        (M.scatter_to_sequence_parallel_region, (W * 3, 2, 5), (3, 2, 5),
+         lambda xs, gs: _chunk(xs[rank], 0, rank, W), lambda xs, gs: torch.cat(gs, 0)),
         (M.gather_from_sequence_parallel_region, (3, 2, 5), (W * 3, 2, 5),
          lambda xs, gs: torch.cat(xs, 0), lambda xs, gs: _chunk(sum(gs), 0, rank, W)),
         (M.reduce_scatter_to_sequence_parallel_region, (W * 3, 5), (3, 5),
@@ -126,7 +128,7 @@ def _check_mappings(rank, world_size, compile_too):
     # opcheck the mapping ops, autograd included (each rank runs the same checks in the same order).
     x = _inputs(W, (2 * W, 3 * W), seed=400)[rank].requires_grad_()
     for op in (torch.ops.megacore.tp_copy, torch.ops.megacore.tp_reduce, torch.ops.megacore.tp_scatter,
-               torch.ops.megacore.tp_gather, torch.ops.megacore.sp_gather, torch.ops.megacore.sp_reduce_scatter):
+               torch.ops.megacore.tp_gather, torch.ops.megacore.sp_scatter, torch.ops.megacore.sp_gather, torch.ops.megacore.sp_reduce_scatter):
         torch.library.opcheck(op.default, (x, group.group_name))
 
     if compile_too:

@@ -27,6 +27,7 @@ from megacore.parallel.mappings import (
     gather_from_tensor_parallel_region,
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
 )
 
@@ -70,6 +71,7 @@ __all__ = [
     "reduce_from_tensor_parallel_region",
     "reduce_scatter",
     "reduce_scatter_to_sequence_parallel_region",
+    "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_parallel_region",
     "destroy_model_parallel",
     "get_data_parallel_group",

@@ -153,11 +153,14 @@ class VocabParallelEmbedding(nn.Module):
     ``[vocab_start, vocab_end)``. Forward: ids outside that range look up row 0 and are zeroed, then the
     ``[..., embedding_dim]`` partial results are all-reduced (each id is owned by exactly one rank).
     Ids must be in ``[0, num_embeddings)`` (checked in eager mode; a host sync on CUDA).
+    ``tensor_parallel=False`` builds the whole table (same draws) for a process without model parallelism.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32, device=None,
+                 tensor_parallel: bool = True):
         super().__init__()
-        self.group, rank, world = _tp("VocabParallelEmbedding")
+        # tensor_parallel=False: the whole table on this process, no group needed (models use one class for both).
+        self.group, rank, world = _tp("VocabParallelEmbedding") if tensor_parallel else (None, 0, 1)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padded_vocab = _C.pad_to_multiple(num_embeddings, world)
         self.vocab_start, self.vocab_end = _C.vocab_range(self.padded_vocab, rank, world)
@@ -171,6 +174,8 @@ class VocabParallelEmbedding(nn.Module):
             if lo < 0 or hi >= self.num_embeddings:
                 raise ValueError(f"megacore.parallel.VocabParallelEmbedding: ids hold {lo if lo < 0 else hi}, "
                                  f"outside [0, num_embeddings={self.num_embeddings})")
+        if self.group is None:
+            return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)  # [..., h]

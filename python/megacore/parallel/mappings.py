@@ -12,6 +12,7 @@ copy_to_tensor_parallel_region              identity                    all-redu
 reduce_from_tensor_parallel_region          all-reduce (sum)            identity
 scatter_to_tensor_parallel_region           keep chunk of last dim      all-gather last dim
 gather_from_tensor_parallel_region          all-gather last dim         keep chunk of last dim
+scatter_to_sequence_parallel_region         keep chunk of dim 0         all-gather dim 0
 gather_from_sequence_parallel_region        all-gather dim 0            reduce-scatter dim 0
 reduce_scatter_to_sequence_parallel_region  reduce-scatter dim 0        all-gather dim 0
 ==========================================  ==========================  ==========================
@@ -75,6 +76,11 @@ def _tp_gather(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return _ops.all_gather(x, -1, group_name)
 
 
+@torch.library.custom_op("megacore::sp_scatter", mutates_args=())
+def _sp_scatter(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return _keep_chunk(x, 0, group_name, "scatter_to_sequence_parallel_region")
+
+
 @torch.library.custom_op("megacore::sp_gather", mutates_args=())
 def _sp_gather(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return _ops.all_gather(x, 0, group_name)
@@ -105,6 +111,11 @@ def _(x, group_name):
     return _ops.all_gather(x, -1, group_name)  # dispatches to the collective's fake
 
 
+@_sp_scatter.register_fake
+def _(x, group_name):
+    return _chunk_fake(x, 0, group_name, "scatter_to_sequence_parallel_region")
+
+
 @_sp_gather.register_fake
 def _(x, group_name):
     return _ops.all_gather(x, 0, group_name)
@@ -128,6 +139,7 @@ _register(_tp_copy, lambda g, name: _tp_reduce(g, name))
 _register(_tp_reduce, lambda g, name: _tp_copy(g, name))
 _register(_tp_scatter, lambda g, name: _tp_gather(g, name))
 _register(_tp_gather, lambda g, name: _tp_scatter(g, name))
+_register(_sp_scatter, lambda g, name: _sp_gather(g, name))
 _register(_sp_gather, lambda g, name: _sp_reduce_scatter(g, name))
 _register(_sp_reduce_scatter, lambda g, name: _sp_gather(g, name))
 
@@ -155,6 +167,11 @@ def gather_from_tensor_parallel_region(x: torch.Tensor, group: dist.ProcessGroup
     return _tp_gather(x, group_name_of(group))
 
 
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Forward: this rank's chunk of dim 0, ``[world*s, ...] -> [s, ...]``. Backward: all-gather of dim 0."""
+    return _sp_scatter(x, group_name_of(group))
+
+
 def gather_from_sequence_parallel_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Forward: all-gather of dim 0, ``[s, ...] -> [world*s, ...]``. Backward: reduce-scatter (sum) of dim 0."""
     return _sp_gather(x, group_name_of(group))
@@ -170,6 +187,7 @@ __all__ = [
     "reduce_from_tensor_parallel_region",
     "scatter_to_tensor_parallel_region",
     "gather_from_tensor_parallel_region",
+    "scatter_to_sequence_parallel_region",
     "gather_from_sequence_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
 ]

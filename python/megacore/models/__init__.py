@@ -1,0 +1,7 @@
+"""megacore.models: GPT, BERT/RoBERTa and ELECTRA assembled from the C++ transformer layer and the
+tensor-parallel layers; ``build(name, **overrides)`` makes a preset."""
+
+from megacore.models.common import ModelConfig
+from megacore.models.gpt import GPTModel
+
+__all__ = ["GPTModel", "ModelConfig"]

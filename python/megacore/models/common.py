@@ -1,0 +1,290 @@
+"""Pieces every megacore model shares: the model configuration, the embedding, the layer stack (with
+activation checkpointing), the final norm and the tied, vocab-parallel LM head and its loss.
+
+Layout: models take ``input_ids [batch, seq]`` (as Hugging Face does) and run the layers in Megatron's
+``[seq, batch, hidden]``; under sequence parallelism the stack sees ``[seq / tp, batch, hidden]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megacore import ops
+from megacore.parallel import state
+from megacore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megacore.parallel.layers import INIT_STD, VocabParallelEmbedding
+from megacore.parallel.mappings import (
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megacore.transformer import TransformerConfig, TransformerLayer
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass
+class ModelConfig:
+    """A model's shape and options; the per-layer options go to ``TransformerConfig`` (see there).
+
+    Attributes beyond TransformerConfig's:
+        vocab_size: token ids are in ``[0, vocab_size)``; the embedding is padded to a multiple of the
+            tensor-parallel size, and the padded logits are masked out of every softmax.
+        num_layers: transformer layers.
+        max_position_embeddings: rows of the learned position table (the longest sequence).
+        embedding_size: width of the token/position embeddings; None = hidden_size. Otherwise a
+            linear projection maps it to hidden_size (ELECTRA-small: 128 -> 256).
+        type_vocab_size: token-type (segment) embeddings, 0 for none (BERT: 2).
+        embedding_norm: a norm on the embedding output (BERT/ELECTRA), before any projection.
+        recompute: activation checkpointing: ``"none"``, ``"selective"`` (core attention only: the
+            layers keep no attention probabilities) or ``"full"`` (each layer's activations are
+            recomputed in backward from its input).
+    Raises ValueError/TypeError naming the field, like TransformerConfig.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: Optional[int] = None
+    max_position_embeddings: int = 1024
+    position_embedding_type: str = "learned_absolute"
+    embedding_size: Optional[int] = None
+    type_vocab_size: int = 0
+    embedding_norm: bool = False
+    pre_norm: bool = True
+    normalization: str = "layernorm"
+    norm_epsilon: float = 1e-5
+    activation: str = "gelu"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    attention_mask_type: str = "causal"
+    window_size: Optional[int] = None
+    add_bias_linear: bool = True
+    params_dtype: torch.dtype = torch.float32
+    tensor_parallel: bool = False
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    attention_backend: str = "auto"
+    init_method_std: float = INIT_STD
+    rotary_percent: float = 1.0
+    rotary_base: float = 10000.0
+
+    def __post_init__(self):
+        name = f"megacore.models.{type(self).__name__}"
+        for field in ("vocab_size", "max_position_embeddings"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: {field}={value!r} must be an int >= 1")
+        if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or self.embedding_size < 1):
+            raise ValueError(f"{name}: embedding_size={self.embedding_size!r} must be None or an int >= 1")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"{name}: type_vocab_size={self.type_vocab_size!r} must be an int >= 0")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"{name}: recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
+        self.layer_config()  # validates the layer's fields (its errors name TransformerConfig)
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+
+    def layer_config(self) -> TransformerConfig:
+        """The TransformerConfig of each layer."""
+        fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+        kw = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+        kw["recompute_core_attention"] = self.recompute == "selective"
+        return TransformerConfig(**kw)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding_size or self.hidden_size
+
+
+def tensor_parallel_world(config: ModelConfig, model: str) -> tuple[Optional[object], int, int]:
+    """(tensor-parallel group or None, rank, size) for a model; a RuntimeError naming the model when
+    ``tensor_parallel=True`` before initialize_model_parallel; ValueError when a size does not divide."""
+    if not config.tensor_parallel:
+        return None, 0, 1
+    if not state.model_parallel_is_initialized():
+        raise RuntimeError(f"megacore.models.{model}: tensor_parallel=True but model parallel is not initialized; "
+                           "call megacore.parallel.initialize_model_parallel first")
+    s = state.get_parallel_state()
+    tp = s.tensor_parallel_size
+    for field in ("hidden_size", "num_attention_heads", "ffn_hidden_size"):
+        value = getattr(config, field)
+        if value % tp:
+            raise ValueError(f"megacore.models.{model}: {field}={value} is not divisible by the tensor-parallel size {tp}")
+    return s.tensor_parallel_group, s.tensor_parallel_rank, tp
+
+
+def _normal(*shape: int, std: float = INIT_STD) -> torch.Tensor:
+    """A master weight: fp32, normal(0, std) from the default generator (the meta device under
+    ``with torch.device('meta')``, where nothing is drawn)."""
+    return torch.empty(*shape, dtype=torch.float32).normal_(0.0, std)
+
+
+def _param(t: torch.Tensor, config: ModelConfig, device) -> nn.Parameter:
+    return nn.Parameter(t.to(device=device, dtype=config.params_dtype))
+
+
+def _weight(t: torch.Tensor, config: ModelConfig, device) -> nn.Module:
+    """A module holding one parameter as ``weight`` (state-dict keys read ``<name>.weight``)."""
+    m = nn.Module()
+    m.weight = _param(t, config, device)
+    return m
+
+
+class WordEmbedding(VocabParallelEmbedding):
+    """The token table ``[padded_vocab / tp, embedding_dim]``, vocab-parallel under tensor parallelism and
+    whole otherwise (drawn the same way, so TP=N builds what TP=1 builds)."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__(config.vocab_size, config.embedding_dim, config.params_dtype, device,
+                         tensor_parallel=config.tensor_parallel)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_embeddings
+
+
+class Embedding(nn.Module):
+    """word + learned position (unless RoPE) + token type embeddings, then the optional norm, dropout and
+    projection to hidden_size: ``ids [b, s] -> [s, b, hidden]`` (``[s / tp, b, hidden]`` with sequence
+    parallelism)."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.config = config
+        e = config.embedding_dim
+        self.word = WordEmbedding(config, device)
+        self.position = (_weight(_normal(config.max_position_embeddings, e), config, device)
+                         if config.position_embedding_type == "learned_absolute" else None)
+        self.token_type = _weight(_normal(config.type_vocab_size, e), config, device) if config.type_vocab_size else None
+        if config.embedding_norm:
+            self.norm = Norm(config, e, device)
+        else:
+            self.norm = None
+        if e != config.hidden_size:
+            self.projection = nn.Module()
+            self.projection.weight = _param(_normal(config.hidden_size, e), config, device)
+            self.projection.bias = _param(torch.zeros(config.hidden_size), config, device)
+        else:
+            self.projection = None
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, s = input_ids.shape
+        x = self.word(input_ids.t())  # [s, b, e]
+        if self.position is not None:
+            if s > self.config.max_position_embeddings:
+                raise ValueError(f"megacore.models: sequence length {s} exceeds max_position_embeddings="
+                                 f"{self.config.max_position_embeddings}")
+            pos = position_ids.t() if position_ids is not None else torch.arange(s, device=x.device)[:, None]
+            x = x + F.embedding(pos, self.position.weight)
+        if self.token_type is not None:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + F.embedding(types.t(), self.token_type.weight)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.training and self.config.hidden_dropout > 0:
+            x = F.dropout(x, self.config.hidden_dropout)
+        if self.projection is not None:
+            x = F.linear(x, self.projection.weight, self.projection.bias)
+        if self.config.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, self.word.group)
+        return x
+
+
+class Norm(nn.Module):
+    """The model-level norm (final norm, embedding norm, head norms): LayerNorm or RMSNorm over the last
+    dim. ``sequence_parallel=True`` marks a norm applied to sequence shards: its weight gradient is then
+    summed over the tensor-parallel group."""
+
+    def __init__(self, config: ModelConfig, size: int, device=None, sequence_parallel: bool = False):
+        super().__init__()
+        self.kind, self.eps = config.normalization, config.norm_epsilon
+        self.weight = _param(torch.ones(size), config, device)
+        self.bias = _param(torch.zeros(size), config, device) if self.kind == "layernorm" else None
+        self.group = state.get_tensor_parallel_group() if sequence_parallel else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if self.group is not None:
+            w = copy_to_tensor_parallel_region(w, self.group)
+            b = copy_to_tensor_parallel_region(b, self.group) if b is not None else None
+        if self.kind == "layernorm":
+            return ops.layer_norm(x, w, b, self.eps)
+        return ops.rms_norm(x, w, self.eps)
+
+
+class TransformerStack(nn.Module):
+    """``num_layers`` C++ TransformerLayers; ``recompute='full'`` checkpoints each layer (its forward is
+    recomputed in backward with the same dropout seed: the CPU RNG state is restored)."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.full_recompute = config.recompute == "full"
+        layer_config = config.layer_config()
+        self.layers = nn.ModuleList(TransformerLayer(layer_config, device) for _ in range(config.num_layers))
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for layer in self.layers:
+            if self.full_recompute and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, attention_mask, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask)
+        return x
+
+
+def lm_logits(x: torch.Tensor, word: WordEmbedding, sequence_parallel: bool,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This rank's logits against the (tied) word embedding: ``[s(/tp), b, e] -> [s, b, padded_vocab / tp]``,
+    plus ``bias`` (this rank's ``[padded_vocab / tp]`` shard, e.g. BERT's output bias) when given; the
+    padded columns are set to the dtype's lowest value so that no softmax ever gives them mass."""
+    if word.group is not None:
+        x = gather_from_sequence_parallel_region(x, word.group) if sequence_parallel else \
+            copy_to_tensor_parallel_region(x, word.group)
+    logits = F.linear(x, word.weight, bias)
+    pad_start = max(word.vocab_size - word.vocab_start, 0)  # the local column where padding starts
+    if pad_start < logits.shape[-1]:
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= pad_start,
+                                    torch.finfo(logits.dtype).min)
+    return logits
+
+
+def lm_output(x: torch.Tensor, word: WordEmbedding, sequence_parallel: bool, labels: Optional[torch.Tensor] = None,
+              ignore_index: int = -100, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The LM head: ``x [s(/tp), b, e]`` -> per-token loss ``[b, s]`` (fp32) when ``labels [b, s]`` is given
+    (vocab-parallel cross-entropy under tensor parallelism: the logits are never gathered), else the
+    full logits ``[b, s, vocab_size]``."""
+    logits = lm_logits(x, word, sequence_parallel, bias)  # [s, b, v_local]
+    if labels is not None:
+        target = labels.t()
+        if word.group is not None:
+            loss = vocab_parallel_cross_entropy(logits, target, ignore_index)
+        else:
+            loss = ops.cross_entropy(logits, target, ignore_index)
+        return loss.t()
+    if word.group is not None:
+        logits = gather_from_tensor_parallel_region(logits, word.group)
+    return logits[..., : word.vocab_size].transpose(0, 1)
+
+
+def to_sequence_first_mask(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A ``[b, s]`` attention mask in Hugging Face's convention (1 = attend, 0 = padding) as the layer's
+    ``[b, 1, 1, s]`` bool mask (True = masked out); None stays None."""
+    if padding_mask is None:
+        return None
+    if padding_mask.dim() != 2:
+        raise ValueError(f"megacore.models: attention_mask has shape {list(padding_mask.shape)}, expected [batch, seq]")
+    return (padding_mask == 0)[:, None, None, :]
+
+
+__all__ = ["Embedding", "ModelConfig", "Norm", "TransformerStack", "WordEmbedding", "lm_logits", "lm_output",
+           "tensor_parallel_world", "to_sequence_first_mask"]

@@ -1,0 +1,60 @@
+"""Model presets, one registry: ``build(name, **overrides)``.
+
+Each preset is a model class and the ModelConfig fields that define it; ``overrides`` replace any
+field (``build("gpt2-small", tensor_parallel=True, params_dtype=torch.bfloat16)``). Parameters are drawn
+one tensor at a time and each rank keeps only its shard; ``device="meta"`` (or building under
+``with torch.device("meta")``) allocates nothing, for inspecting a large model or loading a checkpoint
+into it after ``to_empty``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from megacore.models.common import ModelConfig
+from megacore.models.gpt import GPTModel
+
+# name -> (model class, ModelConfig fields)
+PRESETS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
+    "gpt-tiny": (GPTModel, dict(vocab_size=50257, hidden_size=256, num_layers=4, num_attention_heads=4,
+                                max_position_embeddings=1024, activation="gelu_tanh")),
+    "gpt2-small": (GPTModel, dict(vocab_size=50257, hidden_size=768, num_layers=12, num_attention_heads=12,
+                                  max_position_embeddings=1024, activation="gelu_tanh")),
+    "gpt2-medium": (GPTModel, dict(vocab_size=50257, hidden_size=1024, num_layers=24, num_attention_heads=16,
+                                   max_position_embeddings=1024, activation="gelu_tanh")),
+}
+
+
+def register(name: str, model: Callable[..., nn.Module], **fields) -> None:
+    """Adds a preset (ValueError if the name is taken)."""
+    if name in PRESETS:
+        raise ValueError(f"megacore.models.register: preset {name!r} already exists")
+    PRESETS[name] = (model, fields)
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """The ModelConfig of preset ``name`` with ``overrides`` applied (ValueError for an unknown name)."""
+    if name not in PRESETS:
+        raise ValueError(f"megacore.models.build: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    _, fields = PRESETS[name]
+    fields = dict(fields)
+    fields.setdefault("num_layers", 1)
+    fields["num_layers"] = overrides.get("num_layers", fields["num_layers"])
+    return ModelConfig(**{**fields, **overrides})
+
+
+def build(name: str, device=None, **overrides) -> nn.Module:
+    """Builds preset ``name`` (see ``PRESETS``) with ``overrides`` of its ModelConfig fields, on ``device``
+    (``"meta"`` allocates nothing). Raises ValueError for an unknown preset, and the config's errors."""
+    config = preset_config(name, **overrides)
+    model_cls, _ = PRESETS[name]
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return model_cls(config, device="meta")
+    return model_cls(config, device=device)
+
+
+__all__ = ["PRESETS", "build", "preset_config", "register"]
