@@ -276,6 +276,35 @@ def lm_output(x: torch.Tensor, word: WordEmbedding, sequence_parallel: bool, lab
     return logits[..., : word.vocab_size].transpose(0, 1)
 
 
+
+class MaskedLMHead(nn.Module):
+    """BERT's masked-LM head (also ELECTRA's generator head): ``dense [hidden -> embedding_dim]`` -> GeLU
+    -> norm -> logits against the tied word embedding plus an output bias (vocab-parallel, like the
+    table: this rank's ``[padded_vocab / tp]``).
+
+    ``forward(x [s(/tp), b, hidden], labels=None)`` -> per-token loss ``[b, s]`` (fp32; label -100 is
+    ignored) or the logits ``[b, s, vocab_size]``. Parameter names follow Hugging Face's
+    (``dense``, ``norm``, ``bias``) so the interop maps them one to one.
+    """
+
+    def __init__(self, config: ModelConfig, word: WordEmbedding, device=None):
+        super().__init__()
+        self.config = config
+        self.dense = nn.Module()
+        self.dense.weight = _param(_normal(config.embedding_dim, config.hidden_size), config, device)
+        self.dense.bias = _param(torch.zeros(config.embedding_dim), config, device)
+        self.norm = Norm(config, config.embedding_dim, device, sequence_parallel=config.sequence_parallel)
+        self.bias = _param(torch.zeros(word.weight.shape[0]), config, device)
+        self.bias.tensor_parallel, self.bias.partition_dim = word.group is not None, 0
+
+    def forward(self, x: torch.Tensor, word: WordEmbedding, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w, b = self.dense.weight, self.dense.bias
+        if self.config.sequence_parallel:  # replicated weights used on a sequence shard: sum their gradients
+            w, b = copy_to_tensor_parallel_region(w, word.group), copy_to_tensor_parallel_region(b, word.group)
+        h = ops.bias_gelu(F.linear(x, w), b, "none" if self.config.activation == "gelu" else "tanh")
+        return lm_output(self.norm(h), word, self.config.sequence_parallel, labels, bias=self.bias)
+
+
 def to_sequence_first_mask(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A ``[b, s]`` attention mask in Hugging Face's convention (1 = attend, 0 = padding) as the layer's
     ``[b, 1, 1, s]`` bool mask (True = masked out); None stays None."""
@@ -286,5 +315,5 @@ def to_sequence_first_mask(padding_mask: Optional[torch.Tensor]) -> Optional[tor
     return (padding_mask == 0)[:, None, None, :]
 
 
-__all__ = ["Embedding", "ModelConfig", "Norm", "TransformerStack", "WordEmbedding", "lm_logits", "lm_output",
+__all__ = ["Embedding", "MaskedLMHead", "ModelConfig", "Norm", "TransformerStack", "WordEmbedding", "lm_logits", "lm_output",
            "tensor_parallel_world", "to_sequence_first_mask"]
