@@ -3,5 +3,7 @@ tensor-parallel layers; ``build(name, **overrides)`` makes a preset."""
 
 from megacore.models.common import ModelConfig
 from megacore.models.gpt import GPTModel
+from megacore.models.bert import BertModel, BertOutput
 
 __all__ = ["GPTModel", "ModelConfig"]
+__all__ += ["BertModel", "BertOutput"]
