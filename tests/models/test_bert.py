@@ -92,7 +92,8 @@ def test_roberta_matches_hf_roberta_for_masked_lm_with_offset_positions():
     sd = hf.state_dict()
     load_exactly(model, {**prefixed("embedding.", hf_embeddings(sd, "roberta.embeddings.")),
                          **prefixed("encoder.", hf_encoder(sd, "roberta.encoder.", 2, 4)),
-                         "mlm_head.dense.weight": sd["lm_head.dense.weight"], "mlm_head.dense.bias": sd["lm_head.dense.bias"],
+                         "mlm_head.dense.weight": sd["lm_head.dense.weight"],
+                         "mlm_head.dense.bias": sd["lm_head.dense.bias"],
                          "mlm_head.norm.weight": sd["lm_head.layer_norm.weight"],
                          "mlm_head.norm.bias": sd["lm_head.layer_norm.bias"], "mlm_head.bias": sd["lm_head.bias"]})
     ids, mask, _, _ = _inputs()

@@ -98,6 +98,17 @@ def position_ids_from_input_ids(input_ids: torch.Tensor, padding_idx: int) -> to
     return torch.cumsum(real, dim=1) * real + padding_idx
 
 
+def check_ids(model: str, input_ids: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """ValueError naming ``megacore.models.<model>`` unless ``input_ids`` is ``[batch, seq]`` and every
+    other given ``[batch, seq]`` argument (by keyword) has its shape."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"megacore.models.{model}: input_ids has shape {list(input_ids.shape)}, expected [batch, seq]")
+    for arg, value in others.items():
+        if value is not None and value.shape != input_ids.shape:
+            raise ValueError(f"megacore.models.{model}: {arg} has shape {list(value.shape)}, expected [batch, seq] = "
+                             f"{list(input_ids.shape)} like input_ids")
+
+
 def encoder_mask(config: ModelConfig, attention_mask: Optional[torch.Tensor], input_ids: torch.Tensor,
                  model: str) -> Optional[torch.Tensor]:
     """The layers' mask for an encoder: bool ``[b, 1, 1, s]`` (True = padding) from Hugging Face's
@@ -206,14 +217,7 @@ class BertModel(nn.Module):
                 token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
                 next_sentence_label: Optional[torch.Tensor] = None) -> BertOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"megacore.models.BertModel: input_ids has shape {list(input_ids.shape)}, "
-                             "expected [batch, seq]")
-        b, s = input_ids.shape
-        for arg, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids), ("labels", labels)):
-            if value is not None and tuple(value.shape) != (b, s):
-                raise ValueError(f"megacore.models.BertModel: {arg} has shape {list(value.shape)}, "
-                                 f"expected [batch, seq] = {[b, s]} like input_ids")
+        check_ids("BertModel", input_ids, token_type_ids=token_type_ids, position_ids=position_ids, labels=labels)
         if next_sentence_label is not None and self.binary_head is None:
             raise ValueError("megacore.models.BertModel: next_sentence_label given but the model has no binary head "
                              "(head=None)")

@@ -17,6 +17,7 @@ from torch import nn
 
 from megacore.models.bert import BertModel
 from megacore.models.common import ModelConfig
+from megacore.models.electra import ElectraModel
 from megacore.models.gpt import GPTModel
 
 # name -> (model class, ModelConfig fields)
@@ -39,6 +40,13 @@ PRESETS.update({
     "roberta-base": (functools.partial(BertModel, head=None, position_offset_padding_idx=1),
                      dict(_ENCODER, vocab_size=50265, hidden_size=768, num_layers=12, num_attention_heads=12,
                           max_position_embeddings=514, type_vocab_size=1, norm_epsilon=1e-5)),
+    # ELECTRA: the config is the discriminator's; the generator is the paper's fraction of it (hidden, heads,
+    # FFN): 1/4 for Small (hidden 64, 1 head), 1/3 for Base (hidden 256, 4 heads, as google/electra-base-generator).
+    "electra-small": (functools.partial(ElectraModel, generator_size=1 / 4),
+                      dict(_ENCODER, embedding_size=128, hidden_size=256, num_layers=12, num_attention_heads=4,
+                           ffn_hidden_size=1024)),
+    "electra-base": (functools.partial(ElectraModel, generator_size=1 / 3),
+                     dict(_ENCODER, hidden_size=768, num_layers=12, num_attention_heads=12)),
 })
 
 
