@@ -275,7 +275,7 @@ def _tensor_parallel_bert(rank, world):
     group = initialize_model_parallel(world).tensor_parallel_group
     ids, mask, types, labels = _inputs(pad=(0, 2, 5))
     ids, mask, types, labels = ids[:, :8] % 99, mask[:, :8], types[:, :8], labels[:, :8]
-    labels = torch.where(labels >= 0, labels % 99, labels)  # vocab 99: padded to 100 for TP=2
+    labels = torch.where(labels >= 0, labels % 99, labels)  # vocab 99: padded to 100 for TP=2 and 4
     nsp = torch.tensor([1, 0, 1])
     results = {}
     for tp, sp in ((False, False), (True, False), (True, True)):
@@ -297,5 +297,6 @@ def _tensor_parallel_bert(rank, world):
             torch.testing.assert_close(g_tp, g, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad of {name}, tp/sp={key}: {m}")
 
 
-def test_tensor_parallel_bert_equals_the_whole_model():
-    run_distributed(_tensor_parallel_bert, 2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_bert_equals_the_whole_model(world):
+    run_distributed(_tensor_parallel_bert, world, timeout_s=240, collective_timeout_s=60)

@@ -322,11 +322,13 @@ def _tensor_parallel_electra(rank, world):
     group = initialize_model_parallel(world).tensor_parallel_group
     ids, attention, types, labels, _ = _batch(pad=(0, 2, 4))
     ids, attention, types, labels = ids[:, :8] % 99, attention[:, :8], types[:, :8], labels[:, :8]
-    labels = torch.where(labels >= 0, labels % 99, labels)  # vocab 99: padded to 100 for TP=2
+    labels = torch.where(labels >= 0, labels % 99, labels)  # vocab 99: padded to 100 for TP=2 and 4
     results = {}
     for tp, sp in ((False, False), (True, False), (True, True)):
         torch.manual_seed(0)
-        model = ElectraModel(_config(vocab_size=99, tensor_parallel=tp, sequence_parallel=sp), generator_size=0.5)
+        # the generator's heads must divide by tp: half the discriminator at tp=2, all of it at tp=4
+        model = ElectraModel(_config(vocab_size=99, tensor_parallel=tp, sequence_parallel=sp),
+                             generator_size=0.5 if world == 2 else 1.0)
         torch.manual_seed(1)
         out = model(ids, attention, types, mlm_labels=labels)
         out.loss.backward()
@@ -345,5 +347,6 @@ def _tensor_parallel_electra(rank, world):
             torch.testing.assert_close(g_tp, g, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad of {name}, tp/sp={key}: {m}")
 
 
-def test_tensor_parallel_electra_equals_the_whole_model():
-    run_distributed(_tensor_parallel_electra, 2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_electra_equals_the_whole_model(world):
+    run_distributed(_tensor_parallel_electra, world, timeout_s=240, collective_timeout_s=60)
