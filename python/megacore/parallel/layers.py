@@ -166,7 +166,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start, self.vocab_end = _C.vocab_range(self.padded_vocab, rank, world)
         full = torch.zeros(self.padded_vocab, embedding_dim)
         full[:num_embeddings] = _master_normal(num_embeddings, embedding_dim)  # same draws as TP=1
-        self.weight = _param(split_weight(full, 0, rank, world), dtype, device, 0)
+        self.weight = _param(split_weight(full, 0, rank, world), dtype, device, 0 if self.group is not None else None)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling() and ids.numel():

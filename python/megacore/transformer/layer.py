@@ -262,6 +262,8 @@ def _parameter(value: torch.Tensor, config: TransformerConfig, device, partition
     """A parameter tagged like megacore.parallel's layers (``tensor_parallel``, ``partition_dim``), plus
     ``sequence_parallel`` for replicated ones whose gradient the layer sums over the group itself."""
     p = nn.Parameter(value.to(device=device, dtype=config.params_dtype))
+    if not config.tensor_parallel:
+        partition_dim = None  # a whole layer: nothing is sharded
     p.tensor_parallel = partition_dim is not None
     p.partition_dim = partition_dim
     p.sequence_parallel = sequence_parallel
