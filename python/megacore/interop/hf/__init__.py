@@ -36,17 +36,18 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
 
-def _build(family: Family, architecture: str, fields: dict, overrides: dict, hf_state: dict, device,
-           fn: str) -> nn.Module:
+def _build(family: Family, architecture: str, hf_config: dict, overrides: dict, hf_state: dict, device,
+           fn: str, params_dtype: torch.dtype) -> nn.Module:
     """The megacore model of ``fields`` + ``overrides`` holding ``hf_state``'s weights (this rank's shards)."""
     unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
     if unknown:
         raise TypeError(f"megacore.interop.hf.{fn}: {unknown} are not ModelConfig fields")
-    config = ModelConfig(**{**fields, **overrides})
+    fields = family.config_from_hf(hf_config, architecture)
+    config = ModelConfig(**{**fields, "params_dtype": params_dtype, **overrides})
     full = family.state_from_hf(hf_state, config, architecture)
     # Built on the meta device (no random init, nothing allocated), then given the loaded shards.
     with torch.device("meta"):
-        model = family.build(config, architecture, "meta")
+        model = family.build(config, architecture, hf_config, "meta")
     return load_full_state(model, full, family.vocab_params, device, fn)
 
 
@@ -73,10 +74,8 @@ def from_hf(hf_model: nn.Module, device=None, **overrides) -> nn.Module:
     architecture = type(hf_model).__name__
     family = family_of_architecture(architecture, "from_hf")
     params = list(hf_model.parameters())
-    fields = family.config_from_hf(hf_model.config.to_dict(), architecture)
-    fields["params_dtype"] = _first_dtype(params)
-    model = _build(family, architecture, fields, overrides, hf_model.state_dict(), device or params[0].device,
-                   "from_hf")
+    model = _build(family, architecture, hf_model.config.to_dict(), overrides, hf_model.state_dict(),
+                   device or params[0].device, "from_hf", _first_dtype(params))
     return model.train(hf_model.training)
 
 
@@ -92,7 +91,7 @@ def _hf_export(model: nn.Module, architecture: Optional[str], fn: str, include_t
     """(architecture, HF config dict, HF state dict) of a megacore model (a collective under TP)."""
     family = family_of_model(model, fn)
     architecture = _architecture(family, model, architecture, fn)
-    hf_config = family.config_to_hf(model.config, architecture)
+    hf_config = family.config_to_hf(model, architecture)
     state = full_state(model, family.vocab_params, model.config.vocab_size)
     return architecture, hf_config, family.state_to_hf(state, model.config, architecture, include_tied)
 
@@ -216,9 +215,8 @@ def load_hf_safetensors(directory: str, device=None, architecture: Optional[str]
         raise ValueError(f"megacore.interop.hf.{fn}: architecture={architecture!r} is not one of "
                          f"{', '.join(family.architectures)} (model_type {model_type!r})")
     hf_state = _read_weights(directory)
-    fields = family.config_from_hf(hf_config, architecture)
-    fields["params_dtype"] = _first_dtype(hf_state.values())
-    model = _build(family, architecture, fields, overrides, hf_state, device or "cpu", fn)
+    model = _build(family, architecture, hf_config, overrides, hf_state, device or "cpu", fn,
+                   _first_dtype(hf_state.values()))
     return model.eval()
 
 

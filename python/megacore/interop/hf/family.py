@@ -12,7 +12,7 @@ the word table unpadded); sharding and gathering happen in ``megacore.interop.hf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -29,12 +29,18 @@ def _same(t: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Mapping:
-    """One megacore tensor and the Hugging Face tensor it is, with the exact transform each way."""
+    """One megacore tensor and the Hugging Face tensor(s) it is made of, with the exact transform each
+    way. ``hf`` names one tensor, or several (BERT's separate query, key and value) that ``from_hf``
+    takes in that order and ``to_hf`` returns as a tuple in that order."""
 
     megacore: str
-    hf: str
-    from_hf: Callable[[Tensor], Tensor] = _same  # HF tensor -> megacore tensor
-    to_hf: Callable[[Tensor], Tensor] = _same  # megacore tensor -> HF tensor
+    hf: Union[str, tuple[str, ...]]
+    from_hf: Callable[..., Tensor] = _same  # (*HF tensors) -> megacore tensor
+    to_hf: Callable[[Tensor], Union[Tensor, tuple[Tensor, ...]]] = _same  # megacore tensor -> HF tensor(s)
+
+    @property
+    def hf_keys(self) -> tuple[str, ...]:
+        return (self.hf,) if isinstance(self.hf, str) else tuple(self.hf)
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,11 @@ class Family:
         config_from_hf: ``(hf_config: dict, architecture) -> ModelConfig fields`` (raises ValueError for
             an HF option megacore cannot reproduce). It fills absent keys with the HF config class's
             defaults: ``save_pretrained`` writes only the keys that differ from them.
-        config_to_hf: ``(ModelConfig, architecture) -> hf_config dict`` (with ``model_type`` and
+        config_to_hf: ``(megacore model, architecture) -> hf_config dict`` (with ``model_type`` and
             ``architectures``; ValueError for a megacore option HF cannot hold).
         mappings: ``(ModelConfig, architecture) -> [Mapping]``, every tensor of the megacore model.
-        build: ``(ModelConfig, architecture, device) -> megacore model``.
+        build: ``(ModelConfig, architecture, hf_config, device) -> megacore model`` (``hf_config`` for
+            constructor options that are not ModelConfig fields, e.g. RoBERTa's padding id).
         tied: HF key -> the HF key it is tied to (``lm_head.weight`` -> ``transformer.wte.weight``):
             written by ``to_hf``, left out of safetensors files (as ``save_pretrained`` does), and checked
             to equal its source when present on input.
@@ -61,24 +68,28 @@ class Family:
             adds the base-model prefix that checkpoints of the bare base model lack).
         vocab_params: megacore names whose dim 0 is the vocabulary (padded to a multiple of the
             tensor-parallel size in the model, unpadded here).
-        architecture_of: the HF class ``to_hf`` builds for a given megacore model (None: the first of
-            ``architectures``).
+        architecture_of: ``(megacore model) -> HF class name``, the class ``to_hf`` builds by default, or
+            None when the model is not of this family (families can share a megacore class: BERT and
+            RoBERTa are both ``BertModel``). None: every ``model_class`` is this family's, first architecture.
     """
 
     model_type: str
     architectures: tuple[str, ...]
     model_class: type
     config_from_hf: Callable[[dict, str], dict]
-    config_to_hf: Callable[[ModelConfig, str], dict]
+    config_to_hf: Callable[[nn.Module, str], dict]
     mappings: Callable[[ModelConfig, str], list[Mapping]]
-    build: Callable[[ModelConfig, str, object], nn.Module]
+    build: Callable[[ModelConfig, str, dict, object], nn.Module]
     tied: dict[str, str] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
     normalize_keys: Callable[[StateDict, str], StateDict] = lambda state, architecture: state
     vocab_params: tuple[str, ...] = ("embedding.word.weight",)
     architecture_of: Optional[Callable[[nn.Module], str]] = None
 
-    def default_architecture(self, model: nn.Module) -> str:
+    def default_architecture(self, model: nn.Module) -> Optional[str]:
+        """The HF class ``model`` converts to by default; None when ``model`` is not of this family."""
+        if type(model) is not self.model_class:
+            return None
         return self.architecture_of(model) if self.architecture_of is not None else self.architectures[0]
 
     def state_from_hf(self, hf_state: StateDict, config: ModelConfig, architecture: str) -> StateDict:
@@ -92,14 +103,14 @@ class Family:
             if tensor is not None and source in hf_state and not torch.equal(tensor, hf_state[source]):
                 raise ValueError(f"{where}: {key} differs from {source}; megacore ties them ({architecture} "
                                  "with untied weights cannot be represented)")
-        out, used = {}, set()
-        missing = []
+        out, used, missing = {}, set(), []
         for m in self.mappings(config, architecture):
-            if m.hf not in hf_state:
-                missing.append(m.hf)
+            absent = [k for k in m.hf_keys if k not in hf_state]
+            if absent:
+                missing += absent
                 continue
-            out[m.megacore] = m.from_hf(hf_state[m.hf].detach())
-            used.add(m.hf)
+            out[m.megacore] = m.from_hf(*(hf_state[k].detach() for k in m.hf_keys))
+            used.update(m.hf_keys)
         unexpected = sorted(set(hf_state) - used)
         if missing or unexpected:
             raise ValueError(f"{where}: the {architecture} weights do not match its config: missing "
@@ -114,10 +125,12 @@ class Family:
         for m in self.mappings(config, architecture):
             if m.megacore not in state:
                 raise ValueError(f"megacore.interop.hf.to_hf: the model has no tensor {m.megacore!r}")
-            out[m.hf] = m.to_hf(state[m.megacore].detach())
+            tensors = m.to_hf(state[m.megacore].detach())
+            out.update(zip(m.hf_keys, (tensors,) if isinstance(m.hf, str) else tensors))
         if include_tied:
             for key, source in self.tied.items():
-                out[key] = out[source]
+                if source in out:
+                    out[key] = out[source]
         return out
 
 
@@ -157,9 +170,9 @@ def family_of_architecture(architecture: str, fn: str) -> Family:
 
 
 def family_of_model(model: nn.Module, fn: str) -> Family:
-    """The family whose megacore class ``model`` is; TypeError naming ``fn`` otherwise."""
+    """The family ``model`` belongs to; TypeError naming ``fn`` otherwise."""
     for f in FAMILIES.values():
-        if type(model) is f.model_class:
+        if f.default_architecture(model) is not None:
             return f
     raise TypeError(f"megacore.interop.hf.{fn}: model is a {type(model).__name__}; supported: "
                     f"{', '.join(sorted(f.model_class.__name__ for f in FAMILIES.values()))}")

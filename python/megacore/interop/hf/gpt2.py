@@ -69,7 +69,8 @@ def config_from_hf(c: dict, architecture: str) -> dict:
     )
 
 
-def config_to_hf(config: ModelConfig, architecture: str) -> dict:
+def config_to_hf(model: GPTModel, architecture: str) -> dict:
+    config = model.config
     problems = []
     for name, value, supported in (
         ("position_embedding_type", config.position_embedding_type, "learned_absolute"),
@@ -134,7 +135,7 @@ GPT2 = register(Family(
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
     mappings=mappings,
-    build=lambda config, architecture, device: GPTModel(config, device=device),
+    build=lambda config, architecture, hf_config, device: GPTModel(config, device=device),
     tied={"lm_head.weight": "transformer.wte.weight"},
     ignored=_BUFFERS,
     normalize_keys=normalize_keys,
