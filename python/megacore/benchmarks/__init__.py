@@ -3,7 +3,7 @@
 Each module has a ``main(argv)``; results for this project's machines are in docs/benchmarks.md.
 """
 
-BENCHMARKS = {"ops": "megacore.benchmarks.ops", "layer": "megacore.benchmarks.layer"}
+BENCHMARKS = {"ops": "megacore.benchmarks.ops", "layer": "megacore.benchmarks.layer", "model": "megacore.benchmarks.model"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a side-by-side benchmark (ops: fused ops; layer: the transformer layer; vs PyTorch eager and torch.compile)",
+        help="run a side-by-side benchmark (ops: fused ops; layer: the transformer layer; model: whole models vs Hugging Face)",
         description="Run a benchmark; options after NAME go to it (e.g. `megacore bench ops --help`).",
     )
-    bench.add_argument("name", choices=["ops", "layer"], help="which benchmark")
+    bench.add_argument("name", choices=["ops", "layer", "model"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -297,12 +297,17 @@ class MaskedLMHead(nn.Module):
         self.bias = _param(torch.zeros(word.weight.shape[0]), config, device)
         self.bias.tensor_parallel, self.bias.partition_dim = word.group is not None, 0
 
-    def forward(self, x: torch.Tensor, word: WordEmbedding, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def transform(self, x: torch.Tensor, word: WordEmbedding) -> torch.Tensor:
+        """dense -> GeLU -> norm, the features the logits are taken of: ``[s(/tp), b, hidden] ->
+        [s(/tp), b, embedding_dim]`` (ELECTRA's generator reuses them to sample from its logits)."""
         w, b = self.dense.weight, self.dense.bias
         if self.config.sequence_parallel:  # replicated weights used on a sequence shard: sum their gradients
             w, b = copy_to_tensor_parallel_region(w, word.group), copy_to_tensor_parallel_region(b, word.group)
         h = ops.bias_gelu(F.linear(x, w), b, "none" if self.config.activation == "gelu" else "tanh")
-        return lm_output(self.norm(h), word, self.config.sequence_parallel, labels, bias=self.bias)
+        return self.norm(h)
+
+    def forward(self, x: torch.Tensor, word: WordEmbedding, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return lm_output(self.transform(x, word), word, self.config.sequence_parallel, labels, bias=self.bias)
 
 
 def to_sequence_first_mask(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

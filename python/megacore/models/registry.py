@@ -9,12 +9,15 @@ into it after ``to_empty``.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 from torch import nn
 
+from megacore.models.bert import BertModel
 from megacore.models.common import ModelConfig
+from megacore.models.electra import ElectraModel
 from megacore.models.gpt import GPTModel
 
 # name -> (model class, ModelConfig fields)
@@ -26,6 +29,25 @@ PRESETS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
     "gpt2-medium": (GPTModel, dict(vocab_size=50257, hidden_size=1024, num_layers=24, num_attention_heads=16,
                                    max_position_embeddings=1024, activation="gelu_tanh")),
 }
+
+# BERT-style encoders: post-LN, a padding mask, LayerNorm on the embeddings, exact GeLU, eps 1e-12 (Hugging Face's
+# bert-*-uncased / google/electra-* configs); RoBERTa: eps 1e-5, one token type, positions offset by padding_idx + 1.
+_ENCODER = dict(pre_norm=False, embedding_norm=True, attention_mask_type="padding", activation="gelu",
+                norm_epsilon=1e-12, max_position_embeddings=512, type_vocab_size=2, vocab_size=30522)
+PRESETS.update({
+    "bert-tiny": (BertModel, dict(_ENCODER, hidden_size=128, num_layers=2, num_attention_heads=2, ffn_hidden_size=512)),
+    "bert-base": (BertModel, dict(_ENCODER, hidden_size=768, num_layers=12, num_attention_heads=12)),
+    "roberta-base": (functools.partial(BertModel, head=None, position_offset_padding_idx=1),
+                     dict(_ENCODER, vocab_size=50265, hidden_size=768, num_layers=12, num_attention_heads=12,
+                          max_position_embeddings=514, type_vocab_size=1, norm_epsilon=1e-5)),
+    # ELECTRA: the config is the discriminator's; the generator is the paper's fraction of it (hidden, heads,
+    # FFN): 1/4 for Small (hidden 64, 1 head), 1/3 for Base (hidden 256, 4 heads, as google/electra-base-generator).
+    "electra-small": (functools.partial(ElectraModel, generator_size=1 / 4),
+                      dict(_ENCODER, embedding_size=128, hidden_size=256, num_layers=12, num_attention_heads=4,
+                           ffn_hidden_size=1024)),
+    "electra-base": (functools.partial(ElectraModel, generator_size=1 / 3),
+                     dict(_ENCODER, hidden_size=768, num_layers=12, num_attention_heads=12)),
+})
 
 
 def register(name: str, model: Callable[..., nn.Module], **fields) -> None:
