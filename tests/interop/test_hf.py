@@ -1,5 +1,6 @@
 """megacore.interop.hf: a transformers model and its megacore twin compute the same thing, and weights
-move between them (and through the HF safetensors layout) exactly.
+move between them (and through the HF safetensors layout) exactly: GPT2LMHeadModel <-> GPTModel;
+BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM <-> BertModel.
 
 Every HF model here is built locally from a small random config with odd sizes (vocab 101: not a
 multiple of the tensor-parallel size 2; hidden 48, FFN 80), in fp32 and eval mode unless a test says
@@ -418,3 +419,162 @@ def _check_tensor_parallel(rank, world, directory):
 
 def test_tensor_parallel_from_hf_shards_and_to_hf_gathers(tmp_path):
     run_distributed(_check_tensor_parallel, 2, str(tmp_path / "tp2"), timeout_s=120)
+
+
+# ---- BERT / RoBERTa --------------------------------------------------------------------------------------------
+
+ENCODER = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+               intermediate_size=FFN, max_position_embeddings=POSITIONS)
+ENCODERS = {  # HF class -> its config
+    "BertForPreTraining": lambda **kw: transformers.BertConfig(**{**ENCODER, **kw}),
+    "BertForMaskedLM": lambda **kw: transformers.BertConfig(**{**ENCODER, **kw}),
+    "RobertaForMaskedLM": lambda **kw: transformers.RobertaConfig(**{**ENCODER, "type_vocab_size": 1, **kw}),
+}
+
+
+def make_encoder(architecture, seed=0, **kw):
+    torch.manual_seed(seed)
+    return randomize_vectors(getattr(transformers, architecture)(ENCODERS[architecture](**kw)))
+
+
+def randomize_vectors(model):
+    """Nonzero biases, norm weights not all 1 (HF's init would hide a swapped bias or norm); eval mode."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def encoder_inputs(architecture, batch=3, seq=13):
+    """ids, a padding mask (rows of 13, 9 and 5 real tokens) and token types (None for RoBERTa, whose
+    padding positions hold its pad id 1 so that its offset position ids are HF's)."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 9:], mask[2, 5:] = 0, 0
+    if architecture.startswith("Roberta"):
+        return ids.masked_fill(mask == 0, 1), mask, None
+    return ids, mask, torch.randint(0, 2, (batch, seq), generator=g)
+
+
+@pytest.mark.parametrize("architecture", list(ENCODERS))
+def test_encoder_from_hf_logits_equal_transformers(architecture):
+    from megacore.models.bert import BertModel
+
+    hf = make_encoder(architecture)
+    model = interop.from_hf(hf)
+    assert isinstance(model, BertModel)
+    ids, mask, types = encoder_inputs(architecture)
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask, token_type_ids=types)
+        out = model(ids, attention_mask=mask, token_type_ids=types)
+    mlm = expected.prediction_logits if architecture == "BertForPreTraining" else expected.logits
+    torch.testing.assert_close(out.mlm, mlm, atol=ATOL, rtol=0)
+    if architecture == "BertForPreTraining":
+        torch.testing.assert_close(out.binary_logits, expected.seq_relationship_logits, atol=ATOL, rtol=0)
+    else:
+        assert model.pooler is None and model.binary_head is None
+
+
+@pytest.mark.parametrize("architecture", list(ENCODERS))
+def test_encoder_round_trip_reproduces_weights_exactly(architecture):
+    hf = make_encoder(architecture, hidden_act="gelu_new", layer_norm_eps=1e-5, hidden_dropout_prob=0.2)
+    back = interop.to_hf(interop.from_hf(hf))
+    assert type(back).__name__ == architecture
+    assert_same_weights(hf.state_dict(), back.state_dict())
+    for key in ("hidden_act", "layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                "type_vocab_size", "pad_token_id", "intermediate_size"):
+        assert getattr(back.config, key) == getattr(hf.config, key), key
+
+
+def test_roberta_positions_follow_its_padding_id():
+    hf = make_encoder("RobertaForMaskedLM", pad_token_id=4)
+    model = interop.from_hf(hf)
+    assert model.position_offset_padding_idx == 4
+    ids, mask, _ = encoder_inputs("RobertaForMaskedLM")
+    ids = ids.masked_fill(mask == 0, 4).masked_fill((ids == 4) & (mask == 1), 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).mlm, hf(ids, attention_mask=mask).logits,
+                                   atol=ATOL, rtol=0)
+
+
+def test_bert_pretraining_mlm_and_nsp_loss_equal_transformers():
+    hf = make_encoder("BertForPreTraining")
+    model = interop.from_hf(hf)
+    ids, mask, types = encoder_inputs("BertForPreTraining")
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:4] = ids[:, 1:4]
+    nsp = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp).loss
+        out = model(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(out.loss, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("build, message", [
+    (dict(add_pooler=True, head=None), "BertForMaskedLM has no pooler .build BertModel with add_pooler=False"),
+    (dict(add_pooler=True, head=None, position_offset_padding_idx=1),
+     "RobertaForMaskedLM has no pooler .build BertModel with add_pooler=False"),
+])
+def test_to_hf_rejects_a_bert_structure_the_hf_class_cannot_hold(build, message):
+    from megacore.models.bert import BertModel
+
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=1, num_attention_heads=HEADS,
+                         pre_norm=False, embedding_norm=True, attention_mask_type="padding", type_vocab_size=2)
+    with pytest.raises(ValueError, match=f"megacore.interop.hf.to_hf: this BertModel cannot be converted: {message}"):
+        interop.to_hf(BertModel(config, **build))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(hidden_act="relu"), "hidden_act='relu'"),
+    (dict(is_decoder=True), "is_decoder=True"),
+])
+def test_bert_from_hf_rejects_options_megacore_cannot_reproduce(kw, message):
+    with pytest.raises(ValueError, match=f"megacore.interop.hf.from_hf: this BertForMaskedLM cannot be converted: .*{message}"):
+        interop.from_hf(make_encoder("BertForMaskedLM", **kw))
+
+
+@pytest.mark.parametrize("architecture", list(ENCODERS))
+def test_encoder_safetensors_load_in_transformers_and_back_exactly(architecture, tmp_path):
+    hf = make_encoder(architecture)
+    model = interop.from_hf(hf)
+    interop.save_hf_safetensors(model, str(tmp_path))
+    loaded = getattr(transformers, architecture).from_pretrained(str(tmp_path))
+    assert_same_weights(hf.state_dict(), loaded.state_dict())
+    assert_same_weights(model.state_dict(), interop.load_hf_safetensors(str(tmp_path)).state_dict())
+    hf.save_pretrained(str(tmp_path / "hf"))
+    assert_same_weights(model.state_dict(), interop.load_hf_safetensors(str(tmp_path / "hf")).state_dict())
+
+
+def test_encoder_config_defaults_are_transformers_defaults():
+    from megacore.interop.hf.bert import BERT_DEFAULTS, ROBERTA_DEFAULTS
+
+    for defaults, config in ((BERT_DEFAULTS, transformers.BertConfig()), (ROBERTA_DEFAULTS, transformers.RobertaConfig())):
+        hf = config.to_dict()
+        assert {k: hf[k] for k in defaults} == defaults
+
+
+def _check_encoders_tensor_parallel(rank, world):
+    from megacore.interop import hf as interop
+    from megacore.parallel import initialize_model_parallel
+
+    transformers.logging.set_verbosity_error()
+    initialize_model_parallel(world)
+    for architecture in ENCODERS:
+        hf = make_encoder(architecture)  # the same seed on every rank
+        ids, mask, types = encoder_inputs(architecture, seq=14)  # sequence parallelism splits 14 in 2
+        with torch.no_grad():
+            expected = hf(ids, attention_mask=mask, token_type_ids=types)
+        expected = expected.prediction_logits if architecture == "BertForPreTraining" else expected.logits
+        for sp in (False, True):
+            model = interop.from_hf(hf, tensor_parallel=True, sequence_parallel=sp)
+            assert model.mlm_head.bias.shape == (51,)  # the output bias is vocab-parallel like the table
+            with torch.no_grad():
+                out = model(ids, attention_mask=mask, token_type_ids=types)
+            torch.testing.assert_close(out.mlm, expected, atol=ATOL, rtol=0)
+            assert_same_weights(hf.state_dict(), interop.to_hf(model).state_dict())
+
+
+def test_tensor_parallel_encoders_shard_and_gather():
+    run_distributed(_check_encoders_tensor_parallel, 2, timeout_s=120)

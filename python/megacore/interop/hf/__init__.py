@@ -5,7 +5,8 @@
     save_hf_safetensors(model, "ckpt/")       # ckpt/model.safetensors + ckpt/config.json, HF's layout
     model = load_hf_safetensors("ckpt/")      # from such a directory (HF's save_pretrained writes one too)
 
-Supported: ``GPT2LMHeadModel`` <-> ``GPTModel``. Under tensor parallelism (``from_hf(m,
+Supported: ``GPT2LMHeadModel`` <-> ``GPTModel``; ``BertForPreTraining``, ``BertForMaskedLM`` and
+``RobertaForMaskedLM`` <-> ``BertModel`` (see each family's module for the name-by-name mapping). Under tensor parallelism (``from_hf(m,
 tensor_parallel=True)`` after ``megacore.parallel.initialize_model_parallel``), ``from_hf`` and
 ``load_hf_safetensors`` keep this rank's shards, and ``to_hf`` / ``save_hf_safetensors`` all-gather them:
 those two are collectives, every rank of the tensor-parallel group must call them.
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megacore.interop.hf import gpt2  # noqa: F401  (registers the GPT-2 family)
+from megacore.interop.hf import bert, gpt2  # noqa: F401  (register their families)
 from megacore.interop.hf.family import FAMILIES, Family, family_of_architecture, family_of_model
 from megacore.interop.hf.sharding import full_state, load_full_state
 from megacore.models.common import ModelConfig
@@ -62,12 +63,12 @@ def from_hf(hf_model: nn.Module, device=None, **overrides) -> nn.Module:
     """The megacore model with ``hf_model``'s weights and configuration.
 
     Args:
-        hf_model: a ``transformers`` model of a supported class (``GPT2LMHeadModel``).
+        hf_model: a ``transformers`` model of a supported class (``GPT2LMHeadModel``, ``BertForPreTraining``, ...).
         device: where the parameters go; None = ``hf_model``'s device.
         overrides: ModelConfig fields to set beyond those the HF config defines, e.g.
             ``tensor_parallel=True`` (keep this rank's shards), ``sequence_parallel``, ``recompute``,
             ``attention_backend``, ``params_dtype`` (default: ``hf_model``'s dtype).
-    Returns: the megacore model (``GPTModel``), in ``hf_model``'s train/eval mode.
+    Returns: the megacore model (``GPTModel``, ``BertModel``), in ``hf_model``'s train/eval mode.
     Raises ValueError for an unsupported class or an HF option megacore cannot reproduce (naming it),
     TypeError for an override that is not a ModelConfig field.
     """
@@ -101,8 +102,10 @@ def to_hf(model: nn.Module, architecture: Optional[str] = None) -> nn.Module:
     the group must call it, and every rank gets the whole model).
 
     Args:
-        model: a megacore model of a supported class (``GPTModel``).
-        architecture: the HF class name to build; None = the one matching ``model`` (``GPT2LMHeadModel``).
+        model: a megacore model of a supported class (``GPTModel``, ``BertModel``).
+        architecture: the HF class name to build; None = the one matching ``model`` (``GPT2LMHeadModel``;
+            ``BertForPreTraining`` for a BertModel with the NSP head, ``BertForMaskedLM`` without,
+            ``RobertaForMaskedLM`` for one with RoBERTa's positions).
     Returns: the HF model on ``model``'s device and dtype, in its train/eval mode.
     Raises TypeError for an unsupported model, ValueError for a megacore option the HF class cannot
     hold (naming it), ImportError without ``transformers``.
