@@ -1,6 +1,7 @@
 """megacore.interop.hf: a transformers model and its megacore twin compute the same thing, and weights
 move between them (and through the HF safetensors layout) exactly: GPT2LMHeadModel <-> GPTModel;
-BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM <-> BertModel.
+BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM <-> BertModel; ElectraForPreTraining (+ its
+generator, ElectraForMaskedLM) <-> ElectraDiscriminatorModel / ElectraModel.
 
 Every HF model here is built locally from a small random config with odd sizes (vocab 101: not a
 multiple of the tensor-parallel size 2; hidden 48, FFN 80), in fp32 and eval mode unless a test says
@@ -578,3 +579,145 @@ def _check_encoders_tensor_parallel(rank, world):
 
 def test_tensor_parallel_encoders_shard_and_gather():
     run_distributed(_check_encoders_tensor_parallel, 2, timeout_s=120)
+
+
+# ---- ELECTRA ---------------------------------------------------------------------------------------------------
+
+ELECTRA = dict(vocab_size=VOCAB, embedding_size=32, num_hidden_layers=LAYERS, max_position_embeddings=POSITIONS)
+
+
+def make_electra_pair(seed=0, discriminator_hidden=48, **kw):
+    """A discriminator (hidden 48, 4 heads) and a generator (hidden 24, 2 heads) with equal embeddings
+    (32 wide: both project them), as ELECTRA's pre-training leaves them."""
+    torch.manual_seed(seed)
+    config = lambda **size: transformers.ElectraConfig(**{**ELECTRA, **size, **kw})  # noqa: E731
+    discriminator = randomize_vectors(transformers.ElectraForPreTraining(
+        config(hidden_size=discriminator_hidden, num_attention_heads=4, intermediate_size=80)))
+    generator = randomize_vectors(transformers.ElectraForMaskedLM(
+        config(hidden_size=24, num_attention_heads=2, intermediate_size=40)))
+    generator.electra.embeddings.load_state_dict(discriminator.electra.embeddings.state_dict())
+    return discriminator, generator
+
+
+def test_electra_discriminator_from_hf_logits_equal_transformers():
+    from megacore.models.electra import ElectraDiscriminatorModel
+
+    discriminator, _ = make_electra_pair()
+    model = interop.from_hf(discriminator)
+    assert isinstance(model, ElectraDiscriminatorModel)
+    ids, mask, types = encoder_inputs("ElectraForPreTraining")
+    with torch.no_grad():
+        expected = discriminator(ids, attention_mask=mask, token_type_ids=types).logits
+        torch.testing.assert_close(model(ids, attention_mask=mask, token_type_ids=types).logits, expected,
+                                   atol=ATOL, rtol=0)
+
+
+def test_electra_pair_from_hf_is_one_model_whose_parts_equal_transformers():
+    from megacore.models.electra import ElectraModel
+
+    discriminator, generator = make_electra_pair()
+    model = interop.from_hf(discriminator, generator=generator)
+    assert isinstance(model, ElectraModel)
+    assert model.generator_config.hidden_size == 24 and model.config.hidden_size == 48
+    ids, mask, types = encoder_inputs("ElectraForPreTraining")
+    with torch.no_grad():
+        torch.testing.assert_close(model.generator_logits(ids, attention_mask=mask, token_type_ids=types),
+                                   generator(ids, attention_mask=mask, token_type_ids=types).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(model.discriminator_model()(ids, attention_mask=mask, token_type_ids=types).logits,
+                                   discriminator(ids, attention_mask=mask, token_type_ids=types).logits,
+                                   atol=ATOL, rtol=0)
+
+
+def test_electra_round_trips_reproduce_both_models_exactly():
+    discriminator, generator = make_electra_pair()
+    model = interop.from_hf(discriminator, generator=generator)
+    back = interop.to_hf(model)
+    assert type(back) is transformers.ElectraForPreTraining
+    assert_same_weights(discriminator.state_dict(), back.state_dict())
+    back = interop.to_hf(model, architecture="ElectraForMaskedLM")
+    assert type(back) is transformers.ElectraForMaskedLM
+    assert_same_weights(generator.state_dict(), back.state_dict())
+    assert back.config.embedding_size == 32 and back.config.hidden_size == 24
+    assert_same_weights(discriminator.state_dict(), interop.to_hf(interop.from_hf(discriminator)).state_dict())
+
+
+def test_electra_without_projection_when_embedding_size_equals_hidden_size():
+    discriminator, _ = make_electra_pair(discriminator_hidden=32)
+    assert not hasattr(discriminator.electra, "embeddings_project")
+    model = interop.from_hf(discriminator)
+    assert model.discriminator.projection is None
+    assert_same_weights(discriminator.state_dict(), interop.to_hf(model).state_dict())
+
+
+def test_electra_pair_safetensors_round_trip(tmp_path):
+    discriminator, generator = make_electra_pair()
+    model = interop.from_hf(discriminator, generator=generator)
+    interop.save_hf_safetensors(model, str(tmp_path / "discriminator"))
+    interop.save_hf_safetensors(model, str(tmp_path / "generator"), architecture="ElectraForMaskedLM")
+    assert_same_weights(generator.state_dict(),
+                        transformers.ElectraForMaskedLM.from_pretrained(str(tmp_path / "generator")).state_dict())
+    loaded = interop.load_hf_safetensors(str(tmp_path / "discriminator"), generator=str(tmp_path / "generator"))
+    assert_same_weights(model.state_dict(), loaded.state_dict())
+
+
+def test_electra_pair_with_different_embeddings_is_rejected():
+    discriminator, generator = make_electra_pair()
+    with torch.no_grad():
+        generator.electra.embeddings.word_embeddings.weight[0, 0] += 1
+    with pytest.raises(ValueError, match="embedding.word.weight differs between the ElectraForPreTraining and the "
+                                         "ElectraForMaskedLM; megacore shares it"):
+        interop.from_hf(discriminator, generator=generator)
+
+
+def test_electra_generator_alone_or_misplaced_is_rejected():
+    discriminator, generator = make_electra_pair()
+    with pytest.raises(ValueError, match="is ELECTRA's generator: pass it as generator="):
+        interop.from_hf(generator)
+    with pytest.raises(ValueError, match="generator is a ElectraForPreTraining, expected a ElectraForMaskedLM"):
+        interop.from_hf(discriminator, generator=discriminator)
+    with pytest.raises(ValueError, match="a generator goes only with a model that has one"):
+        interop.from_hf(make_gpt2(), generator=generator)
+    with pytest.raises(ValueError, match="a ElectraDiscriminatorModel has none"):
+        interop.to_hf(interop.from_hf(discriminator), architecture="ElectraForMaskedLM")
+
+
+def test_electra_generator_needs_exact_gelu():
+    # HF's generator head applies exact GeLU whatever hidden_act says; megacore's follows the config.
+    discriminator, generator = make_electra_pair(hidden_act="gelu_new")
+    with pytest.raises(ValueError, match="hidden_act='gelu_new' .HF's generator head applies exact GeLU"):
+        interop.from_hf(discriminator, generator=generator)
+    interop.from_hf(discriminator)  # the discriminator's head follows hidden_act: fine
+
+
+def test_electra_config_defaults_are_transformers_defaults():
+    from megacore.interop.hf.electra import ELECTRA_DEFAULTS
+
+    hf = transformers.ElectraConfig().to_dict()
+    assert {k: hf[k] for k in ELECTRA_DEFAULTS} == ELECTRA_DEFAULTS
+
+
+def _check_electra_tensor_parallel(rank, world):
+    from megacore.interop import hf as interop
+    from megacore.parallel import initialize_model_parallel
+
+    transformers.logging.set_verbosity_error()
+    initialize_model_parallel(world)
+    discriminator, generator = make_electra_pair()  # the same seed on every rank
+    ids, mask, types = encoder_inputs("ElectraForPreTraining", seq=14)
+    with torch.no_grad():
+        expected = generator(ids, attention_mask=mask, token_type_ids=types).logits
+        expected_rtd = discriminator(ids, attention_mask=mask, token_type_ids=types).logits
+    for sp in (False, True):
+        model = interop.from_hf(discriminator, generator=generator, tensor_parallel=True, sequence_parallel=sp)
+        assert model.generator.mlm_head.bias.shape == (51,)
+        with torch.no_grad():
+            torch.testing.assert_close(model.generator_logits(ids, attention_mask=mask, token_type_ids=types), expected,
+                                       atol=ATOL, rtol=0)
+            torch.testing.assert_close(model.discriminator_model()(ids, attention_mask=mask, token_type_ids=types).logits,
+                                       expected_rtd, atol=ATOL, rtol=0)
+        assert_same_weights(discriminator.state_dict(), interop.to_hf(model).state_dict())
+        assert_same_weights(generator.state_dict(), interop.to_hf(model, architecture="ElectraForMaskedLM").state_dict())
+
+
+def test_tensor_parallel_electra_shards_and_gathers():
+    run_distributed(_check_electra_tensor_parallel, 2, timeout_s=120)

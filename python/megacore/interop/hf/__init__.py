@@ -6,7 +6,8 @@
     model = load_hf_safetensors("ckpt/")      # from such a directory (HF's save_pretrained writes one too)
 
 Supported: ``GPT2LMHeadModel`` <-> ``GPTModel``; ``BertForPreTraining``, ``BertForMaskedLM`` and
-``RobertaForMaskedLM`` <-> ``BertModel`` (see each family's module for the name-by-name mapping). Under tensor parallelism (``from_hf(m,
+``RobertaForMaskedLM`` <-> ``BertModel``; ``ElectraForPreTraining`` (+ the generator, ``ElectraForMaskedLM``)
+<-> ``ElectraDiscriminatorModel`` / ``ElectraModel``. Each family's module has the name-by-name mapping. Under tensor parallelism (``from_hf(m,
 tensor_parallel=True)`` after ``megacore.parallel.initialize_model_parallel``), ``from_hf`` and
 ``load_hf_safetensors`` keep this rank's shards, and ``to_hf`` / ``save_hf_safetensors`` all-gather them:
 those two are collectives, every rank of the tensor-parallel group must call them.
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megacore.interop.hf import bert, gpt2  # noqa: F401  (register their families)
+from megacore.interop.hf import bert, electra, gpt2  # noqa: F401  (register their families)
 from megacore.interop.hf.family import FAMILIES, Family, family_of_architecture, family_of_model
 from megacore.interop.hf.sharding import full_state, load_full_state
 from megacore.models.common import ModelConfig
@@ -37,18 +38,33 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
 
-def _build(family: Family, architecture: str, hf_config: dict, overrides: dict, hf_state: dict, device,
-           fn: str, params_dtype: torch.dtype) -> nn.Module:
-    """The megacore model of ``fields`` + ``overrides`` holding ``hf_state``'s weights (this rank's shards)."""
+def _build(family: Family, parts: list[tuple[str, dict, dict]], overrides: dict, device, fn: str,
+           params_dtype: torch.dtype) -> nn.Module:
+    """The megacore model holding the weights of ``parts``, each ``(architecture, hf_config, hf_state)``:
+    one model, or ELECTRA's discriminator then its generator; this rank's shards on ``device``."""
     unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
     if unknown:
         raise TypeError(f"megacore.interop.hf.{fn}: {unknown} are not ModelConfig fields")
-    fields = family.config_from_hf(hf_config, architecture)
-    config = ModelConfig(**{**fields, "params_dtype": params_dtype, **overrides})
-    full = family.state_from_hf(hf_state, config, architecture)
+    if len(parts) > 1:
+        if family.generator_architecture is None:
+            raise ValueError(f"megacore.interop.hf.{fn}: a generator goes only with a model that has one (ELECTRA); "
+                             f"{parts[0][0]} has none")
+        if parts[1][0] != family.generator_architecture:
+            raise ValueError(f"megacore.interop.hf.{fn}: generator is a {parts[1][0]}, expected a "
+                             f"{family.generator_architecture}")
+    configs = [ModelConfig(**{**family.config_from_hf(hf_config, architecture), "params_dtype": params_dtype,
+                              **overrides}) for architecture, hf_config, _ in parts]
+    full: dict[str, torch.Tensor] = {}
+    for (architecture, _, hf_state), config in zip(parts, configs):
+        for name, tensor in family.state_from_hf(hf_state, config, architecture).items():
+            if name in full and not torch.equal(full[name], tensor):  # ELECTRA's shared embedding
+                raise ValueError(f"megacore.interop.hf.{fn}: {name} differs between the {parts[0][0]} and the "
+                                 f"{architecture}; megacore shares it between the two")
+            full[name] = tensor
+    architecture, hf_config, _ = parts[0]
     # Built on the meta device (no random init, nothing allocated), then given the loaded shards.
     with torch.device("meta"):
-        model = family.build(config, architecture, hf_config, "meta")
+        model = family.build(configs[0], architecture, hf_config, "meta", configs[1] if len(parts) > 1 else None)
     return load_full_state(model, full, family.vocab_params, device, fn)
 
 
@@ -59,24 +75,31 @@ def _first_dtype(tensors) -> torch.dtype:
     return torch.float32
 
 
-def from_hf(hf_model: nn.Module, device=None, **overrides) -> nn.Module:
+def from_hf(hf_model: nn.Module, device=None, generator: Optional[nn.Module] = None, **overrides) -> nn.Module:
     """The megacore model with ``hf_model``'s weights and configuration.
 
     Args:
-        hf_model: a ``transformers`` model of a supported class (``GPT2LMHeadModel``, ``BertForPreTraining``, ...).
+        hf_model: a ``transformers`` model of a supported class (``GPT2LMHeadModel``, ``BertForPreTraining``,
+            ``BertForMaskedLM``, ``RobertaForMaskedLM``, ``ElectraForPreTraining``).
         device: where the parameters go; None = ``hf_model``'s device.
+        generator: ELECTRA only: the generator (``ElectraForMaskedLM``) to join the discriminator
+            ``hf_model`` in one ``ElectraModel`` (their embeddings must be equal: megacore shares them).
+            Without it, an ``ElectraForPreTraining`` becomes an ``ElectraDiscriminatorModel``.
         overrides: ModelConfig fields to set beyond those the HF config defines, e.g.
             ``tensor_parallel=True`` (keep this rank's shards), ``sequence_parallel``, ``recompute``,
             ``attention_backend``, ``params_dtype`` (default: ``hf_model``'s dtype).
-    Returns: the megacore model (``GPTModel``, ``BertModel``), in ``hf_model``'s train/eval mode.
+    Returns: the megacore model (``GPTModel``, ``BertModel``, ``ElectraDiscriminatorModel`` or
+    ``ElectraModel``), in ``hf_model``'s train/eval mode.
     Raises ValueError for an unsupported class or an HF option megacore cannot reproduce (naming it),
     TypeError for an override that is not a ModelConfig field.
     """
     architecture = type(hf_model).__name__
     family = family_of_architecture(architecture, "from_hf")
+    parts = [(architecture, hf_model.config.to_dict(), hf_model.state_dict())]
+    if generator is not None:
+        parts.append((type(generator).__name__, generator.config.to_dict(), generator.state_dict()))
     params = list(hf_model.parameters())
-    model = _build(family, architecture, hf_model.config.to_dict(), overrides, hf_model.state_dict(),
-                   device or params[0].device, "from_hf", _first_dtype(params))
+    model = _build(family, parts, overrides, device or params[0].device, "from_hf", _first_dtype(params))
     return model.train(hf_model.training)
 
 
@@ -94,7 +117,8 @@ def _hf_export(model: nn.Module, architecture: Optional[str], fn: str, include_t
     architecture = _architecture(family, model, architecture, fn)
     hf_config = family.config_to_hf(model, architecture)
     state = full_state(model, family.vocab_params, model.config.vocab_size)
-    return architecture, hf_config, family.state_to_hf(state, model.config, architecture, include_tied)
+    config = family.model_config(model, architecture)
+    return architecture, hf_config, family.state_to_hf(state, config, architecture, include_tied)
 
 
 def to_hf(model: nn.Module, architecture: Optional[str] = None) -> nn.Module:
@@ -102,10 +126,12 @@ def to_hf(model: nn.Module, architecture: Optional[str] = None) -> nn.Module:
     the group must call it, and every rank gets the whole model).
 
     Args:
-        model: a megacore model of a supported class (``GPTModel``, ``BertModel``).
+        model: a megacore model of a supported class (``GPTModel``, ``BertModel``, ``ElectraModel``,
+            ``ElectraDiscriminatorModel``).
         architecture: the HF class name to build; None = the one matching ``model`` (``GPT2LMHeadModel``;
             ``BertForPreTraining`` for a BertModel with the NSP head, ``BertForMaskedLM`` without,
-            ``RobertaForMaskedLM`` for one with RoBERTa's positions).
+            ``RobertaForMaskedLM`` for one with RoBERTa's positions; ``ElectraForPreTraining`` for ELECTRA,
+            whose generator is ``architecture="ElectraForMaskedLM"``).
     Returns: the HF model on ``model``'s device and dtype, in its train/eval mode.
     Raises TypeError for an unsupported model, ValueError for a megacore option the HF class cannot
     hold (naming it), ImportError without ``transformers``.
@@ -183,24 +209,8 @@ def _read_weights(directory: str) -> dict[str, torch.Tensor]:
                             f"{WEIGHTS_INDEX_NAME} in {directory}")
 
 
-def load_hf_safetensors(directory: str, device=None, architecture: Optional[str] = None, **overrides) -> nn.Module:
-    """The megacore model stored in ``directory`` in the Hugging Face layout (``config.json`` and
-    ``model.safetensors`` or a sharded ``model.safetensors.index.json``), as written by
-    :func:`save_hf_safetensors` or ``transformers``' ``save_pretrained``.
-
-    Args:
-        directory: the checkpoint directory.
-        device: where the parameters go (default CPU).
-        architecture: the HF class whose weights these are; None = the config's ``architectures[0]``
-            (a base-model class such as ``GPT2Model`` maps to its family's LM class: its weights are the
-            same minus the tied head).
-        overrides: ModelConfig fields, as for :func:`from_hf` (``params_dtype`` defaults to the stored
-            tensors' dtype).
-    Returns: the megacore model in eval mode (as ``from_pretrained`` returns one).
-    Raises FileNotFoundError for a missing file, ValueError for an unsupported model type or options.
-    Needs ``safetensors``, not ``transformers``.
-    """
-    fn = "load_hf_safetensors"
+def _read_checkpoint(directory: str, architecture: Optional[str], fn: str) -> tuple[Family, str, dict, dict]:
+    """(family, architecture, HF config dict, HF state dict) of a checkpoint directory."""
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"megacore.interop.hf.{fn}: no {CONFIG_NAME} in {directory}")
@@ -211,15 +221,43 @@ def load_hf_safetensors(directory: str, device=None, architecture: Optional[str]
         raise ValueError(f"megacore.interop.hf.{fn}: model_type={model_type!r} is not supported; supported: "
                          f"{', '.join(sorted(FAMILIES))}")
     family = FAMILIES[model_type]
+    known = family.architectures
     if architecture is None:
         named = (hf_config.get("architectures") or [None])[0]
-        architecture = named if named in family.architectures else family.architectures[0]
-    elif architecture not in family.architectures:
+        architecture = named if named in known else known[0]
+    elif architecture not in known:
         raise ValueError(f"megacore.interop.hf.{fn}: architecture={architecture!r} is not one of "
-                         f"{', '.join(family.architectures)} (model_type {model_type!r})")
-    hf_state = _read_weights(directory)
-    model = _build(family, architecture, hf_config, overrides, hf_state, device or "cpu", fn,
-                   _first_dtype(hf_state.values()))
+                         f"{', '.join(known)} (model_type {model_type!r})")
+    return family, architecture, hf_config, _read_weights(directory)
+
+
+def load_hf_safetensors(directory: str, device=None, architecture: Optional[str] = None,
+                        generator: Optional[str] = None, **overrides) -> nn.Module:
+    """The megacore model stored in ``directory`` in the Hugging Face layout (``config.json`` and
+    ``model.safetensors`` or a sharded ``model.safetensors.index.json``), as written by
+    :func:`save_hf_safetensors` or ``transformers``' ``save_pretrained``.
+
+    Args:
+        directory: the checkpoint directory.
+        device: where the parameters go (default CPU).
+        architecture: the HF class whose weights these are; None = the config's ``architectures[0]``
+            (a base-model class such as ``GPT2Model`` maps to its family's first class: its weights are
+            the same minus the head's).
+        generator: ELECTRA only: the generator's checkpoint directory, as ``from_hf``'s ``generator``.
+        overrides: ModelConfig fields, as for :func:`from_hf` (``params_dtype`` defaults to the stored
+            tensors' dtype).
+    Returns: the megacore model in eval mode (as ``from_pretrained`` returns one).
+    Raises FileNotFoundError for a missing file, ValueError for an unsupported model type or options.
+    Needs ``safetensors``, not ``transformers``.
+    """
+    fn = "load_hf_safetensors"
+    family, architecture, hf_config, hf_state = _read_checkpoint(directory, architecture, fn)
+    parts = [(architecture, hf_config, hf_state)]
+    if generator is not None:
+        _, generator_architecture, generator_config, generator_state = _read_checkpoint(
+            generator, family.generator_architecture, fn)
+        parts.append((generator_architecture, generator_config, generator_state))
+    model = _build(family, parts, overrides, device or "cpu", fn, _first_dtype(hf_state.values()))
     return model.eval()
 
 

@@ -188,7 +188,7 @@ def bert_mappings(config: ModelConfig, architecture: str) -> list[Mapping]:
     return out
 
 
-def bert_build(config: ModelConfig, architecture: str, hf_config: dict, device) -> BertModel:
+def bert_build(config: ModelConfig, architecture: str, hf_config: dict, device, generator_config=None) -> BertModel:
     if architecture == "BertForPreTraining":
         return BertModel(config, add_pooler=True, head="nsp", device=device)
     return BertModel(config, add_pooler=False, head=None, device=device)
@@ -197,13 +197,13 @@ def bert_build(config: ModelConfig, architecture: str, hf_config: dict, device) 
 BERT = register(Family(
     model_type="bert",
     architectures=("BertForPreTraining", "BertForMaskedLM"),
-    model_class=BertModel,
+    model_classes=(BertModel,),
     config_from_hf=bert_config_from_hf,
     config_to_hf=bert_config_to_hf,
     mappings=bert_mappings,
     build=bert_build,
-    tied={"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-          "cls.predictions.decoder.bias": "cls.predictions.bias"},
+    tied=lambda architecture: {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                               "cls.predictions.decoder.bias": "cls.predictions.bias"},
     ignored=_BUFFERS,
     vocab_params=("embedding.word.weight", "mlm_head.bias"),
     architecture_of=bert_architecture,
@@ -231,7 +231,7 @@ def roberta_mappings(config: ModelConfig, architecture: str) -> list[Mapping]:
     return out
 
 
-def roberta_build(config: ModelConfig, architecture: str, hf_config: dict, device) -> BertModel:
+def roberta_build(config: ModelConfig, architecture: str, hf_config: dict, device, generator_config=None) -> BertModel:
     padding_idx = {**ROBERTA_DEFAULTS, **hf_config}["pad_token_id"]
     return BertModel(config, add_pooler=False, head=None, position_offset_padding_idx=padding_idx, device=device)
 
@@ -239,12 +239,13 @@ def roberta_build(config: ModelConfig, architecture: str, hf_config: dict, devic
 ROBERTA = register(Family(
     model_type="roberta",
     architectures=("RobertaForMaskedLM",),
-    model_class=BertModel,
+    model_classes=(BertModel,),
     config_from_hf=roberta_config_from_hf,
     config_to_hf=roberta_config_to_hf,
     mappings=roberta_mappings,
     build=roberta_build,
-    tied={"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight", "lm_head.decoder.bias": "lm_head.bias"},
+    tied=lambda architecture: {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
+                               "lm_head.decoder.bias": "lm_head.bias"},
     ignored=_BUFFERS + ("roberta.pooler.dense.weight", "roberta.pooler.dense.bias"),
     vocab_params=("embedding.word.weight", "mlm_head.bias"),
     architecture_of=lambda model: "RobertaForMaskedLM" if model.position_offset_padding_idx is not None else None,

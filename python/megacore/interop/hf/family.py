@@ -11,7 +11,7 @@ the word table unpadded); sharding and gathering happen in ``megacore.interop.hf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -51,18 +51,23 @@ class Family:
         model_type: the HF config's ``model_type`` (``"gpt2"``).
         architectures: the HF model classes handled, by class name (``"GPT2LMHeadModel"``); the first
             is what ``to_hf`` builds by default.
-        model_class: the megacore model class.
+        model_classes: the megacore model classes this family converts.
         config_from_hf: ``(hf_config: dict, architecture) -> ModelConfig fields`` (raises ValueError for
             an HF option megacore cannot reproduce). It fills absent keys with the HF config class's
             defaults: ``save_pretrained`` writes only the keys that differ from them.
         config_to_hf: ``(megacore model, architecture) -> hf_config dict`` (with ``model_type`` and
             ``architectures``; ValueError for a megacore option HF cannot hold).
         mappings: ``(ModelConfig, architecture) -> [Mapping]``, every tensor of the megacore model.
-        build: ``(ModelConfig, architecture, hf_config, device) -> megacore model`` (``hf_config`` for
-            constructor options that are not ModelConfig fields, e.g. RoBERTa's padding id).
-        tied: HF key -> the HF key it is tied to (``lm_head.weight`` -> ``transformer.wte.weight``):
-            written by ``to_hf``, left out of safetensors files (as ``save_pretrained`` does), and checked
-            to equal its source when present on input.
+        build: ``(ModelConfig, architecture, hf_config, device, generator_config) -> megacore model``
+            (``hf_config`` for constructor options that are not ModelConfig fields, e.g. RoBERTa's padding
+            id; ``generator_config`` the ModelConfig of a companion generator model, or None).
+        generator_architecture: the HF class accepted as a companion ``generator=`` (ELECTRA's
+            ``ElectraForMaskedLM``, whose weights join the discriminator's in one megacore model).
+        config_of: ``(megacore model, architecture) -> ModelConfig`` of the part that converts to
+            ``architecture`` (ELECTRA's generator has its own config); None: ``model.config``.
+        tied: ``architecture -> {HF key: the HF key it is tied to}`` (``lm_head.weight`` ->
+            ``transformer.wte.weight``): written by ``to_hf``, left out of safetensors files (as
+            ``save_pretrained`` does), and checked to equal its source when present on input.
         ignored: HF key suffixes that are buffers, not weights (GPT-2's old causal-mask ``attn.bias``).
         normalize_keys: ``(hf_state, architecture) -> hf_state`` with this family's canonical names (e.g.
             adds the base-model prefix that checkpoints of the bare base model lack).
@@ -70,27 +75,33 @@ class Family:
             tensor-parallel size in the model, unpadded here).
         architecture_of: ``(megacore model) -> HF class name``, the class ``to_hf`` builds by default, or
             None when the model is not of this family (families can share a megacore class: BERT and
-            RoBERTa are both ``BertModel``). None: every ``model_class`` is this family's, first architecture.
+            RoBERTa are both ``BertModel``). None: every ``model_classes`` model, first architecture.
     """
 
     model_type: str
     architectures: tuple[str, ...]
-    model_class: type
+    model_classes: tuple[type, ...]
     config_from_hf: Callable[[dict, str], dict]
     config_to_hf: Callable[[nn.Module, str], dict]
     mappings: Callable[[ModelConfig, str], list[Mapping]]
-    build: Callable[[ModelConfig, str, dict, object], nn.Module]
-    tied: dict[str, str] = field(default_factory=dict)
+    build: Callable[[ModelConfig, str, dict, object, Optional[ModelConfig]], nn.Module]
+    tied: Callable[[str], dict[str, str]] = lambda architecture: {}
     ignored: tuple[str, ...] = ()
     normalize_keys: Callable[[StateDict, str], StateDict] = lambda state, architecture: state
     vocab_params: tuple[str, ...] = ("embedding.word.weight",)
-    architecture_of: Optional[Callable[[nn.Module], str]] = None
+    architecture_of: Optional[Callable[[nn.Module], Optional[str]]] = None
+    generator_architecture: Optional[str] = None
+    config_of: Optional[Callable[[nn.Module, str], ModelConfig]] = None
 
     def default_architecture(self, model: nn.Module) -> Optional[str]:
         """The HF class ``model`` converts to by default; None when ``model`` is not of this family."""
-        if type(model) is not self.model_class:
+        if type(model) not in self.model_classes:
             return None
         return self.architecture_of(model) if self.architecture_of is not None else self.architectures[0]
+
+    def model_config(self, model: nn.Module, architecture: str) -> ModelConfig:
+        """The ModelConfig of the part of ``model`` that converts to ``architecture``."""
+        return self.config_of(model, architecture) if self.config_of is not None else model.config
 
     def state_from_hf(self, hf_state: StateDict, config: ModelConfig, architecture: str) -> StateDict:
         """The megacore tensors (unsharded) from an HF state dict. Raises ValueError naming missing or
@@ -98,7 +109,7 @@ class Family:
         where = "megacore.interop.hf.from_hf"
         hf_state = {k: v for k, v in self.normalize_keys(dict(hf_state), architecture).items()
                     if not k.endswith(self.ignored)}
-        for key, source in self.tied.items():
+        for key, source in self.tied(architecture).items():
             tensor = hf_state.pop(key, None)
             if tensor is not None and source in hf_state and not torch.equal(tensor, hf_state[source]):
                 raise ValueError(f"{where}: {key} differs from {source}; megacore ties them ({architecture} "
@@ -128,9 +139,8 @@ class Family:
             tensors = m.to_hf(state[m.megacore].detach())
             out.update(zip(m.hf_keys, (tensors,) if isinstance(m.hf, str) else tensors))
         if include_tied:
-            for key, source in self.tied.items():
-                if source in out:
-                    out[key] = out[source]
+            for key, source in self.tied(architecture).items():
+                out[key] = out[source]
         return out
 
 
@@ -174,8 +184,8 @@ def family_of_model(model: nn.Module, fn: str) -> Family:
     for f in FAMILIES.values():
         if f.default_architecture(model) is not None:
             return f
-    raise TypeError(f"megacore.interop.hf.{fn}: model is a {type(model).__name__}; supported: "
-                    f"{', '.join(sorted(f.model_class.__name__ for f in FAMILIES.values()))}")
+    supported = sorted({c.__name__ for f in FAMILIES.values() for c in f.model_classes})
+    raise TypeError(f"megacore.interop.hf.{fn}: model is a {type(model).__name__}; supported: {', '.join(supported)}")
 
 
 # ---- shared transforms ---------------------------------------------------------------------------------

@@ -131,12 +131,12 @@ def normalize_keys(state: dict, architecture: str) -> dict:
 GPT2 = register(Family(
     model_type="gpt2",
     architectures=("GPT2LMHeadModel",),
-    model_class=GPTModel,
+    model_classes=(GPTModel,),
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
     mappings=mappings,
-    build=lambda config, architecture, hf_config, device: GPTModel(config, device=device),
-    tied={"lm_head.weight": "transformer.wte.weight"},
+    build=lambda config, architecture, hf_config, device, generator_config: GPTModel(config, device=device),
+    tied=lambda architecture: {"lm_head.weight": "transformer.wte.weight"},
     ignored=_BUFFERS,
     normalize_keys=normalize_keys,
 ))
