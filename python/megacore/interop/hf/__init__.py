@@ -7,8 +7,10 @@
 
 Supported: ``GPT2LMHeadModel`` <-> ``GPTModel``; ``BertForPreTraining``, ``BertForMaskedLM`` and
 ``RobertaForMaskedLM`` <-> ``BertModel``; ``ElectraForPreTraining`` (+ the generator, ``ElectraForMaskedLM``)
-<-> ``ElectraDiscriminatorModel`` / ``ElectraModel``. Each family's module has the name-by-name mapping. Under tensor parallelism (``from_hf(m,
-tensor_parallel=True)`` after ``megacore.parallel.initialize_model_parallel``), ``from_hf`` and
+<-> ``ElectraDiscriminatorModel`` / ``ElectraModel``. Each family's module has the name-by-name mapping.
+
+Under tensor parallelism (``from_hf(m, tensor_parallel=True)`` after
+``megacore.parallel.initialize_model_parallel``), ``from_hf`` and
 ``load_hf_safetensors`` keep this rank's shards, and ``to_hf`` / ``save_hf_safetensors`` all-gather them:
 those two are collectives, every rank of the tensor-parallel group must call them.
 
