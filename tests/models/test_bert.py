@@ -170,15 +170,13 @@ def test_presets_have_hf_parameter_counts(name, hf_name):
         hf = (transformers.BertForPreTraining(transformers.BertConfig(**kw)) if hf_name == "bert"
               else transformers.RobertaForMaskedLM(transformers.RobertaConfig(**kw)))
     expected = sum(p.numel() for p in hf.parameters())  # HF counts the tied decoder weight once
-    if hf_name == "roberta":  # RobertaForMaskedLM drops the pooler that the roberta-base checkpoint holds
-        expected += c.hidden_size * c.hidden_size + c.hidden_size
     assert sum(p.numel() for p in model.parameters()) == expected
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
 def test_roberta_preset_has_no_binary_head_and_one_token_type():
     model = build("roberta-base", device="meta")
-    assert model.binary_head is None and model.position_offset_padding_idx == 1
+    assert model.binary_head is None and model.pooler is None and model.position_offset_padding_idx == 1
     assert model.embedding.token_type.weight.shape == (1, 768)
     assert model.embedding.position.weight.shape == (514, 768)
 

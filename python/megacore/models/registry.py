@@ -3,8 +3,10 @@
 Each preset is a model class and the ModelConfig fields that define it; ``overrides`` replace any
 field (``build("gpt2-small", tensor_parallel=True, params_dtype=torch.bfloat16)``). Parameters are drawn
 one tensor at a time and each rank keeps only its shard; ``device="meta"`` (or building under
-``with torch.device("meta")``) allocates nothing, for inspecting a large model or loading a checkpoint
-into it after ``to_empty``.
+``with torch.device("meta")``) allocates nothing, for inspecting a large model's shapes and sizes. To load
+weights into a model without a random init, use ``megacore.interop.hf`` (it builds on the meta device and
+sets each rank's shards itself); ``Module.to_empty`` would create new Parameter objects without the
+``tensor_parallel`` / ``partition_dim`` tags that checkpoint resharding reads.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ _ENCODER = dict(pre_norm=False, embedding_norm=True, attention_mask_type="paddin
 PRESETS.update({
     "bert-tiny": (BertModel, dict(_ENCODER, hidden_size=128, num_layers=2, num_attention_heads=2, ffn_hidden_size=512)),
     "bert-base": (BertModel, dict(_ENCODER, hidden_size=768, num_layers=12, num_attention_heads=12)),
-    "roberta-base": (functools.partial(BertModel, head=None, position_offset_padding_idx=1),
+    # RobertaForMaskedLM: no binary head and no pooler (a pooler without a head would get no gradient)
+    "roberta-base": (functools.partial(BertModel, head=None, add_pooler=False, position_offset_padding_idx=1),
                      dict(_ENCODER, vocab_size=50265, hidden_size=768, num_layers=12, num_attention_heads=12,
                           max_position_embeddings=514, type_vocab_size=1, norm_epsilon=1e-5)),
     # ELECTRA: the config is the discriminator's; the generator is the paper's fraction of it (hidden, heads,
