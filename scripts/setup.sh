@@ -23,6 +23,9 @@ fi
 
 # Build tools and test tools; none of them depends on torch, so pip leaves torch alone.
 "$PYTHON" -m pip install -q numpy pytest hypothesis pybind11 ninja "cmake>=3.26" setuptools wheel
+# Runtime (safetensors: checkpoints) and the interop/test extra (transformers: the Hugging Face models the
+# interop and the tests compare with). Neither depends on torch, so pip leaves torch alone.
+"$PYTHON" -m pip install -q safetensors "transformers>=4.40"
 # --no-deps: the dependencies are in place, and pip must not resolve torch again.
 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
 "$PYTHON" -c "import megacore, json; print('megacore setup: built', json.dumps(megacore.build_info()))"
