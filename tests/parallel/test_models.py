@@ -73,3 +73,20 @@ def _check_gpt(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_gpt_tensor_parallel_equals_whole(world):
     run_distributed(_check_gpt, world, timeout_s=300, collective_timeout_s=60)
+
+
+def _check_model_errors(rank, world):
+    from megacore.models import GPTModel, ModelConfig
+    from megacore.models.registry import build
+    from megacore.parallel import destroy_model_parallel, initialize_model_parallel
+
+    initialize_model_parallel(world)
+    with pytest.raises(ValueError, match="megacore.models.GPTModel: hidden_size=42 is not divisible by the tensor-parallel size 4"):
+        GPTModel(ModelConfig(vocab_size=50, hidden_size=42, num_layers=1, num_attention_heads=2, tensor_parallel=True))
+    with pytest.raises(ValueError, match="num_attention_heads=2 is not divisible by the tensor-parallel size 4"):
+        build("bert-tiny", tensor_parallel=True, device="meta")
+    destroy_model_parallel()
+
+
+def test_model_sizes_that_do_not_divide_by_the_tensor_parallel_size_raise():
+    run_distributed(_check_model_errors, 4, timeout_s=120)
