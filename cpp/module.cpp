@@ -1,11 +1,13 @@
 // The pybind11 module megacore._C: what is not a tensor op. Importing it also runs the op
 // registrations (TORCH_LIBRARY / TORCH_LIBRARY_IMPL) compiled into this library.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>  // std::pair -> tuple
 
 #include <c10/util/Exception.h>
 
 #include "common/isa.h"
+#include "data/helpers.h"
 #include "parallel/shard.h"
 
 namespace py = pybind11;
@@ -34,6 +36,33 @@ auto value_errors(R (*f)(A...)) {
       throw py::value_error(e.what_without_backtrace());
     }
   };
+}
+
+/// \brief Runs f(), turning c10::ValueError into Python's ValueError (for lambdas; see value_errors).
+template <typename F>
+auto rethrow_value_errors(F&& f) {
+  try {
+    return f();
+  } catch (const c10::ValueError& e) {
+    throw py::value_error(e.what_without_backtrace());
+  }
+}
+
+/// \brief A 1-D integer numpy array (any int width) as a C-contiguous int64 array. Floats and other kinds
+///        are a TypeError rather than being silently truncated by forcecast.
+py::array_t<int64_t> int64_vector(const char* fn, const char* name, const py::handle& obj) {
+  py::array a = py::array::ensure(obj);
+  if (!a) throw py::type_error(std::string("megacore.data.") + fn + ": " + name + " must be a numpy array");
+  const char kind = a.dtype().kind();
+  if (kind != 'i' && kind != 'u') {
+    throw py::type_error(std::string("megacore.data.") + fn + ": " + name + " must have an integer dtype, got " +
+                         std::string(py::str(a.dtype())));
+  }
+  if (a.ndim() != 1) {
+    throw py::value_error(std::string("megacore.data.") + fn + ": " + name + " must be 1-D, got " +
+                          std::to_string(a.ndim()) + " dimensions");
+  }
+  return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
 }  // namespace
@@ -72,4 +101,81 @@ PYBIND11_MODULE(_C, m) {
         "(start, end) of rank's piece of an even split of size; ValueError when world_size does not divide size.");
   m.def("vocab_range", value_errors(&sh::vocab_range), py::arg("padded_vocab"), py::arg("rank"),
         py::arg("world_size"), "(start, end) of the vocab ids rank owns in a padded vocab (divisible by world_size).");
+
+  // Dataset index builders (cpp/data/helpers.h); python/megacore/data/index_reference.py has the same
+  // functions in pure Python, with the same signatures.
+  namespace dh = megacore::data;
+  m.def(
+      "build_sample_index",
+      [](const py::object& sizes_obj, const py::object& document_index_obj, int64_t seq_length, int64_t num_epochs,
+         int64_t tokens_per_epoch, bool drop_last_partial_sequence, int64_t add_extra_token_to_sequence) {
+        return rethrow_value_errors([&] {
+          const auto sizes = int64_vector("build_sample_index", "sizes", sizes_obj);
+          const auto document_index = int64_vector("build_sample_index", "document_index", document_index_obj);
+          TORCH_CHECK_VALUE(num_epochs >= 1, "megacore.data.build_sample_index: num_epochs must be >= 1, got ",
+                            num_epochs);
+          const int64_t total = dh::document_index_tokens(sizes.data(), sizes.shape(0), document_index.data(),
+                                                          document_index.shape(0));
+          // The walk trusts the token count; one that disagrees with the index would read past its end.
+          TORCH_CHECK_VALUE(tokens_per_epoch >= 0 && total % num_epochs == 0 && total / num_epochs == tokens_per_epoch,
+                            "megacore.data.build_sample_index: num_epochs (", num_epochs, ") * tokens_per_epoch (",
+                            tokens_per_epoch, ") must equal the tokens of the document index (", total, ")");
+          const int64_t num_samples =
+              dh::num_samples_for(total, seq_length, drop_last_partial_sequence, add_extra_token_to_sequence);
+          py::array_t<int64_t> sample_index({num_samples + 1, int64_t{2}});
+          int64_t* out = sample_index.mutable_data();
+          {
+            py::gil_scoped_release release;
+            dh::build_sample_index(sizes.data(), document_index.data(), document_index.shape(0), seq_length,
+                                   add_extra_token_to_sequence, num_samples, out);
+          }
+          return sample_index;
+        });
+      },
+      py::arg("sizes"), py::arg("document_index"), py::arg("seq_length"), py::arg("num_epochs"),
+      py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence") = true,
+      py::arg("add_extra_token_to_sequence") = 1,
+      "GPT sample index, int64 [num_samples + 1, 2]: (position in document_index, token offset) where each sample "
+      "starts; sizes[d] is document d's length. Megatron's build_sample_idx semantics.");
+  m.def(
+      "build_blending_indices",
+      [](const py::array_t<double, py::array::c_style | py::array::forcecast>& weights, int64_t size) {
+        return rethrow_value_errors([&] {
+          TORCH_CHECK_VALUE(weights.ndim() == 1, "megacore.data.build_blending_indices: weights must be 1-D, got ",
+                            weights.ndim(), " dimensions");
+          dh::check_blending_weights(weights.data(), weights.shape(0), size);
+          py::array_t<int16_t> dataset_index(size);
+          py::array_t<int64_t> dataset_sample_index(size);
+          int16_t* di = dataset_index.mutable_data();
+          int64_t* dsi = dataset_sample_index.mutable_data();
+          {
+            py::gil_scoped_release release;
+            dh::build_blending_indices(weights.data(), weights.shape(0), size, di, dsi);
+          }
+          return py::make_tuple(dataset_index, dataset_sample_index);
+        });
+      },
+      py::arg("weights"), py::arg("size"),
+      "(dataset_index int16 [size], dataset_sample_index int64 [size]): Megatron's greedy blending, each prefix "
+      "following the normalised weights to within one sample.");
+  m.def(
+      "build_exhaustive_blending_indices",
+      [](const py::object& sizes_obj) {
+        return rethrow_value_errors([&] {
+          const auto sizes = int64_vector("build_exhaustive_blending_indices", "sizes", sizes_obj);
+          const int64_t total = dh::check_blending_sizes(sizes.data(), sizes.shape(0));
+          py::array_t<int16_t> dataset_index(total);
+          py::array_t<int64_t> dataset_sample_index(total);
+          int16_t* di = dataset_index.mutable_data();
+          int64_t* dsi = dataset_sample_index.mutable_data();
+          {
+            py::gil_scoped_release release;
+            dh::build_exhaustive_blending_indices(sizes.data(), sizes.shape(0), di, dsi);
+          }
+          return py::make_tuple(dataset_index, dataset_sample_index);
+        });
+      },
+      py::arg("sizes"),
+      "(dataset_index int16 [sum(sizes)], dataset_sample_index int64 [sum(sizes)]): every dataset i exactly "
+      "sizes[i] times, interleaved in proportion.");
 }
