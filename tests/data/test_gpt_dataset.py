@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -308,6 +309,36 @@ def test_default_cache_lives_next_to_the_dataset_prefix(tmp_path):
     ds = GPTDataset(data, None, 8, 10)
     assert ds.cache_dir == tmp_path / "corpus.index-cache"
     assert len(os.listdir(ds.cache_dir)) == 4
+
+
+def test_pickled_copy_reopens_the_cache_and_gives_the_same_samples(tmp_path):
+    rng = np.random.default_rng(7)
+    data = MemoryIndexedDataset(random_documents(rng, 30, allow_empty=False))
+    GPTDataset(data, None, 8, 40, seed=2, cache_dir=tmp_path)
+    for cache_dir in (tmp_path, False):
+        ds = GPTDataset(data, None, 8, 40, seed=2, cache_dir=cache_dir)
+        copy = pickle.loads(pickle.dumps(ds))
+        assert isinstance(copy.sample_index, np.memmap) == (cache_dir is not False)  # reopened, not copied
+        assert all(np.array_equal(ds[i]["tokens"], copy[i]["tokens"]) for i in range(len(ds)))
+
+
+def test_over_a_real_indexed_dataset_with_sentence_split_documents(tmp_path):
+    indexed = pytest.importorskip("megacore.data.indexed")
+    rng = np.random.default_rng(11)
+    documents = random_documents(rng, 25, max_sequences=3, allow_empty=False)
+    prefix = str(tmp_path / "corpus")
+    builder = indexed.IndexedDatasetBuilder(prefix + ".bin", np.uint16)
+    for doc in documents:
+        builder.add_document(np.concatenate(doc), lengths=[len(s) for s in doc])
+    builder.finalize(prefix + ".idx")
+    data = indexed.IndexedDataset(prefix)
+    ds = GPTDataset(data, np.arange(3, 25), 16, 100, seed=4)
+    assert ds.cache_dir == tmp_path / "corpus.index-cache" and not ds.cache_hit
+    stream = stream_of(documents, ds.document_index)
+    for idx in range(len(ds)):
+        k = int(ds.shuffle_index[idx])
+        np.testing.assert_array_equal(ds[idx]["tokens"], stream[k * 16: k * 16 + 17])
+    assert GPTDataset(indexed.IndexedDataset(prefix), np.arange(3, 25), 16, 100, seed=4).cache_hit
 
 
 # ---- splits ---------------------------------------------------------------------------------------------

@@ -288,6 +288,24 @@ class GPTDataset:
 
     cache_hit: bool = False
 
+    def __getstate__(self):
+        # DataLoader workers get a pickled copy: reopen the cached memory maps there instead of copying
+        # the indices (hundreds of MB for long runs) through the pickle.
+        state = self.__dict__.copy()
+        if self.cache_dir is not None and isinstance(self.sample_index, np.memmap):
+            for name in ("document_index", "sample_index", "shuffle_index"):
+                state[name] = None
+            state["_reopen_cache"] = True
+        return state
+
+    def __setstate__(self, state):
+        reopen = state.pop("_reopen_cache", False)
+        self.__dict__.update(state)
+        if reopen:
+            cached = self._load_cached(self._cache_paths())
+            self.document_index, self.sample_index, self.shuffle_index = (
+                cached if cached is not None else self.build_indices())
+
     # ---- samples ----------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.sample_index.shape[0] - 1)
