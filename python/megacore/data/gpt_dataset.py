@@ -90,7 +90,7 @@ def _default_cache_dir(dataset) -> Path:
     if prefix is not None:
         directory = Path(prefix + ".index-cache")
         parent = directory.parent
-        if directory.is_dir() and os.access(directory, os.W_OK) or os.access(parent, os.W_OK):
+        if os.access(directory, os.W_OK) if directory.is_dir() else os.access(parent, os.W_OK):
             return directory
     return _user_cache_dir()
 
