@@ -51,7 +51,9 @@ ROLES = ("eod", "pad", "cls", "sep", "mask", "unk")
 GPT2_EOD = "<|endoftext|>"
 #: Default special tokens per kind, role -> token (None: no such token).
 BPE_SPECIAL_TOKENS = {"eod": GPT2_EOD, "pad": None, "cls": None, "sep": None, "mask": None, "unk": None}
-WORDPIECE_SPECIAL_TOKENS = {"eod": None, "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "unk": "[UNK]"}
+WORDPIECE_SPECIAL_TOKENS = {
+    "eod": None, "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "unk": "[UNK]"
+}  # fmt: skip
 # Order of WordPiece's special tokens in a trained vocabulary (BERT's [PAD] is 0).
 _WORDPIECE_ORDER = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -89,7 +91,9 @@ class Tokenizer:
     ``vocab_size``, ``special_tokens`` (role -> token string or None), ``backend``.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, kind: str, special_tokens: Mapping[str, str | None] | None = None):
+    def __init__(
+        self, backend: tokenizers.Tokenizer, kind: str, special_tokens: Mapping[str, str | None] | None = None
+    ):
         if not isinstance(backend, tokenizers.Tokenizer):
             raise TypeError(
                 f"megacore.data.Tokenizer: backend must be a tokenizers.Tokenizer, got {type(backend).__name__}"
@@ -377,11 +381,13 @@ def _bert_backend(model, lowercase: bool) -> tokenizers.Tokenizer:
 def _bert_post_processor(backend: tokenizers.Tokenizer, names: Mapping[str, str | None]) -> None:
     # So the saved tokenizer.json behaves as BERT's in Hugging Face; megacore's encode never applies it.
     cls_token, sep_token = names.get("cls"), names.get("sep")
-    if cls_token and sep_token and backend.token_to_id(cls_token) is not None and backend.token_to_id(sep_token) is not None:
+    cls_id = backend.token_to_id(cls_token) if cls_token else None
+    sep_id = backend.token_to_id(sep_token) if sep_token else None
+    if cls_id is not None and sep_id is not None:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{cls_token} $A {sep_token}",
             pair=f"{cls_token} $A {sep_token} $B:1 {sep_token}:1",
-            special_tokens=[(cls_token, backend.token_to_id(cls_token)), (sep_token, backend.token_to_id(sep_token))],
+            special_tokens=[(cls_token, cls_id), (sep_token, sep_id)],
         )
 
 
@@ -416,7 +422,10 @@ def train_bpe(
     specials = list(dict.fromkeys(t for t in names.values() if t is not None))
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab_size = _check_vocab_size(
-        vocab_size, fn, len(alphabet) + len(specials), f"the byte alphabet ({len(alphabet)}) and {len(specials)} special token(s)"
+        vocab_size,
+        fn,
+        len(alphabet) + len(specials),
+        f"the byte alphabet ({len(alphabet)}) and {len(specials)} special token(s)",
     )
     backend = _byte_level_backend(models.BPE())
     trainer = trainers.BpeTrainer(
@@ -478,11 +487,348 @@ def train_wordpiece(
     return Tokenizer(backend, "wordpiece", names)
 
 
-# -------------------------------------------------------------------- loaders (filled in below)
+
+# -------------------------------------------------------------------- loaders
 
 
-def from_gpt2_files(*args, **kwargs):  # pragma: no cover - placeholder until the loaders land
-    raise NotImplementedError("megacore.data.from_gpt2_files: not implemented yet")
+def _require_file(path, fn: str, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"megacore.data.{fn}: {what} must be a path, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"megacore.data.{fn}: {what} {path} does not exist or is not a file")
+    return path
 
 
-from_wordpiece_vocab = from_tokenizer_json = from_sentencepiece = from_gpt2_files
+def from_gpt2_files(
+    vocab_json: str | os.PathLike,
+    merges_txt: str | os.PathLike,
+    *,
+    special_tokens: Mapping[str, str | None] | None = None,
+) -> Tokenizer:
+    """Load a GPT-2-format byte-level BPE: ``vocab.json`` (token -> id) and ``merges.txt`` (one merge per line,
+    an optional ``#version`` header), as written by OpenAI's GPT-2, Megatron-LM and :meth:`Tokenizer.save_vocab`.
+
+    Special tokens: :data:`BPE_SPECIAL_TOKENS` overridden by ``special_tokens``; a named token the vocabulary
+    lacks is appended after the last id (GPT-2's own vocab.json has ``<|endoftext|>`` = 50256, so nothing is
+    appended for it). Returns a :class:`Tokenizer` of kind ``"bpe"``.
+    """
+    fn = "from_gpt2_files"
+    vocab_json = _require_file(vocab_json, fn, "vocab_json")
+    merges_txt = _require_file(merges_txt, fn, "merges_txt")
+    try:
+        vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"megacore.data.{fn}: {vocab_json} is not valid JSON: {e}") from e
+    if not isinstance(vocab, dict) or not vocab or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in vocab.items()
+    ):
+        raise ValueError(f"megacore.data.{fn}: {vocab_json} must be a non-empty JSON object of token -> int id")
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+        raise ValueError(f"megacore.data.{fn}: the ids in {vocab_json} must be 0 .. {len(ids) - 1}, each once")
+    try:
+        model = models.BPE.from_file(str(vocab_json), str(merges_txt))
+    except Exception as e:  # the Rust side raises a plain Exception naming the bad line
+        raise ValueError(f"megacore.data.{fn}: cannot read {merges_txt} with {vocab_json}: {e}") from e
+    backend = _byte_level_backend(model)
+    names = _resolve_special_tokens(BPE_SPECIAL_TOKENS, special_tokens, fn)
+    missing = [t for t in dict.fromkeys(names.values()) if t is not None and backend.token_to_id(t) is None]
+    if missing:
+        backend.add_special_tokens(missing)
+    return Tokenizer(backend, "bpe", names)
+
+
+def from_wordpiece_vocab(
+    vocab_txt: str | os.PathLike,
+    *,
+    lowercase: bool | None = None,
+    special_tokens: Mapping[str, str | None] | None = None,
+) -> Tokenizer:
+    """Load a BERT WordPiece vocabulary: ``vocab.txt``, one token per line, the line number being its id.
+
+    Args:
+        lowercase: whether to lower-case (and strip accents) before splitting, as BERT's "uncased" models do.
+            None infers it: uncased when no ordinary token (special tokens aside) has an upper-case letter.
+        special_tokens: role -> token overriding :data:`WORDPIECE_SPECIAL_TOKENS`; each named token must be in
+            the vocabulary (ValueError otherwise; name it None to go without).
+
+    Returns a :class:`Tokenizer` of kind ``"wordpiece"``; ``eod`` is ``[SEP]``.
+    """
+    fn = "from_wordpiece_vocab"
+    vocab_txt = _require_file(vocab_txt, fn, "vocab_txt")
+    try:
+        tokens = vocab_txt.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"megacore.data.{fn}: {vocab_txt} is not UTF-8 (byte {e.start})") from e
+    if not tokens:
+        raise ValueError(f"megacore.data.{fn}: {vocab_txt} is empty")
+    names = _resolve_special_tokens(WORDPIECE_SPECIAL_TOKENS, special_tokens, fn)
+    vocab = set(tokens)
+    missing = [t for t in names.values() if t is not None and t not in vocab]
+    if missing:
+        raise ValueError(
+            f"megacore.data.{fn}: {vocab_txt} lacks the special tokens {missing}; name the right ones with "
+            f"special_tokens={{role: token}} (None for a role it has no token for)"
+        )
+    if names["unk"] is None:
+        raise ValueError(f"megacore.data.{fn}: WordPiece needs an unknown token (special_tokens['unk'] is None)")
+    if lowercase is None:
+        specials = {t for t in names.values() if t is not None}
+        lowercase = not any(t != t.lower() for t in tokens if t not in specials and not _bracketed(t))
+    try:
+        model = models.WordPiece.from_file(str(vocab_txt), unk_token=names["unk"], max_input_chars_per_word=100)
+    except Exception as e:
+        raise ValueError(f"megacore.data.{fn}: cannot read {vocab_txt}: {e}") from e
+    backend = _bert_backend(model, lowercase)
+    _bert_post_processor(backend, names)
+    return Tokenizer(backend, "wordpiece", names)
+
+
+def _bracketed(token: str) -> bool:
+    # Reserved tokens such as [unused0] or <S> do not tell whether the vocabulary is cased.
+    return len(token) > 2 and token[0] + token[-1] in ("[]", "<>")
+
+
+def _infer_kind(backend: tokenizers.Tokenizer) -> str:
+    config = json.loads(backend.to_str())
+    model_type = (config.get("model") or {}).get("type")
+    pipeline = json.dumps([config.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")])
+    if model_type == "WordPiece":
+        return "wordpiece"
+    if model_type == "BPE" and '"ByteLevel"' in pipeline:
+        return "bpe"
+    if '"Metaspace"' in pipeline or "\\u2581" in pipeline or "\u2581" in pipeline:
+        return "sentencepiece"
+    if model_type == "BPE":
+        return "bpe-other"
+    if model_type in ("Unigram", "WordLevel"):
+        return model_type.lower()
+    raise ValueError(f"megacore.data.from_tokenizer_json: unsupported model type {model_type!r}")
+
+
+def _infer_special_tokens(backend: tokenizers.Tokenizer) -> dict[str, str | None]:
+    vocab = backend.get_vocab(with_added_tokens=True)
+    return {role: next((t for t in candidates if t in vocab), None) for role, candidates in _ROLE_CANDIDATES.items()}
+
+
+def from_tokenizer_json(
+    path: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    special_tokens: Mapping[str, str | None] | None = None,
+) -> Tokenizer:
+    """Load a Hugging Face ``tokenizer.json`` (any model the `tokenizers` library reads).
+
+    Args:
+        kind: one of :data:`KINDS`; None infers it from the model and its pipeline (WordPiece ->
+            ``"wordpiece"``, BPE with byte-level pre-tokenization -> ``"bpe"``, a ``▁`` word marker ->
+            ``"sentencepiece"``, other BPE -> ``"bpe-other"``, Unigram / WordLevel).
+        special_tokens: role -> token; roles not given are inferred from conventional names in the vocabulary
+            (``<|endoftext|>``/``</s>`` for eod, ``[PAD]``/``<pad>``, ``[CLS]``/``<s>``, ``[SEP]``/``</s>``,
+            ``[MASK]``/``<mask>``, ``[UNK]``/``<unk>``), then the usual fallbacks (eod -> sep, pad -> eod).
+
+    To load a tokenizer saved by megacore with its recorded roles, use :meth:`Tokenizer.load`.
+    """
+    fn = "from_tokenizer_json"
+    path = _require_file(path, fn, "path")
+    backend = _backend_from_file(path, fn)
+    if kind is None:
+        kind = _infer_kind(backend)
+    elif kind not in KINDS:
+        raise ValueError(f"megacore.data.{fn}: kind must be one of {KINDS}, got {kind!r}")
+    names = _resolve_special_tokens(_infer_special_tokens(backend), special_tokens, fn)
+    return Tokenizer(backend, kind, names)
+
+
+# ---------------------------------------------------------------- sentencepiece without sentencepiece
+#
+# A sentencepiece `.model` is a serialized protobuf `ModelProto`. Converting one with the `tokenizers` or
+# `transformers` converters needs the `sentencepiece` and `protobuf` packages; this reader needs neither: it
+# decodes the few fields that define the tokenizer straight from the wire format (field numbers from
+# sentencepiece_model.proto) and rebuilds sentencepiece's pipeline with `tokenizers` components.
+
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED, _SP_UNUSED, _SP_BYTE = 1, 2, 3, 4, 5, 6
+_SP_UNIGRAM, _SP_BPE = 1, 2
+
+
+class _ProtoError(ValueError):
+    pass
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of each field of one protobuf message; bounds-checked."""
+    i, n = 0, len(buf)
+
+    def varint() -> int:
+        nonlocal i
+        result = shift = 0
+        while True:
+            if i >= n:
+                raise _ProtoError("truncated varint")
+            b = buf[i]
+            i += 1
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return result
+            shift += 7
+            if shift > 63:
+                raise _ProtoError("varint longer than 10 bytes")
+
+    while i < n:
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise _ProtoError("field number 0")
+        if wire == 0:
+            value: int | bytes = varint()
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if i + size > n:
+                raise _ProtoError("truncated fixed-width field")
+            value, i = buf[i : i + size], i + size
+        elif wire == 2:
+            size = varint()
+            if i + size > n:
+                raise _ProtoError(f"field {field} claims {size} bytes, {n - i} remain")
+            value, i = buf[i : i + size], i + size
+        else:
+            raise _ProtoError(f"unsupported wire type {wire} (field {field})")
+        yield field, wire, value
+
+
+def _read_sentencepiece_model(path: Path) -> dict:
+    data = path.read_bytes()
+    pieces: list[tuple[str, float, int]] = []
+    trainer = {"model_type": _SP_UNIGRAM, "byte_fallback": False, "split_by_whitespace": True,
+               "treat_whitespace_as_suffix": False, "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}  # fmt: skip
+    normalizer = {"precompiled_charsmap": b"", "add_dummy_prefix": True, "remove_extra_whitespaces": True,
+                  "escape_whitespaces": True}  # fmt: skip
+    trainer_fields = {3: "model_type", 22: "split_by_whitespace", 24: "treat_whitespace_as_suffix",
+                      35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id", 43: "pad_id"}  # fmt: skip
+    normalizer_fields = {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
+    for field, wire, value in _proto_fields(data):
+        if field == 1 and wire == 2:
+            piece, score, kind = None, 0.0, _SP_NORMAL
+            for f, w, v in _proto_fields(value):
+                if f == 1 and w == 2:
+                    piece = v.decode("utf-8")
+                elif f == 2 and w == 5:
+                    score = struct.unpack("<f", v)[0]
+                elif f == 3 and w == 0:
+                    kind = v
+            if piece is None:
+                raise _ProtoError(f"piece {len(pieces)} has no text")
+            pieces.append((piece, score, kind))
+        elif field == 2 and wire == 2:
+            for f, w, v in _proto_fields(value):
+                if f in trainer_fields and w == 0:
+                    # int32 fields are sign-extended to 64 bits on the wire (pad_id = -1).
+                    trainer[trainer_fields[f]] = v - (1 << 64) if v >= 1 << 63 else v
+        elif field == 3 and wire == 2:
+            for f, w, v in _proto_fields(value):
+                if f == 2 and w == 2:
+                    normalizer["precompiled_charsmap"] = bytes(v)
+                elif f in normalizer_fields and w == 0:
+                    normalizer[normalizer_fields[f]] = bool(v)
+    if not pieces:
+        raise _ProtoError("no pieces (not a sentencepiece model)")
+    return {"pieces": pieces, "trainer": trainer, "normalizer": normalizer}
+
+
+def from_sentencepiece(
+    model_file: str | os.PathLike,
+    *,
+    special_tokens: Mapping[str, str | None] | None = None,
+) -> Tokenizer:
+    """Load a sentencepiece model (``.model``, Unigram or BPE, as used by T5, ALBERT, Llama ...) without the
+    `sentencepiece` package: the file's protobuf is decoded here and rebuilt with `tokenizers` components
+    (normalization charsmap, whitespace handling, ``▁`` word marker, byte fallback, control and user-defined
+    symbols).
+
+    Special tokens: ``eod`` is the model's eos piece, ``unk`` its unk piece, ``pad`` its pad piece (when
+    ``pad_id`` >= 0); ``cls`` / ``sep`` / ``mask`` are inferred by name as in :func:`from_tokenizer_json`;
+    ``special_tokens`` overrides any of them. Returns a :class:`Tokenizer` of kind ``"sentencepiece"``.
+
+    Raises FileNotFoundError, ValueError for a file that is not a sentencepiece model, NotImplementedError
+    for the model types (word, char) and options (whitespace as suffix) it does not rebuild.
+    """
+    fn = "from_sentencepiece"
+    model_file = _require_file(model_file, fn, "model_file")
+    try:
+        spec = _read_sentencepiece_model(model_file)
+    except (_ProtoError, UnicodeDecodeError, struct.error) as e:
+        raise ValueError(f"megacore.data.{fn}: {model_file} is not a valid sentencepiece model: {e}") from e
+    pieces, trainer, norm = spec["pieces"], spec["trainer"], spec["normalizer"]
+    if trainer["model_type"] not in (_SP_UNIGRAM, _SP_BPE):
+        raise NotImplementedError(
+            f"megacore.data.{fn}: {model_file} is a sentencepiece model of type {trainer['model_type']} "
+            "(word or char); only Unigram (1) and BPE (2) are supported"
+        )
+    if trainer["treat_whitespace_as_suffix"]:
+        raise NotImplementedError(f"megacore.data.{fn}: {model_file} treats whitespace as a suffix (not supported)")
+
+    def piece_at(index: int) -> str | None:
+        return pieces[index][0] if 0 <= index < len(pieces) else None
+
+    unk_token = piece_at(trainer["unk_id"])
+    if unk_token is None:
+        raise ValueError(f"megacore.data.{fn}: {model_file}: unk_id {trainer['unk_id']} is not a piece")
+    byte_fallback = bool(trainer["byte_fallback"])
+    if trainer["model_type"] == _SP_UNIGRAM:
+        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=trainer["unk_id"], byte_fallback=byte_fallback)
+    else:
+        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+        # sentencepiece's BPE applies merges in the order of the merged piece's id; every piece that splits
+        # into two pieces of the vocabulary is such a merge.
+        merges = []
+        for piece, merged_id in vocab.items():
+            for k in range(1, len(piece)):
+                left, right = piece[:k], piece[k:]
+                if left in vocab and right in vocab:
+                    merges.append((merged_id, vocab[left], vocab[right], left, right))
+        merges.sort()
+        model = models.BPE(
+            vocab, [(m[3], m[4]) for m in merges], unk_token=unk_token, fuse_unk=True, byte_fallback=byte_fallback
+        )
+    backend = tokenizers.Tokenizer(model)
+
+    steps = []
+    if norm["precompiled_charsmap"]:
+        steps.append(normalizers.Precompiled(norm["precompiled_charsmap"]))
+    if norm["remove_extra_whitespaces"]:
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norm["add_dummy_prefix"]:
+        steps.append(normalizers.Prepend(" "))
+    if norm["escape_whitespaces"]:
+        steps.append(normalizers.Replace(" ", "\u2581"))
+    if steps:
+        backend.normalizer = normalizers.Sequence(steps)
+    if trainer["split_by_whitespace"]:
+        # Pieces never span a word boundary: split before each '▁' (the text is already escaped).
+        backend.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    steps = [decoders.Replace("\u2581", " ")]
+    if byte_fallback:
+        steps.append(decoders.ByteFallback())
+    steps.append(decoders.Fuse())
+    if norm["add_dummy_prefix"]:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+
+    control = [p for p, _, t in pieces if t == _SP_CONTROL]
+    user_defined = [p for p, _, t in pieces if t == _SP_USER_DEFINED]
+    if user_defined:
+        backend.add_tokens(user_defined)  # sentencepiece matches these verbatim in the text
+    inferred = _infer_special_tokens(backend)
+    names = {
+        "eod": piece_at(trainer["eos_id"]),
+        "pad": piece_at(trainer["pad_id"]),
+        "cls": inferred["cls"],
+        "sep": inferred["sep"],
+        "mask": inferred["mask"],
+        "unk": unk_token,
+    }
+    names = _resolve_special_tokens(names, special_tokens, fn)
+    if control:
+        backend.add_special_tokens(control)
+    return Tokenizer(backend, "sentencepiece", names)
