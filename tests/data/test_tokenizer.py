@@ -482,3 +482,10 @@ def test_truncated_sentencepiece_models_are_clear_errors(tmp_path):
             from_sentencepiece(path)  # a cut at a field boundary can still be a (smaller) valid model
         except ValueError as e:
             assert "from_sentencepiece" in str(e), e
+
+
+def test_tokenizer_pickles_for_worker_processes(bpe):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(bpe))  # `megacore prepare` ships the tokenizer to its workers
+    assert copy.kind == "bpe" and copy.eod == bpe.eod and copy.encode(ODD_TEXT) == bpe.encode(ODD_TEXT)
