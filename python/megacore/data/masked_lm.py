@@ -12,8 +12,9 @@ differences listed:
 
 * Mapping: per document, sentences are accumulated until their length reaches a target (``max_seq_length``
   less the special tokens; with probability ``short_seq_prob`` a uniform length in ``[2, target]``),
-  with at least two sentences per sample in the pair modes and never leaving a lone last sentence.
-  Documents with too few sentences are skipped. *Differences:* sentences longer than a chunk (the target
+  with at least two sentences per sample in the pair modes and never leaving a lone last sentence
+  (packed mode: a lone last sentence is a sample of its own, so none is truncated away). Documents with
+  too few sentences are skipped. *Differences:* sentences longer than a chunk (the target
   in packed mode, half of it in the pair modes) are split into chunks instead of Megatron's skipping
   every document that holds a sentence over 512 tokens, so data prepared without sentence splitting
   (one sequence per document) is used whole; each epoch is shuffled on its own (epoch 0's samples come
@@ -117,7 +118,8 @@ def build_samples_mapping(span_lengths: np.ndarray, doc_span_starts: np.ndarray,
     Returns ``int64 [samples, 4]``: ``(first span, end span (exclusive), target length, document)``.
 
     A sample ends at the first sentence where its length reaches the target, it has ``min_sentences``
-    sentences and more than one sentence of the document remains; otherwise at the document's end. All
+    sentences and at least ``min_sentences`` sentences of the document remain; otherwise at the document's
+    end. (Megatron always keeps two remaining; packed segments need one, so no data is truncated away.) All
     documents advance together (one vectorized step per sample of the longest document).
     """
     doc_span_starts = np.asarray(doc_span_starts, dtype=np.int64)
@@ -132,8 +134,8 @@ def build_samples_mapping(span_lengths: np.ndarray, doc_span_starts: np.ndarray,
         target = _target_lengths(rng, active.size, max_num_tokens, short_seq_prob)
         # first end e with length(s..e) >= target, and at least min_sentences sentences
         end = np.maximum(np.searchsorted(cumulative, cumulative[s] + target, side="left"), s + min_sentences)
-        # a cut must leave at least two sentences (so the next sample can be a pair); else take the rest
-        end = np.where(end <= end_of_doc - 2, end, end_of_doc)
+        # a cut must leave enough sentences for another sample (two for a pair); else take the rest
+        end = np.where(end <= end_of_doc - min_sentences, end, end_of_doc)
         pieces.append(np.stack([s, end, target, docs[active]], axis=1))
         start[active] = end
         active = active[end < end_of_doc]
@@ -247,7 +249,10 @@ class MaskedLMDataset:
     def _word_start_table(self, tokenizer, is_word_start) -> np.ndarray:
         name = self.name
         if is_word_start is None:
-            table = word_starts(tokenizer)
+            try:
+                table = word_starts(tokenizer)
+            except ValueError as e:
+                raise ValueError(f"{name}: whole_word_masking needs to know which ids start a word ({e})") from None
         elif callable(is_word_start):
             ids = np.arange(self.vocab_size, dtype=np.int64)
             table = np.asarray(is_word_start(ids))
