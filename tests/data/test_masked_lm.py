@@ -232,6 +232,23 @@ def test_whole_word_masking_masks_all_pieces_of_a_word_or_none():
     assert abs(predicted / maskable - 0.15) < 0.01  # words that do not fit are skipped, the count is kept
 
 
+def test_whole_word_masking_never_joins_pieces_across_a_separator():
+    # every sentence: a lone continuation piece, then two-piece words; B's first piece follows the [SEP]
+    rng = np.random.default_rng(4)
+    sentence = lambda: np.concatenate([[rng.integers(500, VOCAB)],  # noqa: E731
+                                       np.stack([rng.integers(5, 500, 6), rng.integers(500, VOCAB, 6)], 1).ravel()])
+    documents = [[sentence() for _ in range(2)] for _ in range(300)]
+    ds = make(documents=documents, mode="sop", whole_word_masking=True, is_word_start=IS_WORD_START,
+              short_seq_prob=0.0, masked_lm_prob=0.3)
+    same = []
+    for i in range(len(ds)):
+        item = ds[i]
+        masked = (item["labels"] != -100)[item["attention_mask"] == 1]
+        sep = int(np.flatnonzero(item["input_ids"] == SEP)[0])
+        same.append(masked[sep - 1] == masked[sep + 1])  # A's last word vs B's first piece
+    assert 0.3 < np.mean(same) < 0.95  # chosen independently; one group across [SEP] would always agree
+
+
 def test_whole_word_masking_takes_a_callable_or_the_tokenizers_vocabulary():
     from_array = make(mode="sop", whole_word_masking=True, is_word_start=IS_WORD_START)
     from_callable = make(mode="sop", whole_word_masking=True, is_word_start=lambda ids: ids < 500)
