@@ -465,6 +465,9 @@ def test_inconsistent_index_and_bad_indices_raise():
         MaskedLMDataset(bad, Tokenizer(), 64)
     with pytest.raises(ValueError, match="sequence_lengths and document_indices"):
         MaskedLMDataset([np.arange(5)], Tokenizer(), 64)
+    wrong_tokenizer = make(tokenizer=Tokenizer(vocab_size=500), mode="packed")
+    with pytest.raises(ValueError, match=r"token ids outside \[0, vocab_size=500\)"):
+        [wrong_tokenizer[i] for i in range(len(wrong_tokenizer))]
     ds = make(mode="packed", num_samples=10)
     with pytest.raises(IndexError, match="index 10 out of range for 10"):
         ds[10]
@@ -490,3 +493,42 @@ def test_reads_a_real_indexed_dataset_file(tmp_path):
     for i in range(len(real)):
         for name, value in memory[i].items():
             np.testing.assert_array_equal(real[i][name], value)
+
+
+def test_whole_word_masking_with_a_trained_wordpiece_vocabulary():
+    tokenizers = pytest.importorskip("tokenizers")
+    text = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+            "in want of a wife. However little known the feelings or views of such a man may be on his first "
+            "entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that "
+            "he is considered the rightful property of some one or other of their daughters. Emma Woodhouse, "
+            "handsome, clever, and rich, with a comfortable home and happy disposition, seemed to unite some of "
+            "the best blessings of existence. Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man "
+            "who, for his own amusement, never took up any book but the Baronetage.")
+    sentences = [s.strip() + "." for s in text.split(".") if s.strip()]
+    hf = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    hf.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    hf.train_from_iterator(sentences, tokenizers.trainers.WordPieceTrainer(
+        vocab_size=120, special_tokens=["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]))
+
+    class WordPiece:  # the megacore Tokenizer's attributes over the trained model
+        kind, vocab_size = "wordpiece", hf.get_vocab_size()
+        pad, cls, sep, mask = (hf.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]"))
+        id_to_token = staticmethod(hf.id_to_token)
+
+    encoded = [np.array(e.ids) for e in hf.encode_batch(sentences)]
+    documents = [encoded[i:] + encoded[:i] for i in range(len(encoded))]  # rotations: many pairs
+    ds = MaskedLMDataset(InMemoryIndexedDataset(documents), WordPiece(), 48, mode="sop", whole_word_masking=True,
+                         masked_lm_prob=0.3, num_samples=200)
+    pieces = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        real = item["attention_mask"] == 1
+        tokens = [hf.id_to_token(int(t)) for t in original_tokens(item)]
+        masked = (item["labels"] != -100)[real]
+        for k in range(1, len(tokens)):
+            # a piece is masked exactly when the piece before it is (truncation may leave a piece first)
+            if tokens[k].startswith("##") and tokens[k - 1] not in ("[CLS]", "[SEP]"):
+                pieces += 1
+                assert masked[k] == masked[k - 1], f"sample {i}: {tokens[k - 1]} {tokens[k]} split by the mask"
+    assert pieces > 500  # the small vocabulary splits many words

@@ -54,6 +54,13 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
+def _numbers(values) -> bool:
+    try:
+        return all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
+    except TypeError:
+        return False
+
+
 def word_starts(tokenizer) -> np.ndarray:
     """Which token ids start a word, ``bool [vocab_size]``, from a tokenizer's vocabulary.
 
@@ -326,9 +333,13 @@ class MaskedLMDataset:
         return int(self.samples_mapping.shape[0])
 
     def _span_tokens(self, span: int) -> np.ndarray:
-        tokens = np.asarray(self.indexed_dataset[int(self._span_sequence[span])])
+        sequence = int(self._span_sequence[span])
+        tokens = np.asarray(self.indexed_dataset[sequence])
         offset = int(self._span_offset[span])
         tokens = tokens[offset:offset + int(self._span_length[span])].astype(np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"{self.name}: sequence {sequence} holds token ids outside [0, vocab_size="
+                             f"{self.vocab_size}) (was the data prepared with another tokenizer?)")
         if self.eod_id is not None:
             tokens = tokens[tokens != self.eod_id]
         return tokens
@@ -470,13 +481,6 @@ class MaskedLMDataset:
         return (f"{type(self).__name__}(samples={len(self)}, max_seq_length={self.max_seq_length}, "
                 f"mode={self.mode!r}, masked_lm_prob={self.masked_lm_prob}, "
                 f"whole_word_masking={self.whole_word_masking}, seed={self.seed}, epochs={self.num_epochs})")
-
-
-def _numbers(values) -> bool:
-    try:
-        return all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
-    except TypeError:
-        return False
 
 
 class ElectraDataset(MaskedLMDataset):
