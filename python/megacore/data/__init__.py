@@ -1,6 +1,7 @@
 """megacore.data: tokenizers, the embedded corpus, Megatron-compatible indexed datasets, datasets and samplers."""
 
 from megacore.data.corpus import corpus_files, read_text
+from megacore.data.masked_lm import ElectraDataset, MaskedLMDataset, word_starts
 from megacore.data.tokenizer import (
     Tokenizer,
     from_gpt2_files,
@@ -12,6 +13,8 @@ from megacore.data.tokenizer import (
 )
 
 __all__ = [
+    "ElectraDataset",
+    "MaskedLMDataset",
     "Tokenizer",
     "corpus_files",
     "from_gpt2_files",
@@ -21,4 +24,5 @@ __all__ = [
     "read_text",
     "train_bpe",
     "train_wordpiece",
+    "word_starts",
 ]
