@@ -64,7 +64,8 @@ def _numbers(values) -> bool:
 def word_starts(tokenizer) -> np.ndarray:
     """Which token ids start a word, ``bool [vocab_size]``, from a tokenizer's vocabulary.
 
-    Needs ``tokenizer.id_to_token(i)`` (a megacore ``Tokenizer`` or a Hugging Face ``tokenizers.Tokenizer``;
+    A megacore ``Tokenizer`` answers with its own ``word_starts()``. Otherwise this needs
+    ``tokenizer.id_to_token(i)`` (e.g. a Hugging Face ``tokenizers.Tokenizer``;
     a wrapper exposing the latter as ``.tokenizer`` also works) and ``tokenizer.kind``:
     ``"wordpiece"``: tokens not starting with ``"##"``; ``"bpe"`` (byte-level, GPT-2 / RoBERTa): tokens
     starting with ``"Ġ"`` (a leading space); ``"sentencepiece"`` / ``"unigram"``: tokens starting with
@@ -72,6 +73,8 @@ def word_starts(tokenizer) -> np.ndarray:
 
     Raises ValueError when the tokenizer has no ``id_to_token`` or an unknown ``kind``.
     """
+    if callable(getattr(tokenizer, "word_starts", None)):  # megacore's Tokenizer knows its own rule
+        return np.asarray(tokenizer.word_starts(), dtype=bool)
     lookup = getattr(tokenizer, "id_to_token", None)
     if lookup is None and hasattr(tokenizer, "tokenizer"):
         lookup = getattr(tokenizer.tokenizer, "id_to_token", None)
