@@ -14,7 +14,7 @@ import pytest
 from megacore.cli import main
 from megacore.data import IndexedDataset
 from megacore.data.corpus import corpus_files, read_text
-from megacore.data.prepare import PrepareError, merge, prepare, split_sentences, tokenizer_path
+from megacore.data.prepare import PrepareError, merge_datasets, prepare_dataset, split_sentences, tokenizer_path
 from megacore.data.tokenizer import Tokenizer, train_bpe
 from tests.data.test_indexed import spec_read
 
@@ -34,7 +34,7 @@ def tok(tok_dir):
 
 def run(inputs, out, tok_dir, **kw):
     kw.setdefault("progress", False)
-    return prepare(inputs, out, tokenizer=tok_dir, log=lambda m: None, **kw)
+    return prepare_dataset(inputs, out, tokenizer=tok_dir, log=lambda m: None, **kw)
 
 
 def write(path, text_or_bytes):
@@ -125,7 +125,7 @@ class _BigVocab:
 
 
 def test_a_vocabulary_of_65500_or_more_tokens_is_stored_as_int32(tmp_path):
-    prepare([write(tmp_path / "a.txt", "abc")], tmp_path / "o", tokenizer=_BigVocab(), progress=False, log=print)
+    prepare_dataset([write(tmp_path / "a.txt", "abc")], tmp_path / "o", tokenizer=_BigVocab(), progress=False, log=print)
     ds = IndexedDataset(tmp_path / "o")
     assert ds.dtype == np.int32 and ds[0].tolist() == [60_097, 60_098, 60_099, 69_999]
 
@@ -283,7 +283,7 @@ class _FailingTokenizer(_BigVocab):
 def test_an_error_inside_a_worker_reaches_the_caller_and_writes_nothing(tmp_path):
     f = write(tmp_path / "d.jsonl", '{"text": "a"}\n' * 20 + '{"text": "poison"}\n' + '{"text": "a"}\n' * 20)
     with pytest.raises(ValueError, match="cannot tokenize this"):
-        prepare([f], tmp_path / "o", tokenizer=_FailingTokenizer(), workers=2, chunk_docs=3, progress=False,
+        prepare_dataset([f], tmp_path / "o", tokenizer=_FailingTokenizer(), workers=2, chunk_docs=3, progress=False,
                 log=lambda m: None)
     assert_nothing_written(tmp_path)
 
@@ -305,9 +305,17 @@ def test_merging_equals_preparing_the_inputs_together(tmp_path, tok_dir, capsys)
 def test_merging_datasets_of_different_tokenizers_is_refused(tmp_path, tok_dir):
     f = write(tmp_path / "a.txt", "Some words here.")
     run([f], tmp_path / "pa", tok_dir)
-    prepare([f], tmp_path / "pb", train_tokenizer="bpe", vocab_size=300, progress=False, log=lambda m: None)
+    prepare_dataset([f], tmp_path / "pb", train_tokenizer="bpe", vocab_size=300, progress=False, log=lambda m: None)
     with pytest.raises(PrepareError, match="differs from .*cannot be merged"):
-        merge([tmp_path / "pa", tmp_path / "pb"], tmp_path / "m")
+        merge_datasets([tmp_path / "pa", tmp_path / "pb"], tmp_path / "m")
     with pytest.raises(PrepareError, match="nope.idx does not exist"):
-        merge([tmp_path / "pa", tmp_path / "nope"], tmp_path / "m")
+        merge_datasets([tmp_path / "pa", tmp_path / "nope"], tmp_path / "m")
     assert_nothing_written(tmp_path, "m")
+
+
+def test_the_benchmark_prints_a_row_per_corpus_and_worker_count(capsys):
+    assert main(["bench", "prepare", "--quick", "--workers", "1", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| austen")]
+    assert len(rows) == 4, out
+    assert all(row.count("|") == 8 and row.endswith("x |") for row in rows)

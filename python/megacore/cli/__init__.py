@@ -21,15 +21,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from megacore.data.prepare import PrepareError, merge, prepare
+    from megacore.data.prepare import PrepareError, merge_datasets, prepare_dataset
 
     try:
         if args.merge:
             if args.inputs:
                 raise PrepareError("megacore prepare --merge: takes the datasets after --merge, not as inputs")
-            summary = merge(args.merge, args.output)
+            summary = merge_datasets(args.merge, args.output)
         else:
-            summary = prepare(
+            summary = prepare_dataset(
                 args.inputs, args.output, tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
                 vocab_size=args.vocab_size, split=args.split, fmt=args.format, json_key=args.json_key,
                 document_unit=args.document_unit, workers=args.workers, append_eod=not args.no_eod,
@@ -88,10 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a side-by-side benchmark (ops: fused ops; layer: the transformer layer; model: whole models vs Hugging Face)",
+        help="run a side-by-side benchmark (ops: fused ops; layer: the transformer layer; model: whole models vs "
+             "Hugging Face; prepare: `megacore prepare` vs plain tokenizers)",
         description="Run a benchmark; options after NAME go to it (e.g. `megacore bench ops --help`).",
     )
-    bench.add_argument("name", choices=["ops", "layer", "model"], help="which benchmark")
+    bench.add_argument("name", choices=["ops", "layer", "model", "prepare"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     bench.set_defaults(func=_cmd_bench)
     _add_prepare(sub)

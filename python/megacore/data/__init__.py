@@ -8,3 +8,4 @@ from megacore.data.indexed import (
     data_file_path,
     index_file_path,
 )
+from megacore.data.prepare import PrepareError, PrepareSummary, merge_datasets, prepare_dataset, split_sentences

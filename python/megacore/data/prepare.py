@@ -139,9 +139,12 @@ class _Reader:
 
     def _problem(self, message: str, counter: str) -> None:
         setattr(self.summary, counter, getattr(self.summary, counter) + 1)
+        # The first 100 are kept and shown; a file with a million bad lines must not flood the terminal.
         if len(self.summary.problems) < 100:
             self.summary.problems.append(message)
-        self.warn(message)
+            self.warn(message)
+            if len(self.summary.problems) == 100:
+                self.warn("megacore prepare: further problems are counted in the summary, not shown")
 
     def _decode(self, raw: bytes, path: Path, offset: int, line: int) -> str | None:
         """UTF-8 text of ``raw`` (found at byte ``offset``, line ``line`` of ``path``) under the policy; None
@@ -333,21 +336,20 @@ def _tokenize_chunk(texts: list[str]) -> tuple[np.ndarray, list[list[int]]]:
     return tokens, lengths
 
 
-def _chunks(documents: Iterable[_Document], chunk_chars: int, chunk_docs: int) -> Iterator[tuple[list[str], int, int]]:
-    """Groups documents into (texts, number of input documents, progress bytes), bounded by characters (a
+def _chunks(documents: Iterable[_Document], chunk_chars: int, chunk_docs: int) -> Iterator[tuple[list[str], int]]:
+    """Groups the non-empty documents into (texts, input bytes they account for), bounded by characters (a
     chunk of many short lines and one of a few novels should cost the workers about the same)."""
-    texts, n, chars, progress = [], 0, 0, 0
+    texts, chars, progress = [], 0, 0
     for doc in documents:
         progress += doc.progress
         if doc.text:
             texts.append(doc.text)
             chars += len(doc.text)
-        n += 1
         if chars >= chunk_chars or len(texts) >= chunk_docs:
-            yield texts, n, progress
-            texts, n, chars, progress = [], 0, 0, 0
-    if n:
-        yield texts, n, progress
+            yield texts, progress
+            texts, chars, progress = [], 0, 0
+    if texts or progress:
+        yield texts, progress
 
 
 # -- the command ------------------------------------------------------------------------------------------------
@@ -386,7 +388,7 @@ def _save_tokenizer(tok, prefix: str) -> Path:
     return target
 
 
-def prepare(
+def prepare_dataset(
     inputs: Sequence[str | os.PathLike] | None,
     output: str | os.PathLike,
     *,
@@ -480,10 +482,10 @@ def prepare(
             chunks = _chunks(reader(summary), chunk_chars, chunk_docs)
             if pool is None:
                 _init_worker(tok, options)
-                results = ((_tokenize_chunk(texts), n, p) for texts, n, p in chunks)
+                results = ((_tokenize_chunk(texts), p) for texts, p in chunks)
             else:
                 results = _ordered(pool, chunks, 2 * workers + 2)
-            for (tokens, lengths), n, p in results:
+            for (tokens, lengths), p in results:
                 pos = 0
                 for seq_lengths in lengths:
                     size = sum(seq_lengths)
@@ -525,14 +527,14 @@ def _ordered(pool, chunks, window: int):
     from collections import deque
 
     pending = deque()
-    for texts, n, p in chunks:
-        pending.append((pool.apply_async(_tokenize_chunk, (texts,)), n, p))
+    for texts, p in chunks:
+        pending.append((pool.apply_async(_tokenize_chunk, (texts,)), p))
         if len(pending) >= window:
-            result, n0, p0 = pending.popleft()
-            yield result.get(), n0, p0
+            result, p0 = pending.popleft()
+            yield result.get(), p0
     while pending:
-        result, n0, p0 = pending.popleft()
-        yield result.get(), n0, p0
+        result, p0 = pending.popleft()
+        yield result.get(), p0
 
 
 def _remove(path: str) -> None:
@@ -560,7 +562,7 @@ def _make_pool(workers: int, tokenizer, options: dict):
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def merge(prefixes: Sequence[str | os.PathLike], output: str | os.PathLike,
+def merge_datasets(prefixes: Sequence[str | os.PathLike], output: str | os.PathLike,
           log: Callable[[str], None] | None = None) -> PrepareSummary:
     """Concatenates prepared datasets (same dtype) into ``<output>.bin/.idx``, documents in the given order.
     Their tokenizers (``<prefix>.tokenizer/``), where present, must be identical; it is copied next to the
