@@ -125,6 +125,8 @@ def _has_module(name: str) -> bool:
 setup(
     package_dir={"": "python"},
     packages=find_packages(where="python"),
+    # The embedded corpus (megacore.data.corpus): Jane Austen's novels, xz-compressed, with their README.
+    package_data={"megacore.data": ["corpus/austen/*"]},
     ext_modules=[CMakeExtension("megacore._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
