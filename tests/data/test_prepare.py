@@ -160,6 +160,15 @@ def assert_nothing_written(tmp_path, name="o"):
     assert left == [], left
 
 
+def test_conflicting_tokenizer_options_are_refused(tmp_path, tok_dir):
+    f = write(tmp_path / "a.txt", "text")
+    with pytest.raises(PrepareError, match="--vocab-size is for a trained tokenizer"):
+        run([f], tmp_path / "o", tok_dir, vocab_size=100)
+    with pytest.raises(PrepareError, match="either --tokenizer or --train-tokenizer"):
+        run([f], tmp_path / "o", tok_dir, train_tokenizer="bpe")
+    assert_nothing_written(tmp_path)
+
+
 def test_a_missing_input_is_a_clear_error(tmp_path, tok_dir):
     with pytest.raises(PrepareError, match="input .*nope.txt does not exist"):
         run([tmp_path / "nope.txt"], tmp_path / "o", tok_dir)

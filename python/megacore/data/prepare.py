@@ -360,6 +360,8 @@ def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_te
     if tokenizer is not None and train_tokenizer is not None:
         raise PrepareError("megacore prepare: pass either --tokenizer or --train-tokenizer, not both")
     if tokenizer is not None:
+        if vocab_size is not None:
+            raise PrepareError("megacore prepare: --vocab-size is for a trained tokenizer; --tokenizer has its own")
         if isinstance(tokenizer, (str, os.PathLike)):
             return Tokenizer.load(tokenizer)
         return tokenizer
