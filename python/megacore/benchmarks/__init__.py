@@ -3,7 +3,8 @@
 Each module has a ``main(argv)``; results for this project's machines are in docs/benchmarks.md.
 """
 
-BENCHMARKS = {"ops": "megacore.benchmarks.ops", "layer": "megacore.benchmarks.layer", "model": "megacore.benchmarks.model"}
+BENCHMARKS = {"ops": "megacore.benchmarks.ops", "layer": "megacore.benchmarks.layer", "model": "megacore.benchmarks.model",
+              "prepare": "megacore.benchmarks.prepare"}
 
 
 def main(argv: list[str] | None = None) -> int:

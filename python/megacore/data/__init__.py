@@ -3,7 +3,16 @@
 from megacore.data.blended import BlendedDataset, blending_sample_counts
 from megacore.data.corpus import corpus_files, read_text
 from megacore.data.gpt_dataset import GPTDataset, build_gpt_datasets, document_lengths
+from megacore.data.indexed import (
+    DTYPE_CODES,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    best_dtype,
+    data_file_path,
+    index_file_path,
+)
 from megacore.data.masked_lm import ElectraDataset, MaskedLMDataset, word_starts
+from megacore.data.prepare import PrepareError, PrepareSummary, merge_datasets, prepare_dataset, split_sentences
 from megacore.data.sampler import PretrainingSampler, RandomPretrainingSampler
 from megacore.data.splits import parse_split, split_documents, split_ranges
 from megacore.data.tokenizer import (
@@ -18,24 +27,35 @@ from megacore.data.tokenizer import (
 
 __all__ = [
     "BlendedDataset",
+    "DTYPE_CODES",
     "ElectraDataset",
     "GPTDataset",
+    "IndexedDataset",
+    "IndexedDatasetBuilder",
     "MaskedLMDataset",
+    "PrepareError",
+    "PrepareSummary",
     "PretrainingSampler",
     "RandomPretrainingSampler",
     "Tokenizer",
+    "best_dtype",
     "blending_sample_counts",
     "build_gpt_datasets",
     "corpus_files",
+    "data_file_path",
     "document_lengths",
     "from_gpt2_files",
     "from_sentencepiece",
     "from_tokenizer_json",
     "from_wordpiece_vocab",
+    "index_file_path",
+    "merge_datasets",
     "parse_split",
+    "prepare_dataset",
     "read_text",
     "split_documents",
     "split_ranges",
+    "split_sentences",
     "train_bpe",
     "train_wordpiece",
     "word_starts",
