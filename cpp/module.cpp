@@ -157,7 +157,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("weights"), py::arg("size"),
       "(dataset_index int16 [size], dataset_sample_index int64 [size]): Megatron's greedy blending, each prefix "
-      "following the normalised weights to within one sample.");
+      "following the normalised weights (each count within 1.5 samples of its share at every prefix, within 1 at the end).");
   m.def(
       "build_exhaustive_blending_indices",
       [](const py::object& sizes_obj) {
