@@ -328,3 +328,9 @@ def test_the_benchmark_prints_a_row_per_corpus_and_worker_count(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| austen")]
     assert len(rows) == 4, out
     assert all(row.count("|") == 8 and row.endswith("x |") for row in rows)
+
+
+def test_the_output_directory_is_created(tmp_path, tok_dir):
+    out = tmp_path / "new" / "deeper" / "ds"
+    s = run([write(tmp_path / "a.txt", "Some text.")], out, tok_dir)
+    assert s.documents == 1 and out.with_suffix(".idx").is_file() and out.with_suffix(".bin").is_file()

@@ -439,8 +439,8 @@ def prepare_dataset(
     if not isinstance(workers, int) or workers < 1:
         raise PrepareError(f"megacore prepare: workers must be a positive int, got {workers!r}")
     out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise PrepareError(f"megacore prepare: the output directory {out_dir} does not exist")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PrepareError(f"megacore prepare: the output's parent {out_dir} is not a directory")
 
     if inputs:
         files = expand_inputs(inputs)
@@ -467,6 +467,7 @@ def prepare_dataset(
         eod = tok.eod
         if eod is None:
             raise PrepareError("megacore prepare: the tokenizer has no EOD token (nor SEP); pass --no-eod")
+    os.makedirs(out_dir, exist_ok=True)  # `-o data/corpus` makes data/ as a user expects
     dtype = best_dtype(tok.vocab_size)
     options = {"eod": eod, "split_sentences": split_sentences}
     total_bytes = sum(p.stat().st_size for p in files)
