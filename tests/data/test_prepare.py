@@ -334,3 +334,18 @@ def test_the_output_directory_is_created(tmp_path, tok_dir):
     out = tmp_path / "new" / "deeper" / "ds"
     s = run([write(tmp_path / "a.txt", "Some text.")], out, tok_dir)
     assert s.documents == 1 and out.with_suffix(".idx").is_file() and out.with_suffix(".bin").is_file()
+
+
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path, tok_dir):
+    """Atomic writes go through temp files (0600 from tempfile): the results must still be readable by
+    others as the umask allows, like any file the user creates."""
+    import os
+    import stat
+
+    from megacore._files import umask
+
+    expected = 0o666 & ~umask()
+    out = tmp_path / "ds"
+    run([write(tmp_path / "a.txt", "Some text.")], out, tok_dir)
+    for f in (out.with_suffix(".bin"), out.with_suffix(".idx"), tmp_path / "ds.tokenizer" / "tokenizer.json"):
+        assert stat.S_IMODE(os.stat(f).st_mode) == expected, f

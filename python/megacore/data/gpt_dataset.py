@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from megacore import _C
+from megacore._files import atomic_write, atomic_write_text
 
 __all__ = ["GPTDataset", "build_gpt_datasets", "document_lengths"]
 
@@ -48,27 +48,11 @@ def document_lengths(dataset) -> np.ndarray:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
             np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write)
 
 
 def _dataset_prefix(dataset) -> str | None:
@@ -281,7 +265,7 @@ class GPTDataset:
             for name, array in zip(("document_index.npy", "sample_index.npy", "shuffle_index.npy"), indices):
                 _atomic_save(paths[name], array)
             # Written last: its presence (with matching content) marks a complete cache entry.
-            _atomic_write_text(paths["description.json"], json.dumps(self.description, sort_keys=True, indent=1))
+            atomic_write_text(paths["description.json"], json.dumps(self.description, sort_keys=True, indent=1))
         except OSError:
             pass  # an unwritable cache only costs a rebuild next time
         return indices

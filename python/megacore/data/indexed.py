@@ -24,12 +24,13 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import tempfile
 from array import array
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 import numpy as np
+
+from megacore._files import new_temp_file
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -68,21 +69,6 @@ def dtype_code(dtype) -> int:
     except (KeyError, TypeError) as e:
         names = ", ".join(np.dtype(t).name for t in DTYPE_CODES.values())
         raise ValueError(f"megacore.data.indexed: dtype {dtype!r} is not storable; expected one of {names}") from e
-
-
-def _atomic_tmp(path: str) -> str:
-    """A fresh temporary file next to ``path`` (same file system, so ``os.replace`` is atomic)."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the dataset gets the permissions of any new file
-    return tmp
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class IndexedDataset:
@@ -258,7 +244,7 @@ def write_index(idx_path: PathLike, dtype, sequence_lengths, document_indices) -
     pointers = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1] * dtype.itemsize, out=pointers[1:])
     idx_path = os.fspath(idx_path)
-    tmp = _atomic_tmp(idx_path)
+    tmp = new_temp_file(idx_path)
     try:
         with open(tmp, "wb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, code, len(lengths), len(docs)))
@@ -300,7 +286,7 @@ class IndexedDatasetBuilder:
         if not os.path.isdir(os.path.dirname(os.path.abspath(self.bin_path))):
             raise FileNotFoundError(f"megacore.data.IndexedDatasetBuilder: the directory of {self.bin_path} "
                                     f"does not exist")
-        self._tmp_bin = _atomic_tmp(self.bin_path)
+        self._tmp_bin = new_temp_file(self.bin_path)
         self._file = open(self._tmp_bin, "wb")
         self._lengths = array("q")  # compact: billions of sequences must not become Python ints
         self._document_indices = array("q", [0])

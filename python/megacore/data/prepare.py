@@ -41,9 +41,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from megacore._files import umask
 from megacore.data.indexed import (
     IndexedDataset,
-    _umask,
     IndexedDatasetBuilder,
     best_dtype,
     data_file_path,
@@ -379,7 +379,7 @@ def _save_tokenizer(tok, prefix: str) -> Path:
     target = tokenizer_path(prefix)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         tok.save(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -602,7 +602,7 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output: str | os.PathL
         if tokenizers:
             target = tokenizer_path(output)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~umask())
             shutil.copytree(tokenizers[0], tmp, dirs_exist_ok=True)
             if target.exists():
                 shutil.rmtree(target)

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megacore._files import atomic_write_text
+
 try:
     import tokenizers
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -222,8 +224,8 @@ class Tokenizer:
             "vocab_size": self.vocab_size,
             "special_tokens": self.special_tokens,
         }
-        _write_atomic(directory / _JSON_FILE, self.backend.to_str(pretty=True))
-        _write_atomic(directory / _META_FILE, json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(directory / _JSON_FILE, self.backend.to_str(pretty=True))
+        atomic_write_text(directory / _META_FILE, json.dumps(meta, indent=2) + "\n")
         return directory
 
     def save_vocab(self, directory: str | os.PathLike) -> list[Path]:
@@ -277,20 +279,6 @@ class Tokenizer:
 
 
 # -------------------------------------------------------------------- helpers
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _backend_from_file(path: Path, fn: str) -> tokenizers.Tokenizer:

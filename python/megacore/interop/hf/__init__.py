@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megacore._files import atomic_write
 from megacore.interop.hf import bert, electra, gpt2  # noqa: F401  (register their families)
 from megacore.interop.hf.family import FAMILIES, Family, family_of_architecture, family_of_model
 from megacore.interop.hf.sharding import full_state, load_full_state
@@ -150,19 +150,6 @@ def to_hf(model: nn.Module, architecture: Optional[str] = None) -> nn.Module:
     return hf_model.to(p.device).train(model.training)
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(temp_path)`` then a rename over ``path``: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_hf_safetensors(model: nn.Module, directory: str, architecture: Optional[str] = None) -> str:
     """Writes ``model``'s weights in the Hugging Face layout: ``directory/model.safetensors`` (HF's key
     names and shapes, tied copies left out as ``save_pretrained`` does) and ``directory/config.json``
@@ -180,14 +167,14 @@ def save_hf_safetensors(model: nn.Module, directory: str, architecture: Optional
     if not dist.is_initialized() or dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.to("cpu").contiguous() for k, v in hf_state.items()}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
         def write_config(tmp: str) -> None:
             with open(tmp, "w") as f:
                 json.dump(hf_config, f, indent=2, sort_keys=True)
                 f.write("\n")
 
-        _atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
+        atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
     if dist.is_initialized():
         dist.barrier()
     return path
