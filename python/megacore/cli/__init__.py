@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
              "Hugging Face; prepare: `megacore prepare` vs plain tokenizers)",
         description="Run a benchmark; options after NAME go to it (e.g. `megacore bench ops --help`).",
     )
-    bench.add_argument("name", choices=["ops", "layer", "model", "prepare"], help="which benchmark")
+    bench.add_argument("name", choices=["ops", "layer", "model", "prepare", "train"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     bench.set_defaults(func=_cmd_bench)
     _add_prepare(sub)
