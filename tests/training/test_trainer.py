@@ -136,6 +136,23 @@ def _check_data_parallel_training(rank, world):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     for p, q in zip(whole.model.parameters(), ddp.module.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=5e-5)
+
+    # bf16 parameters, fp32 gradient buckets (main_grad) and fp32 masters: follows the fp32 run closely
+    from megacore.training import MixedPrecision
+
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    precision = MixedPrecision(model, torch.bfloat16)
+    ddp = DistributedDataParallel(model, grad_dtype=torch.float32)
+    optimizer = build_optimizer(precision, lr=3e-3, weight_decay=0.01)
+    schedule = LRSchedule(optimizer, max_lr=3e-3, min_lr=3e-4, warmup_steps=5, total_steps=40)
+    bf16 = Trainer(ddp, optimizer, schedule, precision=precision, grad_accumulation=2, ddp=ddp)
+    for mbs in batches:
+        mine = [{k: v[rank * 2: rank * 2 + 2] for k, v in mb.items()} for mb in mbs]
+        out = bf16.train_step(mine)
+    assert out["loss"] == pytest.approx(a["loss"], rel=2e-2)
+    for m, p in zip(precision.parameters(), whole.model.parameters()):
+        torch.testing.assert_close(m, p, rtol=0, atol=2e-2)
     destroy_model_parallel()
 
 

@@ -7,7 +7,6 @@ import math
 from typing import Iterable, Sequence
 
 import torch
-from torch import nn
 
 from megacore.parallel import state
 from megacore.parallel.collectives import all_reduce

@@ -8,7 +8,7 @@ fp32 masters), then ``DistributedDataParallel(model, grad_dtype=torch.float32)``
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 from torch import nn
