@@ -1,0 +1,28 @@
+"""megacore.training: the optimizer and learning-rate schedule, gradient clipping across tensor-parallel
+ranks, mixed precision (fp32 master weights, dynamic loss scaling) and the training step.
+
+Typical use (one process, or every rank under torchrun)::
+
+    model = build("gpt-tiny", ...)                       # fp32 parameters
+    precision = MixedPrecision(model, torch.bfloat16)    # casts the model, keeps fp32 master weights
+    ddp = DistributedDataParallel(model, grad_dtype=torch.float32)   # only when data-parallel
+    optimizer = build_optimizer(precision, lr=6e-4)      # steps on the master weights
+    schedule = LRSchedule(optimizer, max_lr=6e-4, min_lr=6e-5, warmup_steps=100, total_steps=5000)
+    trainer = Trainer(ddp or model, optimizer, schedule, precision=precision, grad_accumulation=4, ddp=ddp)
+    metrics = trainer.train_step(micro_batches)          # {"loss", "grad_norm", "lr", "skipped", "tokens"}
+"""
+
+from megacore.training.optim import LRSchedule, build_optimizer, clip_grad_norm, parameter_groups
+from megacore.training.precision import DynamicLossScaler, MixedPrecision
+from megacore.training.trainer import Trainer, masked_mean_loss
+
+__all__ = [
+    "DynamicLossScaler",
+    "LRSchedule",
+    "MixedPrecision",
+    "Trainer",
+    "build_optimizer",
+    "clip_grad_norm",
+    "masked_mean_loss",
+    "parameter_groups",
+]
