@@ -257,3 +257,92 @@ def test_an_optimizer_without_saved_state_and_bad_arguments_are_clear_errors(tmp
         save_checkpoint(tmp_path, 1, model, extra=[1])
     with pytest.raises(ValueError, match="optimizer's 1 parameters"):
         save_checkpoint(tmp_path, 1, model, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]))
+
+
+# ------------------------------------------------------------------------------------------------ resharding
+
+
+def _full(model, tensors: dict[str, torch.Tensor], group, world: int) -> dict[str, torch.Tensor]:
+    """Test-side unsharding of this rank's ``tensors`` (parameter name -> tensor of the parameter's shape)."""
+    from tests.parallel.utils import gather_shards
+
+    params = dict(model.named_parameters())
+    out = {}
+    for name, t in tensors.items():
+        dim = getattr(params[name], "partition_dim", None)
+        if world > 1 and dim is not None:
+            t = torch.cat(gather_shards(t, group, world), dim)
+        out[name] = t[:VOCAB] if name == "embedding.word.weight" else t
+    return out
+
+
+def _save_at_tp2_dp2(rank, world, root, out):
+    from megacore.parallel import destroy_model_parallel, initialize_model_parallel
+
+    initialize_model_parallel(2)  # 4 ranks: tensor-parallel 2 x data-parallel 2 (same data on both replicas)
+    try:
+        model = tiny_gpt(seed=0, dropout=0.0, tensor_parallel=True)
+        opt = adamw(model)
+        train(model, opt, 0, 2)
+        save_checkpoint(root, 2, model, opt, extra={"next_step": 2})
+        next_loss = train(model, opt, 2, 1)[0]  # the run without a reload
+        if rank == 0:
+            torch.save(next_loss, out)
+    finally:
+        destroy_model_parallel()
+
+
+def _check_against_files(model, opt, root, group, world):
+    step_dir = resolve_checkpoint(root)
+    weights = load_file(os.path.join(step_dir, "model.safetensors"))
+    saved_opt = torch.load(os.path.join(step_dir, "optimizer.pt"), weights_only=True)
+    full = _full(model, dict(model.named_parameters()), group, world)
+    assert set(full) == set(weights)
+    for name, t in full.items():
+        assert torch.equal(t, weights[name]), name
+    for key in ("exp_avg", "exp_avg_sq"):
+        moments = _full(model, {n: opt.state[p][key] for n, p in model.named_parameters()}, group, world)
+        for name, t in moments.items():
+            assert torch.equal(t, saved_opt["state"][name][key]), (name, key)
+    for name, p in model.named_parameters():
+        assert torch.equal(opt.state[p]["step"], saved_opt["state"][name]["step"])
+
+
+def _load_at_tp4(rank, world, root, expected_loss):
+    from megacore.parallel import destroy_model_parallel, get_tensor_parallel_group, initialize_model_parallel
+
+    initialize_model_parallel(4)
+    try:
+        model = tiny_gpt(seed=5, dropout=0.0, tensor_parallel=True)
+        opt = adamw(model)
+        extra = load_checkpoint(root, model, opt)
+        word = model.embedding.word.weight  # [104 / 4, h]: rows 101..103 are padding, on rank 3
+        if rank == 3:
+            assert word.shape[0] == 26 and torch.all(word[-3:] == 0)
+            assert torch.all(opt.state[word]["exp_avg"][-3:] == 0)
+        _check_against_files(model, opt, root, get_tensor_parallel_group(), world)
+        loss = train(model, opt, extra["next_step"], 1)[0]
+        assert loss == pytest.approx(expected_loss, rel=1e-5, abs=1e-6), (loss, expected_loss)
+    finally:
+        destroy_model_parallel()
+
+
+def test_a_checkpoint_saved_at_tp2_loads_at_tp1_and_tp4_and_training_continues_alike(tmp_path):
+    root, out = str(tmp_path / "ckpt"), str(tmp_path / "next_loss.pt")
+    run_distributed(_save_at_tp2_dp2, 4, root, out, timeout_s=120)
+    step_dir = resolve_checkpoint(root)
+    # data parallelism: one merged copy; every rank's RNG state
+    assert sorted(os.listdir(step_dir)) == ["extra.pt", "meta.json", "model.safetensors", "optimizer.pt"] + \
+        [f"rng_rank{r}.pt" for r in range(4)]
+    meta = read_checkpoint_meta(root)
+    assert (meta["tensor_parallel_size"], meta["data_parallel_size"]) == (2, 2)
+    assert meta["parameters"]["embedding.word.weight"]["shape"] == [VOCAB, 32]  # unpadded (TP 2 pads to 102)
+    expected_loss = torch.load(out)
+
+    model = tiny_gpt(seed=5, dropout=0.0)  # TP = 1, no process group
+    opt = adamw(model)
+    extra = load_checkpoint(root, model, opt)
+    _check_against_files(model, opt, root, None, 1)
+    assert train(model, opt, extra["next_step"], 1)[0] == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
+
+    run_distributed(_load_at_tp4, 4, root, expected_loss, timeout_s=120)
