@@ -153,6 +153,24 @@ def test_fp32_master_weights_of_half_precision_parameters_are_saved_and_restored
     assert torch.equal(opt.state[masters[0]]["exp_avg"], other_opt.state[other_masters[0]]["exp_avg"])
 
 
+def test_electra_round_trip_keeps_the_shared_embedding_and_the_generator_bias(tmp_path):
+    from megacore.models import registry
+
+    def electra(seed):
+        torch.manual_seed(seed)
+        return registry.build("electra-small", vocab_size=VOCAB, hidden_size=32, num_layers=1, num_attention_heads=2,
+                              ffn_hidden_size=64, embedding_size=16)
+
+    model = electra(0)
+    save_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()))
+    meta = read_checkpoint_meta(tmp_path)["parameters"]
+    assert meta["generator.mlm_head.bias"]["vocab_size"] == VOCAB  # a vocab table: padded under TP, unpadded here
+    other = electra(1)
+    load_checkpoint(tmp_path, other, torch.optim.AdamW(other.parameters()))
+    for (name, a), (_, b) in zip(model.named_parameters(), other.named_parameters()):
+        assert torch.equal(a, b), name
+
+
 # ------------------------------------------------------------------------------------------------ kill -9
 
 _SAVER = textwrap.dedent("""
@@ -255,6 +273,8 @@ def test_an_optimizer_without_saved_state_and_bad_arguments_are_clear_errors(tmp
         save_checkpoint(tmp_path, 1, model, keep_last=0)
     with pytest.raises(TypeError, match="save_checkpoint: extra must be a dict"):
         save_checkpoint(tmp_path, 1, model, extra=[1])
+    with pytest.raises(TypeError, match=r"save_checkpoint: extra\['config'\] is a ModelConfig"):
+        save_checkpoint(tmp_path, 1, model, extra={"config": model.config})
     with pytest.raises(ValueError, match="optimizer's 1 parameters"):
         save_checkpoint(tmp_path, 1, model, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]))
 
@@ -329,7 +349,7 @@ def _load_at_tp4(rank, world, root, expected_loss):
 
 def test_a_checkpoint_saved_at_tp2_loads_at_tp1_and_tp4_and_training_continues_alike(tmp_path):
     root, out = str(tmp_path / "ckpt"), str(tmp_path / "next_loss.pt")
-    run_distributed(_save_at_tp2_dp2, 4, root, out, timeout_s=120)
+    run_distributed(_save_at_tp2_dp2, 4, root, out, timeout_s=150)
     step_dir = resolve_checkpoint(root)
     # data parallelism: one merged copy; every rank's RNG state
     assert sorted(os.listdir(step_dir)) == ["extra.pt", "meta.json", "model.safetensors", "optimizer.pt"] + \

@@ -241,6 +241,27 @@ def _set_rng_state(rng: dict) -> None:
 # Files
 
 
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def _check_loadable(value, where: str, fn: str) -> None:
+    """TypeError naming the key path of the first object ``torch.load(weights_only=True)`` would refuse."""
+    if torch.is_tensor(value) or isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_loadable(item, f"{where}[{i}]", fn)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_loadable(key, f"{where} key {key!r}", fn)
+            _check_loadable(item, f"{where}[{key!r}]", fn)
+        return
+    raise TypeError(f"megacore.training.{fn}: {where} is a {type(value).__name__}; a checkpoint holds tensors, "
+                    "numbers, strings, None, and lists, tuples and dicts of them (pass state_dict()s, and configs "
+                    "as dicts)")
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -304,6 +325,7 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
         raise ValueError(f"megacore.training.{fn}: keep_last={keep_last!r} must be None or an int >= 1")
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"megacore.training.{fn}: extra must be a dict or None, got {type(extra).__name__}")
+    _check_loadable(extra, "extra", fn)
     if not isinstance(model, nn.Module):
         raise TypeError(f"megacore.training.{fn}: model must be an nn.Module, got {type(model).__name__}")
     from safetensors.torch import save_file
