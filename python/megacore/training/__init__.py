@@ -10,8 +10,16 @@ Typical use (one process, or every rank under torchrun)::
     schedule = LRSchedule(optimizer, max_lr=6e-4, min_lr=6e-5, warmup_steps=100, total_steps=5000)
     trainer = Trainer(ddp or model, optimizer, schedule, precision=precision, grad_accumulation=4, ddp=ddp)
     metrics = trainer.train_step(micro_batches)          # {"loss", "grad_norm", "lr", "skipped", "tokens"}
+    save_checkpoint("ckpt", step, model, optimizer, extra={"schedule": schedule.state_dict()}, keep_last=3)
+
+Checkpoints (``checkpoint.py``) hold full, merged weights and optimizer moments, so they load at any
+tensor-parallel size; ``generate.py`` decodes with a KV cache; ``evaluate.py`` gives perplexity and a
+LAMBADA-style last-word accuracy.
 """
 
+from megacore.training.checkpoint import load_checkpoint, save_checkpoint
+from megacore.training.evaluate import last_word_accuracy, perplexity
+from megacore.training.generate import generate
 from megacore.training.optim import LRSchedule, build_optimizer, clip_grad_norm, parameter_groups
 from megacore.training.precision import DynamicLossScaler, MixedPrecision
 from megacore.training.trainer import Trainer, masked_mean_loss
@@ -23,6 +31,11 @@ __all__ = [
     "Trainer",
     "build_optimizer",
     "clip_grad_norm",
+    "generate",
+    "last_word_accuracy",
+    "load_checkpoint",
     "masked_mean_loss",
     "parameter_groups",
+    "perplexity",
+    "save_checkpoint",
 ]
