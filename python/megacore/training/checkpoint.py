@@ -148,12 +148,15 @@ def _shard(info: _Param, full: torch.Tensor, rank: int, world: int, what: str, f
 
 def _optimizer_params(optimizer: torch.optim.Optimizer, params: list[_Param], fn: str) -> list[list[tuple[_Param, torch.Tensor]]]:
     """Per param group, (model parameter, optimizer parameter) pairs. The optimizer's parameters are the
-    model's own, or (fp32 master weights) one copy per model parameter of the same shape, in
+    model's own; or fp32 master weights that name their model parameter (``master.model_param``, as
+    ``MixedPrecision`` sets it); or one copy per model parameter of the same shape, in
     ``model.named_parameters()`` order."""
     by_id = {id(info.param): info for info in params}
     flat = [p for group in optimizer.param_groups for p in group["params"]]
     if all(id(p) in by_id for p in flat):
         match = {id(p): by_id[id(p)] for p in flat}
+    elif all(id(getattr(p, "model_param", None)) in by_id for p in flat):  # MixedPrecision's fp32 masters
+        match = {id(p): by_id[id(p.model_param)] for p in flat}
     elif len(flat) == len(params) and all(p.shape == info.param.shape for p, info in zip(flat, params)):
         match = {id(p): info for p, info in zip(flat, params)}
     else:

@@ -55,6 +55,7 @@ class MixedPrecision:
                 for tag in _TAGS:
                     if hasattr(p, tag):
                         setattr(master, tag, getattr(p, tag))
+                master.model_param = p  # which model parameter this is the master of (checkpoints read it)
                 self._masters.append(master)
         model.to(dtype)  # in place: param.data is replaced, the Parameter objects (and tags) stay
 
