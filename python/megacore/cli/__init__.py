@@ -89,13 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="run a side-by-side benchmark (ops: fused ops; layer: the transformer layer; model: whole models vs "
-             "Hugging Face; prepare: `megacore prepare` vs plain tokenizers)",
+             "Hugging Face; prepare: `megacore prepare` vs plain tokenizers; train: a training step vs Hugging Face)",
         description="Run a benchmark; options after NAME go to it (e.g. `megacore bench ops --help`).",
     )
     bench.add_argument("name", choices=["ops", "layer", "model", "prepare", "train"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     bench.set_defaults(func=_cmd_bench)
     _add_prepare(sub)
+    from megacore.cli.training import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -1,0 +1,168 @@
+"""`megacore train`, `megacore evaluate`, `megacore generate`: thin argument parsing over megacore.training."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import get_type_hints
+
+_HELP = {
+    "model": "preset to train (megacore.models.registry.PRESETS)",
+    "data": "prefix of a prepared dataset (megacore prepare); default: the embedded Austen corpus",
+    "valid_data": "prefix of the validation dataset; default: the corpus's held-out novel, or 1%% of --data",
+    "tokenizer": "tokenizer directory; default: PREFIX.tokenizer next to --data",
+    "vocab_size": "vocabulary of the BPE trained for the embedded corpus",
+    "cache_dir": "where the embedded corpus and dataset indices are prepared (once)",
+    "output": "run directory: metrics.jsonl, loss.png, checkpoints/",
+    "seq_len": "tokens per sample",
+    "micro_batch_size": "samples per forward/backward on each data-parallel rank",
+    "global_batch_size": "samples per optimizer step (gradient accumulation makes up the rest)",
+    "train_steps": "optimizer steps",
+    "lr": "peak learning rate", "min_lr": "final learning rate (cosine decay)", "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay (not on biases, norms, embeddings)", "clip_grad": "global gradient-norm clip",
+    "dtype": "parameter dtype: float32, bfloat16 (fp32 master weights) or float16 (+ dynamic loss scaling)",
+    "recompute": "activation checkpointing: none, selective (core attention) or full (every layer)",
+    "hidden_dropout": "dropout on residual branches", "attention_dropout": "dropout on attention probabilities",
+    "tensor_parallel_size": "tensor-parallel size (under torchrun; data-parallel = processes / this)",
+    "sequence_parallel": "sequence parallelism inside tensor-parallel groups",
+    "seed": "seed of initialization, data order and dropout", "log_interval": "steps between metric lines",
+    "eval_interval": "steps between validations", "eval_batches": "validation batches",
+    "save_interval": "steps between checkpoints", "keep_last": "checkpoints kept",
+    "num_workers": "DataLoader worker processes", "progress": "show the progress bar",
+    "model_overrides": "JSON object of ModelConfig fields to override, e.g. '{\"num_layers\": 2}'",
+}
+
+
+def _add_train(sub) -> None:
+    from megacore.training.run import TrainConfig
+
+    p = sub.add_parser("train", help="train a model (default: gpt-tiny on the embedded corpus, CPU, < 10 min)",
+                       description="Train a model. With no arguments: gpt-tiny on the embedded Austen corpus. Under "
+                                   "`torchrun --nproc-per-node N -m megacore train --tensor-parallel-size T` it trains "
+                                   "with tensor size T and data-parallel size N/T (gloo on CPU, NCCL on GPU).")
+    p.add_argument("--config", help="a JSON or YAML file of these options (command-line flags override it)")
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if hints[f.name] is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{_HELP[f.name]} (default: {default})")
+        elif f.name == "model_overrides":
+            p.add_argument(flag, dest=f.name, type=json.loads, default=None, help=_HELP[f.name])
+        else:
+            kind = {int: int, float: float}.get(hints[f.name], str)
+            p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{_HELP[f.name]} (default: {default})")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from megacore.training.run import TrainConfig, load_config_file, train
+
+    try:
+        options = load_config_file(args.config) if args.config else {}
+        options.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                        if getattr(args, f.name) is not None})
+        if "output" not in options:
+            options["output"] = f"runs/{options.get('model', TrainConfig.model)}"
+        train(TrainConfig(**options))
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="perplexity and LAMBADA-style last-word accuracy of a checkpoint",
+                       description="Evaluate a `megacore train` checkpoint on the held-out novel (Persuasion): "
+                                   "perplexity, and the accuracy of greedily predicting each passage's last word.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoints directory (the latest step) or a step directory")
+    p.add_argument("--passages", type=int, default=200, help="last-word passages (default 200)")
+    p.add_argument("--context-tokens", type=int, default=128, help="context tokens before the last word (default 128)")
+    p.add_argument("--batches", type=int, default=50, help="perplexity batches of 8 x seq_len (default 50)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from megacore.data import GPTDataset, IndexedDataset, corpus_files, read_text
+    from megacore.data.prepare import prepare_dataset
+    from megacore.training import last_word_accuracy, perplexity
+    from megacore.training.run import model_from_checkpoint
+
+    try:
+        model, tokenizer, extra = model_from_checkpoint(args.checkpoint)
+        text = read_text(corpus_files("valid")[0])
+        seq = int(extra["model_config"]["max_position_embeddings"])
+        seq = min(seq, 256)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prefix = f"{tmp}/valid"
+            prepare_dataset(None, prefix, tokenizer=extra["tokenizer"], split="valid", progress=False,
+                            log=lambda m: None)
+            ds = GPTDataset(IndexedDataset(prefix), None, seq, args.batches * 8, 1, cache_dir=False, labels=True)
+            ppl = perplexity(model, ds, 8, args.batches)
+        acc = last_word_accuracy(model, tokenizer, text, args.passages, args.context_tokens)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    result = {"valid_loss": ppl["loss"], "valid_perplexity": ppl["perplexity"], "tokens": ppl["tokens"],
+              "last_word_accuracy": acc["accuracy"], "passages": acc["passages"]}
+    print(json.dumps(result, indent=2))
+    del np
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, streamed)",
+                       description="Continue a prompt with a `megacore train` checkpoint, printing tokens as they come.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoints directory (the latest step) or a step directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-k, top-p)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from megacore.training import generate
+    from megacore.training.run import model_from_checkpoint
+
+    try:
+        model, tokenizer, _ = model_from_checkpoint(args.checkpoint)
+        prompt = tokenizer.encode(args.prompt)
+        if not prompt:
+            raise ValueError("megacore generate: --prompt encodes to no tokens")
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        produced: list[int] = []
+        printed = len(tokenizer.decode(prompt))
+
+        def stream(token) -> None:  # decode the whole continuation each time: BPE pieces may join
+            nonlocal printed
+            produced.append(int(token))
+            text = tokenizer.decode(prompt + produced)
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+
+        generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, greedy=args.greedy, eos_id=tokenizer.eod, seed=args.seed, stream=stream)
+        sys.stdout.write("\n")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_commands(sub) -> None:
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_generate(sub)
