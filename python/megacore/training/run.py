@@ -119,13 +119,13 @@ def _init_distributed(config: TrainConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and config.tensor_parallel_size == 1:
         return None
+    if world == 1:
+        raise ValueError(f"{_FN}: --tensor-parallel-size {config.tensor_parallel_size} needs that many processes: "
+                         f"torchrun --nproc-per-node {config.tensor_parallel_size} -m megacore train ...")
     if world % config.tensor_parallel_size:
         raise ValueError(f"{_FN}: --tensor-parallel-size {config.tensor_parallel_size} does not divide the "
                          f"{world} processes (torchrun --nproc-per-node); data-parallel size = processes / "
                          "tensor-parallel size must be a whole number")
-    if world == 1:
-        raise ValueError(f"{_FN}: --tensor-parallel-size {config.tensor_parallel_size} needs that many processes: "
-                         f"torchrun --nproc-per-node {config.tensor_parallel_size} -m megacore train ...")
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
