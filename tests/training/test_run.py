@@ -66,11 +66,22 @@ def test_rerunning_the_command_resumes_from_the_last_checkpoint(trained, tmp_pat
     (["--seq-len", "0"], "--seq-len=0 must be an integer >= 1"),
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 needs that many processes: torchrun"),
     (["--config", "/nonexistent.json"], "config file /nonexistent.json does not exist"),
-    (["--model", "bert-tiny"], "masked-LM and ELECTRA pretraining from the command line is not wired yet"),
 ])
 def test_bad_arguments_give_clear_messages(argv, message, capsys, tmp_path):
     assert main(["train", "--output", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, metric", [("bert-tiny", "mlm_accuracy"), ("electra-small", "discriminator_accuracy")])
+def test_masked_lm_and_electra_pretraining_run_and_report_their_metric(trained, tmp_path, model, metric):
+    root, _ = trained
+    config = TrainConfig(model=model, cache_dir=str(root / "cache"), output=str(tmp_path / "run"),
+                         **dict(SMALL, train_steps=20, eval_interval=10, save_interval=20))
+    result = train(config, log=lambda m: None)
+    assert 0 <= result[metric] <= 1 and result["valid_loss"] > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if metric in r] == [10, 20]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000020").is_dir()
 
 
 def test_a_config_file_with_an_unknown_option_is_refused(tmp_path, capsys):

@@ -107,7 +107,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             ds = GPTDataset(IndexedDataset(prefix), None, seq, args.batches * 8, 1, cache_dir=False, labels=True)
             ppl = perplexity(model, ds, 8, args.batches)
         acc = last_word_accuracy(model, tokenizer, text, args.passages, args.context_tokens)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     result = {"valid_loss": ppl["loss"], "valid_perplexity": ppl["perplexity"], "tokens": ppl["tokens"],
@@ -156,7 +156,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, greedy=args.greedy, eos_id=tokenizer.eod, seed=args.seed, stream=stream)
         sys.stdout.write("\n")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -10,8 +10,10 @@ the five training novels; *Persuasion* held out for validation). The run directo
 A checkpoint's ``extra`` holds what :func:`model_from_checkpoint` needs to rebuild the model and find the
 tokenizer, so ``megacore generate`` / ``megacore evaluate`` take just the checkpoint directory.
 
-This is the causal-LM (GPT) run. BERT / ELECTRA pretraining from the command line is not wired yet
-(the models, datasets and the Trainer's ``loss_fn`` hook are; see docs/architecture.md).
+``--model gpt-*`` trains a causal LM (validation perplexity, against a unigram baseline);
+``--model bert-*`` / ``roberta-*`` masked-LM pretraining (with NSP for BERT's presets; reports MLM
+accuracy); ``--model electra-*`` ELECTRA pretraining (reports the discriminator's accuracy). The
+masked-LM runs tokenize the embedded corpus with a WordPiece tokenizer, one sentence per sequence.
 """
 
 from __future__ import annotations
@@ -207,6 +209,103 @@ def unigram_perplexity(dataset, tokenizer_vocab: int, train_counts) -> float:
     return math.exp(-logp / max(n, 1))
 
 
+def _family(model: str) -> str:
+    """"gpt", "bert" or "electra": which kind of pretraining a preset gets."""
+    from megacore.models import GPTModel
+    from megacore.models.bert import BertModel
+    from megacore.models.electra import ElectraModel
+    from megacore.models.registry import PRESETS
+
+    cls = PRESETS[model][0]
+    cls = getattr(cls, "func", cls)  # functools.partial presets
+    return {GPTModel: "gpt", BertModel: "bert", ElectraModel: "electra"}[cls]
+
+
+def embedded_corpus_wordpiece(cache_dir: str, vocab_size: int, log=print) -> tuple[str, str, str]:
+    """The embedded corpus for masked-LM pretraining: a WordPiece tokenizer, one document per paragraph and
+    one sentence per sequence (sentence pairs come from within a document, the random ones from another),
+    prepared once into ``cache_dir``."""
+    from megacore.data.prepare import prepare_dataset
+
+    root = Path(cache_dir) / f"austen-wordpiece{vocab_size}-paragraph-sentences"
+    train, valid = root / "train", root / "valid"
+    tokenizer = Path(str(train) + ".tokenizer")
+    done = all(Path(str(p) + suffix).exists() for p in (train, valid) for suffix in (".bin", ".idx"))
+    if not done and _is_main():
+        log(f"megacore train: preparing the embedded corpus (WordPiece, sentences) into {root} (once)")
+        prepare_dataset(None, train, train_tokenizer="wordpiece", vocab_size=vocab_size, split="train",
+                        document_unit="paragraph", split_sentences=True, progress=False, log=lambda m: None)
+        prepare_dataset(None, valid, tokenizer=tokenizer, split="valid", document_unit="paragraph",
+                        split_sentences=True, progress=False, log=lambda m: None)
+    if dist.is_initialized():
+        dist.barrier()
+    return str(train), str(valid), str(tokenizer)
+
+
+def _masked_datasets(config: TrainConfig, family: str, binary_head: bool, dp_size: int, log):
+    from megacore.data import ElectraDataset, IndexedDataset, MaskedLMDataset, Tokenizer
+
+    if config.data is None:
+        train_prefix, valid_prefix, tok_path = embedded_corpus_wordpiece(config.cache_dir, config.vocab_size, log)
+    else:
+        if config.valid_data is None:
+            raise ValueError(f"{_FN}: masked-LM pretraining on --data needs --valid-data too")
+        train_prefix, valid_prefix = config.data, config.valid_data
+        tok_path = config.tokenizer or config.data + ".tokenizer"
+    if not os.path.exists(tok_path):
+        raise FileNotFoundError(f"{_FN}: tokenizer {tok_path} does not exist (pass --tokenizer)")
+    tokenizer = Tokenizer.load(tok_path)
+    cls = ElectraDataset if family == "electra" else MaskedLMDataset
+    mode = {} if family == "electra" else {"mode": "nsp" if binary_head else "packed"}
+    train = cls(IndexedDataset(train_prefix), tokenizer, config.seq_len, seed=config.seed,
+                num_samples=config.train_steps * config.global_batch_size, **mode)
+    valid = cls(IndexedDataset(valid_prefix), tokenizer, config.seq_len, seed=config.seed + 1,
+                num_samples=config.eval_batches * config.micro_batch_size * dp_size, **mode)
+    return train, valid, tokenizer, os.path.abspath(tok_path)
+
+
+def _masked_batch(item_batch: dict) -> dict:
+    """A collated masked-LM / ELECTRA batch as the model's keyword arguments (original_ids is only for
+    inspection: the ELECTRA model recovers the originals from mlm_labels)."""
+    return {k: v.long() for k, v in item_batch.items() if k != "original_ids"}
+
+
+def _masked_loss(model, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+@torch.no_grad()
+def _masked_eval(model, dataset, family: str, micro_batch_size: int, batches: int) -> dict:
+    """Mean validation loss, and the MLM accuracy (BERT: argmax at the masked positions) or the
+    discriminator's accuracy (ELECTRA: "replaced or not" over the real tokens)."""
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size)
+    loss_sum, correct, total, n = 0.0, 0, 0, 0
+    try:
+        for i, item in enumerate(loader):
+            if i >= batches:
+                break
+            batch = _masked_batch(item)
+            out = model(**batch)
+            loss_sum += float(out.loss)
+            n += 1
+            if family == "electra":
+                real = batch["attention_mask"].bool()
+                guess = out.discriminator_logits.float() > 0
+                correct += int(((guess == out.discriminator_labels) & real).sum())
+                total += int(real.sum())
+            else:
+                logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).mlm
+                masked = batch["labels"] != -100
+                correct += int(((logits.argmax(-1) == batch["labels"]) & masked).sum())
+                total += int(masked.sum())
+    finally:
+        model.train(was_training)
+    name = "discriminator_accuracy" if family == "electra" else "mlm_accuracy"
+    return {"valid_loss": loss_sum / max(n, 1), name: correct / max(total, 1)}
+
+
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 
@@ -248,9 +347,7 @@ def train(config: TrainConfig, log=print) -> dict:
     config.validate()
     if config.model not in PRESETS:
         raise ValueError(f"{_FN}: unknown --model {config.model!r}; known: {', '.join(sorted(PRESETS))}")
-    if not config.model.startswith("gpt"):
-        raise NotImplementedError(f"{_FN}: --model {config.model}: masked-LM and ELECTRA pretraining from the "
-                                  "command line is not wired yet; the causal-LM presets (gpt-*) are")
+    family = _family(config.model)
     state = _init_distributed(config)
     tp, dp = (state.tensor_parallel_size, state.data_parallel_size) if state else (1, 1)
     dp_rank = state.data_parallel_rank if state else 0
@@ -264,7 +361,14 @@ def train(config: TrainConfig, log=print) -> dict:
     main = _is_main()
     quiet_log = log if main else (lambda m: None)
 
-    train_ds, valid_ds, tokenizer, tok_path, train_indexed = _datasets(config, dp, quiet_log)
+    if family == "gpt":
+        train_ds, valid_ds, tokenizer, tok_path, train_indexed = _datasets(config, dp, quiet_log)
+        to_batch, loss_fn = _batch, None
+    else:
+        binary_head = _family(config.model) == "bert" and getattr(PRESETS[config.model][0], "keywords", {}).get(
+            "head", "nsp") is not None
+        train_ds, valid_ds, tokenizer, tok_path = _masked_datasets(config, family, binary_head, dp, quiet_log)
+        to_batch, loss_fn, train_indexed = _masked_batch, _masked_loss, None
     overrides = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=max(config.seq_len,
                      preset_config(config.model).max_position_embeddings), hidden_dropout=config.hidden_dropout,
                      attention_dropout=config.attention_dropout, recompute=config.recompute,
@@ -280,7 +384,7 @@ def train(config: TrainConfig, log=print) -> dict:
                           total_steps=config.train_steps)
     scaler = DynamicLossScaler() if dtype == torch.float16 else None
     trainer = Trainer(ddp or model, optimizer, schedule, precision=precision, scaler=scaler,
-                      grad_accumulation=accumulation, clip=config.clip_grad, ddp=ddp)
+                      grad_accumulation=accumulation, clip=config.clip_grad, ddp=ddp, loss_fn=loss_fn)
 
     ckpt_root = out / "checkpoints"
     step = 0
@@ -316,14 +420,18 @@ def train(config: TrainConfig, log=print) -> dict:
     result = {}
 
     def evaluate(at: int) -> dict:
-        r = perplexity(ddp or model, valid_ds, config.micro_batch_size, config.eval_batches)
-        record = {"step": at, "valid_loss": r["loss"], "valid_perplexity": r["perplexity"]}
+        if family == "gpt":
+            r = perplexity(ddp or model, valid_ds, config.micro_batch_size, config.eval_batches)
+            record = {"step": at, "valid_loss": r["loss"], "valid_perplexity": r["perplexity"]}
+        else:
+            record = {"step": at, **_masked_eval(ddp or model, valid_ds, family, config.micro_batch_size,
+                                                  config.eval_batches)}
         _write(metrics_file, tb, record)
         return record
 
     try:
         while step < config.train_steps:
-            micro = [_batch(next(loader)) for _ in range(accumulation)]
+            micro = [to_batch(next(loader)) for _ in range(accumulation)]
             m = trainer.train_step(micro)
             step += 1
             tokens_done += m["tokens"]
@@ -344,14 +452,13 @@ def train(config: TrainConfig, log=print) -> dict:
         path = save_checkpoint(ckpt_root, step, model, optimizer, extra=extra_state(step), keep_last=config.keep_last)
         result = dict(final, tokens_per_second=tokens_done / max(time.perf_counter() - start, 1e-9),
                       checkpoint=str(path))
-        if main:
-            import numpy as np
-
+        if main and family == "gpt":
             counts = _token_counts(train_indexed, tokenizer.vocab_size)
             result["unigram_perplexity"] = unigram_perplexity(_Labels(valid_ds, config.eval_batches *
                                                                       config.micro_batch_size), tokenizer.vocab_size,
                                                               counts)
             _write(metrics_file, tb, {"step": step, "unigram_perplexity": result["unigram_perplexity"]})
+        if main:
             _plot(out, history)
     finally:
         if bar is not None:
@@ -360,13 +467,21 @@ def train(config: TrainConfig, log=print) -> dict:
             metrics_file.close()
         if tb is not None:
             tb.close()
-    if main:
+    if main and family == "gpt":
         log(f"megacore train: step {step}: validation loss {result['valid_loss']:.3f}, perplexity "
             f"{result['valid_perplexity']:.1f} (a unigram model: {result['unigram_perplexity']:.1f}); "
             f"{result['tokens_per_second']:,.0f} tokens/s")
+    elif main:
+        metric = "discriminator_accuracy" if family == "electra" else "mlm_accuracy"
+        log(f"megacore train: step {step}: validation loss {result['valid_loss']:.3f}, "
+            f"{metric.replace('_', ' ')} {result[metric]:.3f}; {result['tokens_per_second']:,.0f} tokens/s")
+    if main and family == "gpt":
         log(f"megacore train: checkpoint {result['checkpoint']}\n"
             f"  generate from it:  megacore generate --checkpoint {ckpt_root} --prompt \"It is a truth\"\n"
             f"  evaluate it:       megacore evaluate --checkpoint {ckpt_root}")
+    elif main:
+        log(f"megacore train: checkpoint {result['checkpoint']} (load it with "
+            "megacore.training.run.model_from_checkpoint, or carry it to transformers with megacore.interop.hf.to_hf)")
     return result
 
 
