@@ -102,3 +102,30 @@ def test_torchrun_trains_with_tensor_parallelism(trained, tmp_path):
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "validation loss" in r.stdout and (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_an_interrupted_run_resumed_reproduces_the_uninterrupted_losses(trained, tmp_path):
+    """Run 40 steps (a checkpoint at 20), then cut the run back to its step-20 checkpoint as a crash would
+    and rerun the same command: steps 21-40 repeat the uninterrupted losses bit for bit (same data
+    position, RNG, optimizer and schedule state)."""
+    import shutil
+
+    root, _ = trained
+    out = tmp_path / "run"
+    config = dict(SMALL, train_steps=40, eval_interval=100, save_interval=20, log_interval=5)
+    train(TrainConfig(cache_dir=str(root / "cache"), output=str(out), **config), log=lambda m: None)
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out / "checkpoints" / "step_00000040")
+    (out / "checkpoints" / "latest").write_text("step_00000020")
+    (out / "metrics.jsonl").unlink()
+    train(TrainConfig(cache_dir=str(root / "cache"), output=str(out), **config), log=lambda m: None)
+    second = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda records: {r["step"]: r["loss"] for r in records if "loss" in r and r["step"] > 20}  # noqa: E731
+    assert losses(second) == losses(first) and len(losses(first)) == 4
+
+
+def test_the_loss_curve_png_is_written_when_matplotlib_is_installed(trained):
+    pytest.importorskip("matplotlib")
+    root, _ = trained
+    png = root / "run" / "loss.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
