@@ -129,3 +129,16 @@ def test_the_loss_curve_png_is_written_when_matplotlib_is_installed(trained):
     root, _ = trained
     png = root / "run" / "loss.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_under_torchrun_is_tensor_parallel_and_equals_one_process(trained, tmp_path):
+    root, _ = trained
+    ckpt = str(root / "run" / "checkpoints")
+    argv = ["-m", "megacore", "generate", "--checkpoint", ckpt, "--prompt", "It is a truth", "--max-new-tokens", "8",
+            "--greedy"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.strip() == one.stdout.strip() and one.stdout.startswith("It is a truth")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import get_type_hints
 
@@ -119,7 +120,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, streamed)",
-                       description="Continue a prompt with a `megacore train` checkpoint, printing tokens as they come.")
+                       description="Continue a prompt with a `megacore train` checkpoint, printing tokens as they come. "
+                                   "Under `torchrun --nproc-per-node T` the model is split T-way (tensor parallelism).")
     p.add_argument("--checkpoint", required=True, help="a checkpoints directory (the latest step) or a step directory")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -131,11 +133,34 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+def _init_tensor_parallel_from_torchrun() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): initializes torch.distributed (gloo on CPU, NCCL on CUDA) and
+    tensor parallelism over all the processes; returns whether this process should print."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return True
+    import torch
+    import torch.distributed as dist
+
+    from megacore import parallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not parallel.model_parallel_is_initialized():
+        parallel.initialize_model_parallel(world)
+    return dist.get_rank() == 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from megacore.training import generate
     from megacore.training.run import model_from_checkpoint
 
     try:
+        printing = _init_tensor_parallel_from_torchrun()
+        if not printing:  # every rank computes (tensor parallelism), rank 0 prints
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this command
         model, tokenizer, _ = model_from_checkpoint(args.checkpoint)
         prompt = tokenizer.encode(args.prompt)
         if not prompt:
