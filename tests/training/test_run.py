@@ -142,3 +142,14 @@ def test_generate_under_torchrun_is_tensor_parallel_and_equals_one_process(train
                           *argv], capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.strip() == one.stdout.strip() and one.stdout.startswith("It is a truth")
+
+
+def test_tensorboard_events_are_written_when_tensorboard_is_installed(trained):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = trained
+    events = EventAccumulator(str(root / "run" / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "valid_perplexity"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")][-1] == SMALL["train_steps"]
