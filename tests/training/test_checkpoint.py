@@ -114,10 +114,13 @@ def test_keep_last_prunes_older_steps_and_latest_names_the_newest(tmp_path):
     assert read_checkpoint_meta(tmp_path)["step"] == 4
 
 
-def test_resaving_a_step_replaces_it(tmp_path):
+def test_resaving_a_complete_step_is_refused_unless_overwrite(tmp_path):
     model = tiny_gpt()
     save_checkpoint(tmp_path, 1, model, extra={"v": 1})
-    save_checkpoint(tmp_path, 1, model, extra={"v": 2})
+    with pytest.raises(FileExistsError, match="step_00000001 is a complete checkpoint; refusing to overwrite"):
+        save_checkpoint(tmp_path, 1, model, extra={"v": 2})
+    assert load_checkpoint(tmp_path, tiny_gpt())["v"] == 1
+    save_checkpoint(tmp_path, 1, model, extra={"v": 2}, overwrite=True)
     assert load_checkpoint(tmp_path, tiny_gpt())["v"] == 2
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000001"]
 
@@ -276,7 +279,7 @@ def test_an_optimizer_without_saved_state_and_bad_arguments_are_clear_errors(tmp
     with pytest.raises(TypeError, match=r"save_checkpoint: extra\['config'\] is a ModelConfig"):
         save_checkpoint(tmp_path, 1, model, extra={"config": model.config})
     with pytest.raises(ValueError, match="optimizer's 1 parameters"):
-        save_checkpoint(tmp_path, 1, model, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]))
+        save_checkpoint(tmp_path, 2, model, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]))
 
 
 # ------------------------------------------------------------------------------------------------ resharding

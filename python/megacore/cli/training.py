@@ -33,16 +33,24 @@ _HELP = {
     "save_interval": "steps between checkpoints", "keep_last": "checkpoints kept",
     "num_workers": "DataLoader worker processes", "progress": "show the progress bar",
     "model_overrides": "JSON object of ModelConfig fields to override, e.g. '{\"num_layers\": 2}'",
+    "distributed_timeout_minutes": "how long a rank waits for the others in a collective before the run stops "
+                                   "naming the rank that did not arrive (default: 10 on NCCL, shorter on gloo)",
+    "loss_spike_factor": "stop when a step's loss exceeds this factor x the largest of the previous 100 steps "
+                         "(off by default; Megatron uses 10)",
+    "max_skipped_steps": "float16: stop after this many consecutive steps skipped for overflow",
+    "override_lr_schedule": "on resume, apply --lr, --min-lr, --warmup-steps and --weight-decay from this command "
+                            "instead of refusing a change",
 }
 
 
 def _add_train(sub) -> None:
-    from megacore.training.run import TrainConfig
+    from megacore.training.config import TrainConfig
 
     p = sub.add_parser("train", help="train a model (default: gpt-tiny on the embedded corpus, CPU, < 10 min)",
                        description="Train a model. With no arguments: gpt-tiny on the embedded Austen corpus. Under "
                                    "`torchrun --nproc-per-node N -m megacore train --tensor-parallel-size T` it trains "
-                                   "with tensor size T and data-parallel size N/T (gloo on CPU, NCCL on GPU).")
+                                   "with tensor size T and data-parallel size N/T (gloo on CPU, NCCL on GPU). Rerunning "
+                                   "with the same --output resumes from the newest complete checkpoint.")
     p.add_argument("--config", help="a JSON or YAML file of these options (command-line flags override it)")
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -51,27 +59,42 @@ def _add_train(sub) -> None:
         if hints[f.name] is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{_HELP[f.name]} (default: {default})")
-        elif f.name == "model_overrides":
-            p.add_argument(flag, dest=f.name, type=json.loads, default=None, help=_HELP[f.name])
-        else:
-            kind = {int: int, float: float}.get(hints[f.name], str)
-            p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{_HELP[f.name]} (default: {default})")
+        else:  # a string: TrainConfig converts and checks every value, from here and from --config alike
+            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                           help=f"{_HELP[f.name]} (default: {default})")
     p.set_defaults(func=_cmd_train)
 
 
+def error_line(e: BaseException) -> str:
+    """The text after ``error:`` for an exception a user's mistake or the machine caused: the message
+    itself, without the ``[Errno N]`` prefix of an OSError."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return str(e)
+
+
+def print_error(e: BaseException) -> int:
+    """Prints ``error: ...`` (one line per line of the message) to stderr; returns the exit status 1."""
+    for line in error_line(e).splitlines() or [type(e).__name__]:
+        print(f"error: {line}", file=sys.stderr)
+    return 1
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from megacore.training.run import TrainConfig, load_config_file, train
+    from megacore.training.config import TrainConfig, load_config_file, parse_config
+    from megacore.training.run import train
+    from megacore.training.trainer import TrainingDivergedError
 
     try:
         options = load_config_file(args.config) if args.config else {}
-        options.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                        if getattr(args, f.name) is not None})
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+        options.update(given)
         if "output" not in options:
             options["output"] = f"runs/{options.get('model', TrainConfig.model)}"
-        train(TrainConfig(**options))
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        config = parse_config(options)
+        train(config, explicit=set(options) - ({"output"} if "output" not in given else set()))
+    except (ValueError, OSError, NotImplementedError, ImportError, TrainingDivergedError) as e:
+        return print_error(e)
     return 0
 
 
@@ -87,34 +110,19 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
+    import math
 
-    from megacore.data import GPTDataset, IndexedDataset, corpus_files, read_text
-    from megacore.data.prepare import prepare_dataset
-    from megacore.training import last_word_accuracy, perplexity
-    from megacore.training.run import model_from_checkpoint
+    from megacore.training.run import evaluate_checkpoint
 
     try:
-        model, tokenizer, extra = model_from_checkpoint(args.checkpoint)
-        text = read_text(corpus_files("valid")[0])
-        seq = int(extra["model_config"]["max_position_embeddings"])
-        seq = min(seq, 256)
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            prefix = f"{tmp}/valid"
-            prepare_dataset(None, prefix, tokenizer=extra["tokenizer"], split="valid", progress=False,
-                            log=lambda m: None)
-            ds = GPTDataset(IndexedDataset(prefix), None, seq, args.batches * 8, 1, cache_dir=False, labels=True)
-            ppl = perplexity(model, ds, 8, args.batches)
-        acc = last_word_accuracy(model, tokenizer, text, args.passages, args.context_tokens)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    result = {"valid_loss": ppl["loss"], "valid_perplexity": ppl["perplexity"], "tokens": ppl["tokens"],
-              "last_word_accuracy": acc["accuracy"], "passages": acc["passages"]}
+        result = evaluate_checkpoint(args.checkpoint, batches=args.batches, passages=args.passages,
+                                     context_tokens=args.context_tokens)
+        if not math.isfinite(result["valid_loss"]):
+            raise ValueError(f"megacore evaluate: the validation loss of {result['checkpoint']} is "
+                             f"{result['valid_loss']}: its weights are not finite, or overflow")
+    except (ValueError, OSError, TypeError) as e:
+        return print_error(e)
     print(json.dumps(result, indent=2))
-    del np
     return 0
 
 
@@ -165,13 +173,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(args.prompt)
         if not prompt:
             raise ValueError("megacore generate: --prompt encodes to no tokens")
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
         produced: list[int] = []
-        printed = len(tokenizer.decode(prompt))
+        printed, started = 0, False
 
         def stream(token) -> None:  # decode the whole continuation each time: BPE pieces may join
-            nonlocal printed
+            nonlocal printed, started
+            if not started:  # the prompt goes out with the first token: every argument is checked by then
+                sys.stdout.write(args.prompt)
+                printed, started = len(tokenizer.decode(prompt)), True
             produced.append(int(token))
             text = tokenizer.decode(prompt + produced)
             sys.stdout.write(text[printed:])
@@ -180,10 +189,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, greedy=args.greedy, eos_id=tokenizer.eod, seed=args.seed, stream=stream)
-        sys.stdout.write("\n")
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        sys.stdout.write(("" if started else args.prompt) + "\n")
+    except (ValueError, OSError, TypeError) as e:
+        return print_error(e)
     return 0
 
 

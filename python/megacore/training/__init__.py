@@ -22,13 +22,14 @@ from megacore.training.evaluate import last_word_accuracy, perplexity
 from megacore.training.generate import generate
 from megacore.training.optim import LRSchedule, build_optimizer, clip_grad_norm, parameter_groups
 from megacore.training.precision import DynamicLossScaler, MixedPrecision
-from megacore.training.trainer import Trainer, masked_mean_loss
+from megacore.training.trainer import Trainer, TrainingDivergedError, masked_mean_loss
 
 __all__ = [
     "DynamicLossScaler",
     "LRSchedule",
     "MixedPrecision",
     "Trainer",
+    "TrainingDivergedError",
     "build_optimizer",
     "clip_grad_norm",
     "generate",

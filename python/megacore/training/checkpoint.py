@@ -21,6 +21,7 @@ any other. Pipeline parallelism is not supported.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -35,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megacore._files import PathLike, atomic_write_text
+from megacore._files import PathLike, atomic_write_text, umask
 from megacore.parallel import state
 from megacore.parallel.collectives import all_gather
 from megacore.parallel.layers import VocabParallelEmbedding, merge_weights, split_weight
@@ -278,9 +279,24 @@ def _torch_save(obj, path: str) -> None:
     _fsync(path)
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def _all_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (a barrier that also carries the verdict), so that a failure on
+    one rank stops all of them instead of leaving the others waiting for it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (no space, no permission, an I/O error). Nothing of it is left
+    on disk, and ``latest`` and the earlier checkpoints are untouched. ``errno`` is the cause's."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]"
+        return self.strerror or super().__str__()
 
 
 def _step_dirs(root: str) -> list[tuple[int, str]]:
@@ -300,14 +316,78 @@ def _prune(root: str, keep_last: int, keep: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_stale_temporaries(directory: PathLike) -> list[str]:
+    """Removes what killed or failed saves left under the checkpoint root ``directory`` (``.tmp-*``
+    directories: never a complete checkpoint); returns their paths. Call it from one rank, when no save
+    is running (a training run does at start-up, so that a full disk is freed before anything is written)."""
+    root = os.fspath(directory)
+    removed = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(TMP_PREFIX):
+                path = os.path.join(root, name)
+                if os.path.islink(path) or not os.path.isdir(path):
+                    os.remove(path)
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _nbytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _megabytes(n: int) -> str:
+    return f"{max(1, round(n / 2**20)):,} MB"
+
+
+def _disk_error(e: OSError, step: int, needed: int, root: str) -> CheckpointSaveError:
+    if e.errno == errno.ENOSPC:
+        free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
+        reason = f"no space left on device (needed ~{_megabytes(needed)}, {_megabytes(free)} free in {root})"
+    else:
+        reason = (e.strerror or str(e)) + (f": {e.filename}" if getattr(e, "filename", None) else "")
+    return CheckpointSaveError(e.errno or errno.EIO, f"checkpoint step {step}: {reason}")
+
+
+def _publish(root: str, tmp: str, final: str, name: str, overwrite: bool) -> None:
+    """Renames the finished ``tmp`` to ``final`` and points ``latest`` at it (rank 0)."""
+    if os.path.exists(final):  # saving a step again (overwrite=True): the old one goes only once the new is in place
+        old = os.path.join(root, TMP_PREFIX + "old-" + name)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(root)
+    atomic_write_text(os.path.join(root, LATEST_NAME), name + "\n")
+    _fsync(root)
+
+
+def _check_finite(weights: dict, step: int, fn: str) -> None:
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"megacore.training.{fn}: refusing to save step {step}: parameter {name} has {bad} "
+                             "non-finite values (NaN or inf); the run diverged")
+
+
 def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    extra: Optional[dict] = None, keep_last: Optional[int] = None) -> str:
+                    extra: Optional[dict] = None, keep_last: Optional[int] = None,
+                    files: Optional[dict[str, PathLike]] = None, overwrite: bool = False) -> str:
     """Saves ``model`` (and ``optimizer``, ``extra``) as ``<directory>/step_{step:08d}`` and points
     ``<directory>/latest`` at it; returns that step directory's path.
 
     Args:
         directory: the checkpoint root (created if missing).
-        step: the training step (int >= 0); saving a step that exists replaces it.
+        step: the training step (int >= 0).
         model: a megacore model (or any module; a DistributedDataParallel wrapper is fine). Sharded parameters
             (``tensor_parallel`` + ``partition_dim`` tags) are all-gathered over the tensor-parallel group.
         optimizer: a torch optimizer over the model's parameters, or over fp32 master copies of them (one per
@@ -316,10 +396,20 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
             as a dict): tensors, numbers, strings, None, lists, tuples and dicts of them (``torch.load``'s
             ``weights_only`` types), returned by :func:`load_checkpoint`.
         keep_last: after a successful save, delete all but the newest ``keep_last`` step directories (>= 1).
+        files: ``{name: path}`` of files or directories copied into the step directory under ``name`` (e.g.
+            the tokenizer, so that the checkpoint is self-contained).
+        overwrite: replace a complete checkpoint of the same step; by default that is refused
+            (FileExistsError), so a complete checkpoint is never lost to a later save.
 
     Under torch.distributed every rank must call it: the data-parallel-rank-0 replica gathers its shards, global
     rank 0 writes the merged files, every rank writes its own RNG state; all ranks return once the checkpoint is
-    complete (the root must be on a file system every rank sees). Raises ValueError/TypeError for bad arguments.
+    complete (the root must be on a file system every rank sees).
+
+    Failures leave nothing behind: weights with a NaN or inf are refused (ValueError) before anything is
+    written; an estimated size larger than the free space, or any error while writing (a full disk, no
+    permission), raises CheckpointSaveError (an OSError, ``"checkpoint step N: no space left on device (needed
+    ~X MB, ...)"``) on every rank, after the partial step directory is removed; ``latest`` and the earlier
+    checkpoints are untouched. Raises ValueError/TypeError for bad arguments.
     """
     fn = "save_checkpoint"
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -331,6 +421,11 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
     _check_loadable(extra, "extra", fn)
     if not isinstance(model, nn.Module):
         raise TypeError(f"megacore.training.{fn}: model must be an nn.Module, got {type(model).__name__}")
+    for key, src in (files or {}).items():
+        if key in (WEIGHTS_NAME, OPTIMIZER_NAME, EXTRA_NAME, META_NAME) or "/" in key or key.startswith(".") or not key:
+            raise ValueError(f"megacore.training.{fn}: files key {key!r} is not a plain name of its own")
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"megacore.training.{fn}: files[{key!r}] = {src} does not exist")
     from safetensors.torch import save_file
 
     root = os.path.abspath(os.fspath(directory))
@@ -340,71 +435,98 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
     params = _params(model, tp)
     name = step_directory_name(step)
     final, tmp = os.path.join(root, name), os.path.join(root, TMP_PREFIX + name)
+    if not overwrite and os.path.isfile(os.path.join(final, META_NAME)):
+        raise FileExistsError(f"megacore.training.{fn}: {final} is a complete checkpoint; refusing to overwrite it "
+                              "(pass overwrite=True to replace it)")
 
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for stale in os.listdir(root):  # left by a save that was killed
-            if stale.startswith(TMP_PREFIX):
-                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-        os.makedirs(tmp)
     weights = optimizer_state = None
     if dp_rank == 0:  # one replica gathers (a collective within each of its TP groups)
         weights = {info.name: _gather(info, info.param, group, tp) for info in params}
         if optimizer is not None:
             optimizer_state = _optimizer_full_state(optimizer, params, group, tp, fn)
-    _barrier()  # the tmp directory exists
-
-    _torch_save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    problem: Optional[BaseException] = None
     if rank == 0:
-        save_file(weights, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        _fsync(os.path.join(tmp, WEIGHTS_NAME))
-        if optimizer_state is not None:
-            _torch_save(optimizer_state, os.path.join(tmp, OPTIMIZER_NAME))
-        _torch_save(dict(extra or {}), os.path.join(tmp, EXTRA_NAME))
-    _barrier()  # every rank's RNG file is written
+        try:
+            _check_finite(weights, step, fn)
+        except ValueError as e:
+            problem = e
+    if not _all_ok(problem is None):
+        raise problem or ValueError(f"megacore.training.{fn}: refusing to save step {step}: rank 0 found "
+                                    "non-finite weights")
 
-    if rank == 0:
-        meta = {
-            "format": FORMAT, "version": FORMAT_VERSION, "step": step, "world_size": world_size,
-            "tensor_parallel_size": tp, "data_parallel_size": world_size // tp, "model": type(model).__name__,
-            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
-            "parameters": {info.name: {"shape": _full_shape(info, tp), "dtype": str(info.param.dtype).replace("torch.", ""),
-                                       "partition_dim": getattr(info.param, "partition_dim", None),
-                                       "vocab_size": info.vocab_size} for info in params},
-        }
-        atomic_write_text(os.path.join(tmp, META_NAME), json.dumps(meta, indent=1) + "\n")
-        _fsync(tmp)
-        if os.path.exists(final):  # saving a step again: the old one goes only once the new one is in place
-            old = os.path.join(root, TMP_PREFIX + "old-" + name)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync(root)
-        atomic_write_text(os.path.join(root, LATEST_NAME), name + "\n")
-        _fsync(root)
-        if keep_last is not None:
-            _prune(root, keep_last, final)
-    _barrier()
+    needed = _nbytes(weights) + _nbytes(optimizer_state) + _nbytes(extra) + (1 << 20)
+    try:
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            remove_stale_temporaries(root)  # left by a save that was killed
+            free = shutil.disk_usage(root).free
+            if needed > free:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.makedirs(tmp)
+    except OSError as e:
+        problem = _disk_error(e, step, needed, root)
+    if not _all_ok(problem is None):  # the tmp directory exists
+        raise problem or CheckpointSaveError(errno.EIO, f"checkpoint step {step}: rank 0 could not create {tmp}")
+
+    try:
+        _torch_save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        if rank == 0:
+            save_file(weights, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, WEIGHTS_NAME), 0o666 & ~umask())  # safetensors writes 0600
+            _fsync(os.path.join(tmp, WEIGHTS_NAME))
+            if optimizer_state is not None:
+                _torch_save(optimizer_state, os.path.join(tmp, OPTIMIZER_NAME))
+            _torch_save(dict(extra or {}), os.path.join(tmp, EXTRA_NAME))
+            for key, src in (files or {}).items():
+                dest = os.path.join(tmp, key)
+                if os.path.isdir(src):
+                    shutil.copytree(src, dest)
+                else:
+                    shutil.copyfile(src, dest)
+    except OSError as e:
+        problem = _disk_error(e, step, needed, root)
+    except Exception as e:  # noqa: BLE001 - any failure: clean up on every rank, then re-raise
+        problem = e
+    ok = _all_ok(problem is None)  # every rank's RNG file is written
+
+    if ok and rank == 0:
+        try:
+            meta = {
+                "format": FORMAT, "version": FORMAT_VERSION, "step": step, "world_size": world_size,
+                "tensor_parallel_size": tp, "data_parallel_size": world_size // tp, "model": type(model).__name__,
+                "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+                "parameters": {info.name: {"shape": _full_shape(info, tp),
+                                           "dtype": str(info.param.dtype).replace("torch.", ""),
+                                           "partition_dim": getattr(info.param, "partition_dim", None),
+                                           "vocab_size": info.vocab_size} for info in params},
+            }
+            atomic_write_text(os.path.join(tmp, META_NAME), json.dumps(meta, indent=1) + "\n")
+            _fsync(tmp)
+            _publish(root, tmp, final, name, overwrite)
+            if keep_last is not None:
+                _prune(root, keep_last, final)
+        except OSError as e:
+            problem = _disk_error(e, step, needed, root)
+    if not ok or problem is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not _all_ok(ok and problem is None):
+        raise problem or CheckpointSaveError(errno.EIO, f"checkpoint step {step}: another rank failed to write "
+                                                        "its part; nothing was saved")
     return final
 
 
 def resolve_checkpoint(directory: PathLike, fn: str = "load_checkpoint") -> str:
     """The step directory to load: ``directory`` itself when it holds a checkpoint (meta.json), else the
-    step directory named by ``directory/latest``, else (``latest`` missing or stale) the highest complete
-    ``step_*`` directory. Raises FileNotFoundError naming what was looked for."""
+    newest complete ``step_*`` directory under it — one rule for resuming, generating and evaluating.
+    ``latest`` is written for people and tools but not trusted: a missing, stale or hand-edited ``latest``
+    cannot make a command pick an older checkpoint (:func:`latest_mismatch` says when it disagrees).
+    Raises FileNotFoundError naming what was looked for."""
     path = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"megacore.training.{fn}: checkpoint directory {path} does not exist")
     if os.path.isfile(os.path.join(path, META_NAME)):
         return path
-    latest = os.path.join(path, LATEST_NAME)
-    if os.path.isfile(latest):
-        with open(latest, encoding="utf-8") as f:
-            candidate = os.path.join(path, f.read().strip())
-        if _STEP_DIR.match(os.path.basename(candidate)) and os.path.isfile(os.path.join(candidate, META_NAME)):
-            return candidate
     dirs = _step_dirs(path)
     if not dirs:
         if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
@@ -413,6 +535,34 @@ def resolve_checkpoint(directory: PathLike, fn: str = "load_checkpoint") -> str:
         raise FileNotFoundError(f"megacore.training.{fn}: no checkpoint in {path} (expected {META_NAME}, or "
                                 f"step_XXXXXXXX directories and a '{LATEST_NAME}' file)")
     return dirs[-1][1]
+
+
+def newest_checkpoint(directory: PathLike) -> Optional[str]:
+    """The newest complete step directory under the checkpoint root ``directory``, or None when there is
+    none (or no such directory)."""
+    root = os.fspath(directory)
+    dirs = _step_dirs(root) if os.path.isdir(root) else []
+    return dirs[-1][1] if dirs else None
+
+
+def latest_mismatch(directory: PathLike) -> Optional[str]:
+    """None when ``<directory>/latest`` names the newest complete checkpoint; otherwise a phrase saying how
+    it disagrees (``"'latest' is missing"``, ``"'latest' names step_00000009, which is not a complete
+    checkpoint"``, ...), for the message of a command that resolved the checkpoint anyway."""
+    root = os.fspath(directory)
+    newest = newest_checkpoint(root)
+    if newest is None:
+        return None
+    latest = os.path.join(root, LATEST_NAME)
+    if not os.path.isfile(latest):
+        return f"'{LATEST_NAME}' is missing"
+    with open(latest, encoding="utf-8") as f:
+        named = f.read().strip()
+    if named == os.path.basename(newest):
+        return None
+    if _STEP_DIR.match(named) and os.path.isfile(os.path.join(root, named, META_NAME)):
+        return f"'{LATEST_NAME}' names {named}, an older checkpoint"
+    return f"'{LATEST_NAME}' names {named!r}, which is not a complete checkpoint"
 
 
 def _read_json(path: str):
@@ -501,4 +651,4 @@ def read_checkpoint_meta(directory: PathLike) -> dict:
     return {**meta, "path": path}
 
 
-__all__ = ["load_checkpoint", "read_checkpoint_meta", "resolve_checkpoint", "save_checkpoint", "step_directory_name"]
+__all__ = ["CheckpointSaveError", "latest_mismatch", "load_checkpoint", "newest_checkpoint", "remove_stale_temporaries", "read_checkpoint_meta", "resolve_checkpoint", "save_checkpoint", "step_directory_name"]

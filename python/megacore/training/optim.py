@@ -4,7 +4,7 @@ across tensor-parallel ranks."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -91,6 +91,20 @@ def build_optimizer(model, lr: float, weight_decay: float = 0.1, betas: tuple[fl
                              fused=fused or None, foreach=None if fused else True)
 
 
+def _check_schedule(fn: str, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int, decay: str) -> None:
+    if decay not in DECAYS:
+        raise ValueError(f"{fn}: decay={decay!r}; expected one of {', '.join(DECAYS)}")
+    if not (math.isfinite(max_lr) and math.isfinite(min_lr)):
+        raise ValueError(f"{fn}: need finite rates, got min_lr={min_lr}, max_lr={max_lr}")
+    if not 0 <= min_lr <= max_lr:
+        raise ValueError(f"{fn}: need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    if not (isinstance(warmup_steps, int) and isinstance(total_steps, int)):
+        raise TypeError(f"{fn}: warmup_steps and total_steps must be ints, got {warmup_steps!r}, {total_steps!r}")
+    if not 0 <= warmup_steps <= total_steps or total_steps < 1:
+        raise ValueError(f"{fn}: need 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
+                         f"warmup_steps={warmup_steps}, total_steps={total_steps}")
+
+
 class LRSchedule:
     """Linear warmup from 0 to ``max_lr`` over ``warmup_steps``, then ``decay`` to ``min_lr`` at
     ``total_steps``, constant ``min_lr`` after.
@@ -109,16 +123,7 @@ class LRSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_lr: float, min_lr: float = 0.0,
                  warmup_steps: int = 0, total_steps: int = 1, decay: str = "cosine"):
-        fn = "megacore.training.LRSchedule"
-        if decay not in DECAYS:
-            raise ValueError(f"{fn}: decay={decay!r}; expected one of {', '.join(DECAYS)}")
-        if not 0 <= min_lr <= max_lr:
-            raise ValueError(f"{fn}: need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-        if not (isinstance(warmup_steps, int) and isinstance(total_steps, int)):
-            raise TypeError(f"{fn}: warmup_steps and total_steps must be ints, got {warmup_steps!r}, {total_steps!r}")
-        if not 0 <= warmup_steps <= total_steps or total_steps < 1:
-            raise ValueError(f"{fn}: need 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
-                             f"warmup_steps={warmup_steps}, total_steps={total_steps}")
+        _check_schedule("megacore.training.LRSchedule", float(max_lr), float(min_lr), warmup_steps, total_steps, decay)
         self.optimizer = optimizer
         self.max_lr, self.min_lr = float(max_lr), float(min_lr)
         self.warmup_steps, self.total_steps, self.decay = warmup_steps, total_steps, decay
@@ -150,6 +155,18 @@ class LRSchedule:
     def step(self) -> None:
         """Advances one optimizer step and sets the new rate on every param group."""
         self.step_count += 1
+        self._apply()
+
+    def reshape(self, max_lr: Optional[float] = None, min_lr: Optional[float] = None,
+                warmup_steps: Optional[int] = None, total_steps: Optional[int] = None) -> None:
+        """Changes the curve from the current step on (a resumed run that trains longer, or one told to
+        take new rates); the position (``step_count``) stays. Raises ValueError like the constructor."""
+        max_lr = self.max_lr if max_lr is None else float(max_lr)
+        min_lr = self.min_lr if min_lr is None else float(min_lr)
+        warmup_steps = self.warmup_steps if warmup_steps is None else warmup_steps
+        total_steps = self.total_steps if total_steps is None else total_steps
+        _check_schedule("megacore.training.LRSchedule.reshape", max_lr, min_lr, warmup_steps, total_steps, self.decay)
+        self.max_lr, self.min_lr, self.warmup_steps, self.total_steps = max_lr, min_lr, warmup_steps, total_steps
         self._apply()
 
     def state_dict(self) -> dict:

@@ -22,8 +22,8 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -31,83 +31,12 @@ import torch
 import torch.distributed as dist
 
 from megacore._files import atomic_write_text
+from megacore.training.trainer import TrainingDivergedError
+
+from megacore.training.config import TrainConfig, load_config_file, parse_config, resume_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FN = "megacore train"
-
-
-@dataclass
-class TrainConfig:
-    """Every option of ``megacore train`` (the command line's flags are these fields; a JSON or YAML
-    ``--config`` file may hold any of them)."""
-
-    model: str = "gpt-tiny"
-    data: Optional[str] = None  # prefix of a prepared dataset; None: the embedded corpus
-    valid_data: Optional[str] = None  # None: the embedded corpus's validation split (or 1% of --data)
-    tokenizer: Optional[str] = None  # None: the one saved next to --data
-    vocab_size: int = 8192  # of the tokenizer trained for the embedded corpus
-    cache_dir: str = str(Path.home() / ".cache" / "megacore")
-    output: str = "runs/gpt-tiny"
-    seq_len: int = 256
-    micro_batch_size: int = 8
-    global_batch_size: int = 8
-    train_steps: int = 1000
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
-    dtype: str = "float32"
-    recompute: str = "none"
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    tensor_parallel_size: int = 1
-    sequence_parallel: bool = False
-    seed: int = 1234
-    log_interval: int = 10
-    eval_interval: int = 250
-    eval_batches: int = 20
-    save_interval: int = 500
-    keep_last: int = 2
-    num_workers: int = 0
-    progress: bool = True
-    model_overrides: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        for name in ("seq_len", "micro_batch_size", "global_batch_size", "train_steps", "log_interval",
-                     "eval_interval", "eval_batches", "save_interval", "keep_last", "tensor_parallel_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{_FN}: --{name.replace('_', '-')}={value!r} must be an integer >= 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"{_FN}: --dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"{_FN}: need 0 < --min-lr ({self.min_lr}) <= --lr ({self.lr})")
-
-
-def load_config_file(path: str) -> dict:
-    """The options in a JSON or YAML file (YAML needs PyYAML)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{_FN}: config file {path} does not exist")
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError as e:
-            raise ImportError(f"{_FN}: {path} is YAML; install PyYAML or use JSON") from e
-        data = yaml.safe_load(text) or {}
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{_FN}: {path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{_FN}: {path} must hold a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{_FN}: {path} has unknown options {unknown}; known: {sorted(known)}")
-    return data
 
 
 # ---- distributed set-up ---------------------------------------------------------------------------------
@@ -164,7 +93,21 @@ def embedded_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[str, st
     return str(train), str(valid), str(tokenizer)
 
 
-def _datasets(config: TrainConfig, dp_size: int, log):
+def _segment_seed(seed: int, index: int) -> int:
+    """The shuffling seed of the training data's ``index``-th segment (0: the run's own seed)."""
+    return seed + 7919 * index
+
+
+def _training_stream(make, segments: list[int], seed: int):
+    """The training samples of a run: segment i is the first ``segments[i]`` samples of ``make(n, seed_i)``.
+    A run starts with one segment of train_steps x global batch samples; a resumed run that needs more
+    samples appends one, so the samples already trained on keep their positions exactly (rebuilding one
+    larger dataset would reshuffle them)."""
+    parts = [torch.utils.data.Subset(make(n, _segment_seed(seed, i)), range(n)) for i, n in enumerate(segments)]
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
+
+def _datasets(config: TrainConfig, dp_size: int, segments: list[int], log):
     from megacore.data import GPTDataset, IndexedDataset, Tokenizer
 
     if config.data is None:
@@ -176,16 +119,23 @@ def _datasets(config: TrainConfig, dp_size: int, log):
         raise FileNotFoundError(f"{_FN}: tokenizer {tok_path} does not exist (pass --tokenizer)")
     tokenizer = Tokenizer.load(tok_path)
     train_ds = IndexedDataset(train_prefix)
-    samples = config.train_steps * config.global_batch_size
     if valid_prefix is None:  # hold out the last 1% of the documents
         n = train_ds.num_documents
+        if n < 2:
+            raise ValueError(f"{_FN}: --data {train_prefix} holds {n} document(s); holding out 1% of the documents "
+                             "for validation needs at least 2: pass --valid-data (or prepare the text with "
+                             "--document-unit paragraph or line)")
         cut = max(1, n - max(1, n // 100))
         train_docs, valid_docs, valid_ds = range(cut), range(cut, n), train_ds
     else:
         valid_ds = IndexedDataset(valid_prefix)
         train_docs, valid_docs = range(train_ds.num_documents), range(valid_ds.num_documents)
     cache = str(Path(config.cache_dir) / "index")
-    train = GPTDataset(train_ds, train_docs, config.seq_len, samples, config.seed, cache_dir=cache, labels=True)
+
+    def make(num_samples: int, seed: int):
+        return GPTDataset(train_ds, train_docs, config.seq_len, num_samples, seed, cache_dir=cache, labels=True)
+
+    train = _training_stream(make, segments, config.seed)
     valid = GPTDataset(valid_ds, valid_docs, config.seq_len, config.eval_batches * config.micro_batch_size * dp_size,
                        config.seed + 1, cache_dir=cache, labels=True)
     return train, valid, tokenizer, os.path.abspath(tok_path), train_ds
@@ -221,6 +171,13 @@ def _family(model: str) -> str:
     return {GPTModel: "gpt", BertModel: "bert", ElectraModel: "electra"}[cls]
 
 
+def _binary_head(model: str) -> bool:
+    """Whether preset ``model`` pretrains with BERT's next-sentence head."""
+    from megacore.models.registry import PRESETS
+
+    return _family(model) == "bert" and getattr(PRESETS[model][0], "keywords", {}).get("head", "nsp") is not None
+
+
 def embedded_corpus_wordpiece(cache_dir: str, vocab_size: int, log=print) -> tuple[str, str, str]:
     """The embedded corpus for masked-LM pretraining: a WordPiece tokenizer, one document per paragraph and
     one sentence per sequence (sentence pairs come from within a document, the random ones from another),
@@ -242,7 +199,7 @@ def embedded_corpus_wordpiece(cache_dir: str, vocab_size: int, log=print) -> tup
     return str(train), str(valid), str(tokenizer)
 
 
-def _masked_datasets(config: TrainConfig, family: str, binary_head: bool, dp_size: int, log):
+def _masked_datasets(config: TrainConfig, family: str, binary_head: bool, dp_size: int, segments: list[int], log):
     from megacore.data import ElectraDataset, IndexedDataset, MaskedLMDataset, Tokenizer
 
     if config.data is None:
@@ -257,8 +214,12 @@ def _masked_datasets(config: TrainConfig, family: str, binary_head: bool, dp_siz
     tokenizer = Tokenizer.load(tok_path)
     cls = ElectraDataset if family == "electra" else MaskedLMDataset
     mode = {} if family == "electra" else {"mode": "nsp" if binary_head else "packed"}
-    train = cls(IndexedDataset(train_prefix), tokenizer, config.seq_len, seed=config.seed,
-                num_samples=config.train_steps * config.global_batch_size, **mode)
+    train_indexed = IndexedDataset(train_prefix)
+
+    def make(num_samples: int, seed: int):
+        return cls(train_indexed, tokenizer, config.seq_len, seed=seed, num_samples=num_samples, **mode)
+
+    train = _training_stream(make, segments, config.seed)
     valid = cls(IndexedDataset(valid_prefix), tokenizer, config.seq_len, seed=config.seed + 1,
                 num_samples=config.eval_batches * config.micro_batch_size * dp_size, **mode)
     return train, valid, tokenizer, os.path.abspath(tok_path)
@@ -309,44 +270,203 @@ def _masked_eval(model, dataset, family: str, micro_batch_size: int, batches: in
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 
+TOKENIZER_DIR = "tokenizer"  # the tokenizer's copy inside every checkpoint written by megacore train
+
+
+def _read_extra(step_dir: str, fn: str) -> dict:
+    from megacore.training.checkpoint import EXTRA_NAME
+
+    path = os.path.join(step_dir, EXTRA_NAME)
+    extra = torch.load(path, weights_only=True) if os.path.exists(path) else {}
+    if "model_config" not in extra:
+        raise ValueError(f"megacore {fn}: {step_dir} was not written by `megacore train` (no model_config in its "
+                         "extra)")
+    # The tokenizer travels with the checkpoint (older checkpoints recorded an absolute path).
+    copied = os.path.join(step_dir, TOKENIZER_DIR)
+    extra["tokenizer"] = copied if os.path.exists(copied) else extra.get("tokenizer")
+    if not extra["tokenizer"] or not os.path.exists(extra["tokenizer"]):
+        raise FileNotFoundError(f"megacore {fn}: {step_dir} has no {TOKENIZER_DIR}/ and its recorded tokenizer "
+                                f"{extra['tokenizer']} does not exist")
+    return extra
+
+
+def family_of_checkpoint(extra: dict) -> str:
+    """"gpt", "bert" or "electra": the family of the preset a checkpoint was trained as."""
+    return _family(extra["preset"])
+
+
 def model_from_checkpoint(checkpoint: str, device=None):
     """(model in eval mode with the checkpoint's weights, tokenizer, the checkpoint's extra) for a checkpoint
-    written by ``megacore train`` (a step directory or the checkpoints root: the latest step)."""
+    written by ``megacore train`` (a step directory, or the checkpoints root: its newest complete step).
+    ``extra["tokenizer"]`` is the path of the tokenizer copy inside the checkpoint; ``extra["path"]`` the
+    step directory."""
     from megacore.data import Tokenizer
     from megacore.models import ModelConfig
     from megacore.models.registry import PRESETS
+    from megacore.parallel import state
     from megacore.training.checkpoint import load_checkpoint, resolve_checkpoint
 
     step_dir = resolve_checkpoint(checkpoint, "model_from_checkpoint")
-    extra = torch.load(os.path.join(step_dir, "extra.pt"), weights_only=True) if os.path.exists(
-        os.path.join(step_dir, "extra.pt")) else {}
-    if "model_config" not in extra:
-        raise ValueError(f"megacore: {step_dir} was not written by `megacore train` (no model_config in its extra)")
+    extra = _read_extra(step_dir, "model_from_checkpoint")
     fields = dict(extra["model_config"])
     fields["params_dtype"] = DTYPES[fields["params_dtype"]]
-    from megacore.parallel import state
-
     fields["tensor_parallel"] = state.model_parallel_is_initialized() and state.get_tensor_parallel_world_size() > 1
     fields["sequence_parallel"] = False
     model_cls = PRESETS[extra["preset"]][0]
     model = model_cls(ModelConfig(**fields), device=device)
     load_checkpoint(step_dir, model, restore_rng=False)
+    extra["path"] = step_dir
     return model.eval(), Tokenizer.load(extra["tokenizer"]), extra
 
 
-def train(config: TrainConfig, log=print) -> dict:
+def evaluate_checkpoint(checkpoint: str, batches: int = 50, passages: int = 200, context_tokens: int = 128) -> dict:
+    """``megacore evaluate``: a checkpoint of ``megacore train`` on the embedded corpus's held-out novel
+    (Persuasion), tokenized with the checkpoint's own tokenizer. Causal LMs: perplexity over ``batches``
+    batches of 8 sequences and the LAMBADA-style accuracy of greedily predicting each of ``passages``
+    passages' last word; masked LMs (BERT/RoBERTa): validation loss and MLM accuracy; ELECTRA: validation
+    loss and the discriminator's accuracy. Returns the metrics with ``"checkpoint"`` (the step directory)."""
+    from megacore.data import ElectraDataset, GPTDataset, IndexedDataset, MaskedLMDataset, corpus_files, read_text
+    from megacore.data.prepare import prepare_dataset
+    from megacore.training import last_word_accuracy, perplexity
+
+    model, tokenizer, extra = model_from_checkpoint(checkpoint)
+    family = family_of_checkpoint(extra)
+    saved = extra.get("train_config") or {}
+    seq = int(saved.get("seq_len", min(int(extra["model_config"]["max_position_embeddings"]), 256)))
+    unit = {} if family == "gpt" else {"document_unit": "paragraph", "split_sentences": True}
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = f"{tmp}/valid"
+        prepare_dataset(None, prefix, tokenizer=extra["tokenizer"], split="valid", progress=False,
+                        log=lambda m: None, **unit)
+        if family == "gpt":
+            ds = GPTDataset(IndexedDataset(prefix), None, seq, batches * 8, 1, cache_dir=False, labels=True)
+            ppl = perplexity(model, ds, 8, batches)
+            text = read_text(corpus_files("valid")[0])
+            acc = last_word_accuracy(model, tokenizer, text, passages, context_tokens)
+            result = {"valid_loss": ppl["loss"], "valid_perplexity": ppl["perplexity"], "tokens": ppl["tokens"],
+                      "last_word_accuracy": acc["accuracy"], "passages": acc["passages"]}
+        else:
+            binary_head = _binary_head(extra["preset"])
+            cls = ElectraDataset if family == "electra" else MaskedLMDataset
+            mode = {} if family == "electra" else {"mode": "nsp" if binary_head else "packed"}
+            ds = cls(IndexedDataset(prefix), tokenizer, seq, seed=1, num_samples=batches * 8, **mode)
+            result = _masked_eval(model, ds, family, 8, batches)
+    return {**result, "checkpoint": extra["path"]}
+
+
+def _writable_directory(path: str, what: str) -> None:
+    """Creates ``path`` if needed and proves it writable by writing a file there (permission bits do not
+    tell for root, a read-only mount or a full quota); ValueError naming ``what`` otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{_FN}: {what} {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{_FN}: {what} {path} is not writable ({e.strerror or e})") from None
+
+
+def _resume_point(ckpt_root: Path, config: TrainConfig, explicit: Optional[set], log):
+    """(config, step, extra or None, step directory or None) of a run: the newest complete checkpoint under
+    ``ckpt_root`` and the configuration it continues with (see config.resume_config), or step 0."""
+    from megacore.training.checkpoint import latest_mismatch, newest_checkpoint
+
+    step_dir = newest_checkpoint(ckpt_root)
+    if step_dir is None:
+        return config, 0, None, None
+    extra = _read_extra(step_dir, "train")
+    step = int(extra["step"])
+    saved = extra.get("train_config")
+    if saved is None:  # written before checkpoints carried their configuration
+        path = ckpt_root.parent / "train_config.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+    config, notes = resume_config(saved, config, explicit, step)
+    mismatch = latest_mismatch(ckpt_root)
+    log(f"megacore train: resuming from {step_dir} at step {step} (the newest complete checkpoint"
+        + (f"; {mismatch})" if mismatch else ")"))
+    for note in notes:
+        log(f"megacore train: resume: {note}")
+    return config, step, extra, step_dir
+
+
+def _positions(config: TrainConfig, log) -> int:
+    """The position-table size: the preset's (or --model-overrides'), which --seq-len must not exceed for
+    learned positions; rotary positions grow with --seq-len (said in the log)."""
+    from megacore.models.registry import preset_config
+
+    preset = preset_config(config.model)
+    positions = config.model_overrides.get("max_position_embeddings", preset.max_position_embeddings)
+    kind = config.model_overrides.get("position_embedding_type", preset.position_embedding_type)
+    if config.seq_len > positions:
+        if kind == "learned_absolute":
+            raise ValueError(f"{_FN}: --seq-len {config.seq_len} exceeds {config.model}'s {positions} learned "
+                             f"positions; pass --model-overrides '{{\"max_position_embeddings\": {config.seq_len}}}' "
+                             "to train a larger position table")
+        log(f"megacore train: --seq-len {config.seq_len} exceeds {config.model}'s {positions} positions; the rotary "
+            f"tables are built for {config.seq_len}")
+        positions = config.seq_len
+    return positions
+
+
+def _open_metrics(path: Path, keep_through_step: Optional[int]):
+    """metrics.jsonl opened for appending, never through a symbolic link; on a resume the records of steps
+    after the checkpoint (logged by the interrupted run, about to be logged again) are dropped first."""
+    if path.is_symlink():
+        raise ValueError(f"{_FN}: {path} is a symbolic link; refusing to write the metrics through it")
+    if keep_through_step is not None and path.exists():
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and record.get("step", 0) <= keep_through_step:
+                kept.append(line)
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dict:
     """Runs ``megacore train``; returns the final metrics (validation loss/perplexity, the unigram baseline,
-    tokens/s, the checkpoint path)."""
+    tokens/s, the checkpoint path).
+
+    A run whose ``output`` holds checkpoints resumes from the newest complete one: options in ``explicit``
+    (the ones this invocation gave; None: all of ``config``) replace the checkpoint's where a resume may
+    change them (config.resume_config), the others continue as saved. A run already at its last step returns
+    ``{"checkpoint": ..., "step": ..., "already_trained": True}`` without training or saving.
+
+    Raises ValueError / FileNotFoundError for bad options or data, TrainingDivergedError when the run
+    diverges (nothing is saved from that step), CheckpointSaveError when a checkpoint cannot be written.
+    """
     from megacore.data import PretrainingSampler
-    from megacore.models.registry import PRESETS, build, preset_config
+    from megacore.models.registry import PRESETS, build
     from megacore.parallel import DistributedDataParallel
     from megacore.training import LRSchedule, MixedPrecision, Trainer, build_optimizer, perplexity
-    from megacore.training.checkpoint import load_checkpoint, save_checkpoint
+    from megacore.training.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
     from megacore.training.precision import DynamicLossScaler
 
-    config.validate()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"{_FN}: config must be a TrainConfig, got {type(config).__name__}")
     if config.model not in PRESETS:
         raise ValueError(f"{_FN}: unknown --model {config.model!r}; known: {', '.join(sorted(PRESETS))}")
+    out = Path(config.output)
+    ckpt_root = out / "checkpoints"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{_FN}: --output {out} exists and is not a directory")
+    main = _is_main()
+    quiet_log = log if main else (lambda m: None)
+    config, step, resumed_extra, resumed_dir = _resume_point(ckpt_root, config, explicit, quiet_log)
+    if config.model not in PRESETS:  # the checkpoint's model
+        raise ValueError(f"{_FN}: the checkpoint's model {config.model!r} is not a known preset")
+    if step >= config.train_steps:
+        quiet_log(f"megacore train: {out} is already trained to step {step} (--train-steps {config.train_steps}); "
+                  "nothing to do. Pass a larger --train-steps to train further.")
+        return {"checkpoint": resumed_dir, "step": step, "already_trained": True}
+    positions = _positions(config, quiet_log)
+    _writable_directory(str(out), "--output")
+    _writable_directory(config.cache_dir, "--cache-dir")
     family = _family(config.model)
     state = _init_distributed(config)
     tp, dp = (state.tensor_parallel_size, state.data_parallel_size) if state else (1, 1)
@@ -356,63 +476,90 @@ def train(config: TrainConfig, log=print) -> dict:
         raise ValueError(f"{_FN}: --global-batch-size {config.global_batch_size} is not a multiple of "
                          f"--micro-batch-size {config.micro_batch_size} x data-parallel size {dp}")
     accumulation = config.global_batch_size // per_step
-    torch.manual_seed(config.seed)
-    out = Path(config.output)
-    main = _is_main()
-    quiet_log = log if main else (lambda m: None)
+    if main:
+        for path in remove_stale_temporaries(ckpt_root):  # a killed or failed save's leftovers, before any write
+            quiet_log(f"megacore train: removed {path}, left by an interrupted checkpoint save")
 
+    # The data position, in samples: exact across resumes, whatever the batch size was.
+    consumed = int(resumed_extra.get("consumed_samples", step * config.global_batch_size)) if resumed_extra else 0
+    segments = [int(n) for n in resumed_extra.get("data_segments", [])] if resumed_extra else []
+    if not segments and resumed_extra:  # checkpoints before data segments: the run's original size
+        saved = resumed_extra.get("train_config") or {}
+        segments = [int(saved.get("train_steps", config.train_steps)) * int(saved.get("global_batch_size",
+                                                                                   config.global_batch_size))]
+    needed = consumed + (config.train_steps - step) * config.global_batch_size
+    if sum(segments) < needed:
+        segments.append(needed - sum(segments))
+
+    torch.manual_seed(config.seed)
     if family == "gpt":
-        train_ds, valid_ds, tokenizer, tok_path, train_indexed = _datasets(config, dp, quiet_log)
+        train_ds, valid_ds, tokenizer, tok_path, train_indexed = _datasets(config, dp, segments, quiet_log)
         to_batch, loss_fn = _batch, None
     else:
-        binary_head = _family(config.model) == "bert" and getattr(PRESETS[config.model][0], "keywords", {}).get(
-            "head", "nsp") is not None
-        train_ds, valid_ds, tokenizer, tok_path = _masked_datasets(config, family, binary_head, dp, quiet_log)
+        binary_head = _binary_head(config.model)
+        train_ds, valid_ds, tokenizer, tok_path = _masked_datasets(config, family, binary_head, dp, segments, quiet_log)
         to_batch, loss_fn, train_indexed = _masked_batch, _masked_loss, None
-    overrides = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=max(config.seq_len,
-                     preset_config(config.model).max_position_embeddings), hidden_dropout=config.hidden_dropout,
+    overrides = dict(max_position_embeddings=positions, **config.model_overrides)
+    overrides.update(vocab_size=tokenizer.vocab_size, hidden_dropout=config.hidden_dropout,
                      attention_dropout=config.attention_dropout, recompute=config.recompute,
-                     tensor_parallel=state is not None, sequence_parallel=config.sequence_parallel,
-                     **config.model_overrides)
+                     tensor_parallel=state is not None, sequence_parallel=config.sequence_parallel)
     model = build(config.model, **overrides)
     dtype = DTYPES[config.dtype]
+    device = next(model.parameters()).device
+    quiet_log(f"megacore train: {config.model}, steps {step + 1}-{config.train_steps} of {config.global_batch_size} x "
+              f"{config.seq_len} tokens, {config.dtype} on {device.type}, tensor-parallel {tp} x data-parallel {dp}; "
+              f"output {out}")
+    if dtype == torch.float16 and device.type == "cpu":
+        quiet_log("megacore train: warning: float16 on a CPU is emulated (about 15x slower than float32 here); "
+                  "use bfloat16 for half precision on CPUs")
     precision = MixedPrecision(model, dtype)
     ddp = DistributedDataParallel(model, grad_dtype=torch.float32) if dp > 1 else None
     optimizer = build_optimizer(precision, lr=config.lr, weight_decay=config.weight_decay)
     schedule = LRSchedule(optimizer, max_lr=config.lr, min_lr=config.min_lr,
-                          warmup_steps=min(config.warmup_steps, config.train_steps),
-                          total_steps=config.train_steps)
+                          warmup_steps=min(config.warmup_steps, config.train_steps), total_steps=config.train_steps)
     scaler = DynamicLossScaler() if dtype == torch.float16 else None
     trainer = Trainer(ddp or model, optimizer, schedule, precision=precision, scaler=scaler,
-                      grad_accumulation=accumulation, clip=config.clip_grad, ddp=ddp, loss_fn=loss_fn)
+                      grad_accumulation=accumulation, clip=config.clip_grad, ddp=ddp, loss_fn=loss_fn,
+                      max_skipped_steps=config.max_skipped_steps if scaler is not None else None,
+                      loss_spike_factor=config.loss_spike_factor)
 
-    ckpt_root = out / "checkpoints"
-    step = 0
-    if (ckpt_root / "latest").exists():
-        extra = load_checkpoint(ckpt_root, model, optimizer)
+    if resumed_dir is not None:
+        extra = load_checkpoint(resumed_dir, model, optimizer)
         schedule.load_state_dict(extra["schedule"])
+        if schedule.total_steps != config.train_steps:
+            schedule.reshape(total_steps=config.train_steps, warmup_steps=min(schedule.warmup_steps, config.train_steps))
+        if config.override_lr_schedule:
+            schedule.reshape(max_lr=config.lr, min_lr=config.min_lr,
+                             warmup_steps=min(config.warmup_steps, config.train_steps))
+            for group in optimizer.param_groups:
+                if group.get("weight_decay", 0) > 0:
+                    group["weight_decay"] = config.weight_decay
         if scaler is not None and "scaler" in extra:
             scaler.load_state_dict(extra["scaler"])
-        step = int(extra["step"])
-        quiet_log(f"megacore train: resuming from {ckpt_root} at step {step}")
+        trainer.step_count = step
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     model_config = dataclasses.asdict(model.config)
     model_config["params_dtype"] = config.dtype
+    train_config = dataclasses.asdict(config)
+    train_config["override_lr_schedule"] = False  # an instruction for one resume, not part of the run
 
     def extra_state(step_: int) -> dict:
         e = {"schedule": schedule.state_dict(), "preset": config.model, "model_config": model_config,
-             "tokenizer": tok_path, "consumed_samples": step_ * config.global_batch_size, "step": step_}
+             "tokenizer": TOKENIZER_DIR, "tokenizer_source": tok_path, "consumed_samples": consumed, "step": step_,
+             "data_segments": list(segments), "train_config": train_config}
         if scaler is not None:
             e["scaler"] = scaler.state_dict()
         return e
 
-    sampler = PretrainingSampler(len(train_ds), step * config.global_batch_size, config.micro_batch_size,
-                                 dp_rank, dp)
+    def save(step_: int) -> str:
+        return save_checkpoint(ckpt_root, step_, model, optimizer, extra=extra_state(step_), keep_last=config.keep_last,
+                               files={TOKENIZER_DIR: tok_path})
+
+    sampler = PretrainingSampler(len(train_ds), consumed, config.micro_batch_size, dp_rank, dp)
     loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=config.num_workers))
-    metrics_file = open(out / "metrics.jsonl", "a") if main else None  # noqa: SIM115 - closed below
+    metrics_file = _open_metrics(out / "metrics.jsonl", step if resumed_dir else None) if main else None
     tb = _tensorboard(out) if main else None
     bar = _progress(config, step, main)
     history = []
@@ -426,6 +573,9 @@ def train(config: TrainConfig, log=print) -> dict:
         else:
             record = {"step": at, **_masked_eval(ddp or model, valid_ds, family, config.micro_batch_size,
                                                   config.eval_batches)}
+        if not math.isfinite(record["valid_loss"]):
+            raise TrainingDivergedError(at, f"step {at}: the validation loss is {record['valid_loss']}; the weights "
+                                            "are not finite or overflow in evaluation. Nothing is saved")
         _write(metrics_file, tb, record)
         return record
 
@@ -434,6 +584,7 @@ def train(config: TrainConfig, log=print) -> dict:
             micro = [to_batch(next(loader)) for _ in range(accumulation)]
             m = trainer.train_step(micro)
             step += 1
+            consumed += config.global_batch_size
             tokens_done += m["tokens"]
             tps = tokens_done / (time.perf_counter() - start)
             if bar is not None:
@@ -447,9 +598,9 @@ def train(config: TrainConfig, log=print) -> dict:
             if step % config.eval_interval == 0 and step != config.train_steps:
                 evaluate(step)
             if step % config.save_interval == 0 and step != config.train_steps:
-                save_checkpoint(ckpt_root, step, model, optimizer, extra=extra_state(step), keep_last=config.keep_last)
+                save(step)
         final = evaluate(step)
-        path = save_checkpoint(ckpt_root, step, model, optimizer, extra=extra_state(step), keep_last=config.keep_last)
+        path = save(step)
         result = dict(final, tokens_per_second=tokens_done / max(time.perf_counter() - start, 1e-9),
                       checkpoint=str(path))
         if main and family == "gpt":
@@ -562,5 +713,5 @@ def _plot(out: Path, history: list) -> None:
     os.replace(tmp, out / "loss.png")
 
 
-__all__ = ["TrainConfig", "embedded_corpus", "load_config_file", "model_from_checkpoint", "train",
-           "unigram_perplexity"]
+__all__ = ["TrainConfig", "embedded_corpus", "family_of_checkpoint", "load_config_file", "model_from_checkpoint",
+           "parse_config", "train", "unigram_perplexity"]

@@ -7,7 +7,9 @@ schedule steps.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -19,6 +21,18 @@ from megacore.training.precision import DynamicLossScaler, MixedPrecision
 
 IGNORE_INDEX = -100
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
+SPIKE_WINDOW = 100  # steps of history the loss-spike check compares with
+SPIKE_MIN_HISTORY = 10  # steps before the loss-spike check starts
+
+
+class TrainingDivergedError(RuntimeError):
+    """The run cannot go on: a non-finite loss or gradient norm, too many consecutive fp16 overflow skips,
+    or a loss spike. Raised by ``Trainer.train_step`` before the optimizer step, so the weights are those
+    of the last good step; ``step`` is the 1-based step that failed."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
 
 
 def masked_mean_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -52,6 +66,15 @@ class Trainer:
         ddp: the DistributedDataParallel wrapper (``no_sync()`` on all but the last micro-batch; the
             reported loss is averaged over data-parallel ranks); None when not data-parallel.
         loss_fn: ``loss_fn(model, micro_batch) -> 0-dim loss``; default ``masked_mean_loss`` (causal LM).
+        max_skipped_steps: with a ``scaler``, how many consecutive overflow-skipped steps are tolerated (the
+            scale halves on each; from 2**16 it reaches 1 in 16); one more raises TrainingDivergedError.
+        loss_spike_factor: None (off), or a factor > 1: a step whose loss exceeds it times the largest loss
+            of the previous ``SPIKE_WINDOW`` steps (once ``SPIKE_MIN_HISTORY`` are seen) raises
+            TrainingDivergedError (Megatron's spiky-loss check uses 10).
+
+    Health checks, as Megatron's ``check_for_nan_in_loss_and_grad``: a non-finite loss (on any rank: the
+    loss is averaged over data-parallel ranks first) or, without a scaler, a non-finite gradient norm raises
+    TrainingDivergedError before the optimizer step, so nothing non-finite reaches the weights.
 
     The step's loss is the mean of the micro-batches' losses. Deterministic on CPU: the same seed and data
     give the same losses bit for bit. Raises TypeError/ValueError for arguments of the wrong type or value.
@@ -60,7 +83,8 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Optional[LRSchedule],
                  precision: Optional[MixedPrecision] = None, scaler: Optional[DynamicLossScaler] = None,
                  grad_accumulation: int = 1, clip: Optional[float] = 1.0, ddp: Optional[nn.Module] = None,
-                 loss_fn: Optional[LossFn] = None):
+                 loss_fn: Optional[LossFn] = None, max_skipped_steps: Optional[int] = None,
+                 loss_spike_factor: Optional[float] = None):
         fn = "megacore.training.Trainer"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -70,6 +94,10 @@ class Trainer:
             raise ValueError(f"{fn}: grad_accumulation={grad_accumulation!r} must be an int >= 1")
         if clip is not None and not clip >= 0:
             raise ValueError(f"{fn}: clip={clip!r} must be >= 0 or None")
+        if max_skipped_steps is not None and not (isinstance(max_skipped_steps, int) and max_skipped_steps >= 1):
+            raise ValueError(f"{fn}: max_skipped_steps={max_skipped_steps!r} must be None or an int >= 1")
+        if loss_spike_factor is not None and not (1 < loss_spike_factor < math.inf):
+            raise ValueError(f"{fn}: loss_spike_factor={loss_spike_factor!r} must be None or a finite number > 1")
         if precision is not None and precision.dtype == torch.float16 and scaler is None:
             raise ValueError(f"{fn}: fp16 training needs a DynamicLossScaler (scaler=None): fp16 gradients "
                              "underflow without loss scaling")
@@ -85,6 +113,9 @@ class Trainer:
         self.loss_fn = loss_fn or masked_mean_loss
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.step_count = 0
+        self.max_skipped_steps, self.loss_spike_factor = max_skipped_steps, loss_spike_factor
+        self.consecutive_skips = 0
+        self.recent_losses: collections.deque = collections.deque(maxlen=SPIKE_WINDOW)
 
     def _zero_grads(self) -> None:
         if self.ddp is not None:
@@ -101,7 +132,8 @@ class Trainer:
         Returns ``{"loss": float (mean over micro-batches, and over data-parallel ranks), "grad_norm": float
         (before clipping; nan on a skipped step), "lr": float (the rate this step used), "skipped": bool
         (fp16 overflow: no update), "tokens": int (input tokens this step over all data-parallel ranks)}``.
-        Raises ValueError when ``len(micro_batches) != grad_accumulation``.
+        Raises ValueError when ``len(micro_batches) != grad_accumulation``, TrainingDivergedError (before
+        any weight changes) when the step fails a health check.
         """
         if len(micro_batches) != self.grad_accumulation:
             raise ValueError(f"megacore.training.Trainer.train_step: got {len(micro_batches)} micro-batches, "
@@ -123,30 +155,60 @@ class Trainer:
             ids = batch.get("input_ids")
             tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
-        if self.precision is not None:
-            self.precision.copy_grads_to_master()
-        found_inf = self.scaler.unscale_(self.params) if self.scaler is not None else False
-        if found_inf:
-            grad_norm = float("nan")
-        else:
-            grad_norm = float(clip_grad_norm(self.params, self.clip))
-            self.optimizer.step()
-            if self.precision is not None:
-                self.precision.copy_master_to_model()
-            if self.schedule is not None:
-                self.schedule.step()
-        if self.scaler is not None:
-            self.scaler.update(found_inf)
-        self._zero_grads()
-        self.step_count += 1
-
         loss = torch.stack(losses).mean()
-        if self.ddp is not None:
+        if self.ddp is not None and self.ddp.data_parallel_group.size() > 1:
             dp = self.ddp.data_parallel_group
-            if dp.size() > 1:
-                loss = all_reduce(loss.reshape(1), dp, "avg").reshape(())
-                tokens *= dp.size()
-        return {"loss": float(loss), "grad_norm": grad_norm, "lr": lr, "skipped": bool(found_inf), "tokens": tokens}
+            loss = all_reduce(loss.reshape(1), dp, "avg").reshape(())
+            tokens *= dp.size()
+        loss = float(loss)
+        step = self.step_count + 1
+        try:
+            self._check_loss(step, loss)
+            if self.precision is not None:
+                self.precision.copy_grads_to_master()
+            found_inf = self.scaler.unscale_(self.params) if self.scaler is not None else False
+            grad_norm = float("nan")
+            if not found_inf:
+                grad_norm = float(clip_grad_norm(self.params, self.clip))
+                if not math.isfinite(grad_norm):
+                    raise TrainingDivergedError(step, f"step {step}: the gradient norm is {grad_norm} (loss {loss:.4g}); "
+                                                      "stopping before the optimizer step, the weights are those of "
+                                                      f"step {step - 1}")
+                self.optimizer.step()
+                if self.precision is not None:
+                    self.precision.copy_master_to_model()
+                if self.schedule is not None:
+                    self.schedule.step()
+            if self.scaler is not None:
+                self.scaler.update(found_inf)
+                self._check_skips(step, found_inf)
+        finally:
+            self._zero_grads()
+        self.step_count += 1
+        self.recent_losses.append(loss)
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bool(found_inf), "tokens": tokens}
+
+    def _check_loss(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(step, f"step {step}: the loss is {loss}; stopping before the optimizer step "
+                                              f"(the weights are those of step {step - 1}). Lower --lr, check the "
+                                              "data, or use bfloat16 instead of float16")
+        history = self.recent_losses
+        if self.loss_spike_factor is not None and len(history) >= SPIKE_MIN_HISTORY:
+            worst = max(history)
+            if loss > self.loss_spike_factor * worst:
+                raise TrainingDivergedError(step, f"step {step}: loss spike: {loss:.4g} is more than "
+                                                  f"{self.loss_spike_factor:g} x the largest of the last "
+                                                  f"{len(history)} steps ({worst:.4g}); stopping before the "
+                                                  "optimizer step")
+
+    def _check_skips(self, step: int, skipped: bool) -> None:
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        if self.max_skipped_steps is not None and self.consecutive_skips > self.max_skipped_steps:
+            raise TrainingDivergedError(step, f"step {step}: {self.consecutive_skips} consecutive steps skipped for "
+                                              "fp16 overflow (non-finite gradients at every loss scale down to "
+                                              f"{self.scaler.loss_scale:g}); the model does not train in float16. "
+                                              "Lower --lr or use bfloat16")
 
     def state_dict(self) -> dict:
         """The trainer's own counters (the model, optimizer, schedule and scaler save their own)."""
@@ -156,4 +218,4 @@ class Trainer:
         self.step_count = int(state_dict["step_count"])
 
 
-__all__ = ["IGNORE_INDEX", "Trainer", "masked_mean_loss"]
+__all__ = ["IGNORE_INDEX", "Trainer", "TrainingDivergedError", "masked_mean_loss"]
