@@ -20,18 +20,38 @@ way each case is reported with its position and counted in the summary):
     ``skip`` skip the line, since there is nothing to replace);
   - empty documents (no text, or no tokens) are always skipped and counted.
 
-Output is atomic: tokens go to a temporary file, the ``.bin`` is moved into place first and the ``.idx`` last
-(an older ``.idx`` is removed before), so an interrupted run never leaves an ``.idx`` that looks valid.
+Output never destroys what exists. A run writes the new ``.bin``, ``.idx`` and tokenizer into a staging
+directory of its own next to the output (``.NAME.prepare-HOST-PID-XXXXXXXX/``); nothing under the output's
+names is touched until all three are complete and on disk. Then it commits by renames within the directory
+(under a lock on it, where the file system has one, so two runs never interleave): the old ``.idx`` goes
+aside first, then the old tokenizer and ``.bin``; the new tokenizer and ``.bin`` go in, the new ``.idx``
+last. The guarantee: at every instant, on disk, either ``PREFIX.idx`` is absent or ``PREFIX.idx``,
+``PREFIX.bin`` and ``PREFIX.tokenizer`` are all one run's; a dataset is never a mismatched pair. So:
+  - a run that fails, is interrupted or is killed (``kill -9``) before its commit leaves the previous dataset
+    exactly as it was; an error inside the commit moves the old files back;
+  - a kill inside the commit itself (a handful of renames, microseconds) leaves no ``.idx``: no dataset,
+    never a wrong one; rerun prepare;
+  - a reader that already opened the dataset keeps reading the old files (a rename does not change open
+    files). One that opens it while a commit runs can pair an old ``.idx`` with a new ``.bin``, since
+    ``IndexedDataset`` opens the two one after the other: do not prepare into a prefix a job is opening.
+A killed run leaves its staging directory; the next run of the same prefix removes those of runs that are
+gone (this host, process id no longer alive) and leaves a running one's, and another host's, alone.
+A ``PREFIX.tokenizer`` (or ``.bin``, ``.idx``) that is a symbolic link is replaced as a link: what it points
+to is never touched. A ``.bin``/``.idx`` name that is a directory, or a tokenizer name that is a file, is
+refused before any work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import lzma
 import multiprocessing
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -41,7 +61,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from megacore._files import umask
 from megacore.data.indexed import (
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -374,20 +393,136 @@ def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_te
     return train(list(training_texts()), vocab_size=vocab_size)
 
 
-def _save_tokenizer(tok, prefix: str) -> Path:
-    """Saves next to the dataset, atomically: into a temporary directory, then renamed into place."""
-    target = tokenizer_path(prefix)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+# -- output: staged next to the prefix, then committed by renames (the guarantee: module docstring) ---------------
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+class _Staging:
+    """A run's own directory next to the output, ``.NAME.prepare-HOST-PID-XXXXXXXX/``, removed when the run ends
+    (with whatever is left in it). The new dataset is written in it under the prefix ``new`` and the old one
+    is set aside in it (``old.*``) during the commit; its name tells a later run whose it is."""
+
+    def __init__(self, output: str):
+        directory, name = os.path.split(os.path.abspath(output))
+        self.path = tempfile.mkdtemp(prefix=f".{name}.prepare-{_HOST}-{os.getpid()}-", dir=directory)
+        self.prefix = os.path.join(self.path, "new")
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)  # entries that are links are unlinked, never followed
+
+
+def _output_names(prefix: str) -> list[str]:
+    """The paths of a dataset, in the order a commit takes the old ones away: .idx, tokenizer, .bin."""
+    return [index_file_path(prefix), os.fspath(tokenizer_path(prefix)), data_file_path(prefix)]
+
+
+def _check_output_names(output: str) -> None:
+    """Refuses output names that hold what prepare does not replace: a directory where the .bin or .idx goes, a
+    file (neither directory nor link) where the tokenizer's directory goes."""
+    idx, tok, bin_ = _output_names(output)
+    for path in (bin_, idx):
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise PrepareError(f"megacore prepare: {path} is a directory, where the dataset's file goes; move it "
+                               f"or choose another --output")
+    if os.path.lexists(tok) and not os.path.islink(tok) and not os.path.isdir(tok):
+        raise PrepareError(f"megacore prepare: {tok} is a file, where the tokenizer's directory goes; move it or "
+                           f"choose another --output")
+
+
+def _commit(stage: _Staging, output: str, log: Callable[[str], None]) -> None:
+    """Puts the dataset staged in ``stage`` (.bin, .idx, optionally a tokenizer) under ``output``'s names: the
+    old .idx, tokenizer and .bin go aside into ``stage``, the new tokenizer, .bin and .idx (last) come out of
+    it. Any failure moves back what was moved. Raises PrepareError naming the paths."""
+    targets = _output_names(output)
+    aside = _output_names(os.path.join(stage.path, "old"))
+    new = _output_names(stage.prefix)
+    moves = [(t, a) for t, a in zip(targets, aside) if os.path.lexists(t)]
+    moves += [(n, t) for n, t in zip(new[::-1], targets[::-1]) if os.path.lexists(n)]  # tokenizer, .bin, .idx
+    done: list[tuple[str, str]] = []
+    with _directory_lock(os.path.dirname(targets[0])):
+        _check_output_names(output)  # again: the names may have changed while this run tokenized
+        try:
+            for src, dst in moves:
+                os.replace(src, dst)
+                done.append((src, dst))
+        except BaseException as e:
+            for back_src, back_dst in reversed(done):
+                try:
+                    os.replace(back_dst, back_src)
+                except OSError:
+                    pass
+            if isinstance(e, OSError):
+                raise PrepareError(f"megacore prepare: cannot move {src} to {dst} ({e.strerror}); the previous "
+                                   f"dataset at {output} is left as it was") from e
+            raise
+    if os.path.islink(aside[1]):
+        log(f"megacore prepare: {targets[1]} was a link to {os.readlink(aside[1])}; the link is now the "
+            f"tokenizer's directory, what it pointed to is untouched")
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: str) -> Iterator[None]:
+    """An exclusive flock on ``directory`` while the block runs, so that two runs' commits do not interleave.
+    A file system that has no flock for directories (NFS can refuse it) runs the block unlocked."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
-        tok.save(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_stale_runs(output: str, log: Callable[[str], None]) -> None:
+    """Removes the staging directories that killed runs of ``output`` left: those of this host whose process is
+    gone. A live run's, or another host's (whose processes this one cannot see), are left alone."""
+    directory, name = os.path.split(os.path.abspath(output))
+    pattern = re.compile(rf"\.{re.escape(name)}\.prepare-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[a-z0-9_]+")
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m and m["host"] == _HOST and entry.is_dir(follow_symlinks=False) and not _alive(int(m["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log(f"megacore prepare: removed {entry.path}, left by an interrupted run")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _output_directory(path: str) -> Iterator[None]:
+    """Makes the directory ``path`` and its missing parents for the block (``-o data/web`` makes ``data/``, as a
+    user expects); a block that fails removes those it made: a failed run leaves no trace."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for d in reversed(missing):
+        os.mkdir(d)
+    try:
+        yield
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for d in missing:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
         raise
-    return target
 
 
 def prepare_dataset(
@@ -424,8 +559,9 @@ def prepare_dataset(
         split_sentences: each sentence its own sequence (see :func:`split_sentences`).
         errors: "strict" | "replace" | "skip", for undecodable bytes and bad JSONL lines.
     Token dtype: uint16 for vocabularies under 65,500 tokens, else int32.
-    Returns a :class:`PrepareSummary`. Raises PrepareError (a ValueError) for bad input and arguments,
-    naming the file and position; nothing is left at the output paths then.
+    Returns a :class:`PrepareSummary`. Raises PrepareError (a ValueError) for bad input and arguments and
+    for output names it cannot replace, naming the file (and position); the output's names are left as they
+    were then (see the module docstring).
     """
     start = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -441,6 +577,8 @@ def prepare_dataset(
     out_dir = os.path.dirname(os.path.abspath(output))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise PrepareError(f"megacore prepare: the output's parent {out_dir} is not a directory")
+    _check_output_names(output)
+    _remove_stale_runs(output, log)
 
     if inputs:
         files = expand_inputs(inputs)
@@ -467,7 +605,6 @@ def prepare_dataset(
         eod = tok.eod
         if eod is None:
             raise PrepareError("megacore prepare: the tokenizer has no EOD token (nor SEP); pass --no-eod")
-    os.makedirs(out_dir, exist_ok=True)  # `-o data/corpus` makes data/ as a user expects
     dtype = best_dtype(tok.vocab_size)
     options = {"eod": eod, "split_sentences": split_sentences}
     total_bytes = sum(p.stat().st_size for p in files)
@@ -479,40 +616,40 @@ def prepare_dataset(
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="megacore prepare",
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
-    pool = _make_pool(workers, tok, options) if workers > 1 else None
+    pool = None
     try:
-        with IndexedDatasetBuilder(data_file_path(output), dtype) as builder:
-            chunks = _chunks(reader(summary), chunk_chars, chunk_docs)
-            if pool is None:
-                _init_worker(tok, options)
-                results = ((_tokenize_chunk(texts), p) for texts, p in chunks)
-            else:
-                results = _ordered(pool, chunks, 2 * workers + 2)
-            for (tokens, lengths), p in results:
-                pos = 0
-                for seq_lengths in lengths:
-                    size = sum(seq_lengths)
-                    if size == 0:  # text with no tokens (e.g. only characters the tokenizer drops)
-                        summary.skipped_empty += 1
-                        continue
-                    builder.add_document(tokens[pos:pos + size], lengths=seq_lengths)
-                    pos += size
-                    summary.documents += 1
-                    summary.sequences += len(seq_lengths)
-                    summary.tokens += size
-                if bar is not None:
-                    bar.update(p)
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(f"{summary.documents} docs, {summary.tokens / elapsed:,.0f} tokens/s",
-                                        refresh=False)
-            if pool is not None:
-                pool.close()
-                pool.join()
-            # Old .idx out first, then the tokenizer, the .bin, the .idx last: at every moment either no .idx
-            # exists or the .idx, .bin and tokenizer all belong together.
-            _remove(index_file_path(output))
-            _save_tokenizer(tok, output)
-            builder.finalize(index_file_path(output))
+        with _output_directory(out_dir), _Staging(output) as stage:
+            with IndexedDatasetBuilder(data_file_path(stage.prefix), dtype) as builder:
+                pool = _make_pool(workers, tok, options) if workers > 1 else None
+                chunks = _chunks(reader(summary), chunk_chars, chunk_docs)
+                if pool is None:
+                    _init_worker(tok, options)
+                    results = ((_tokenize_chunk(texts), p) for texts, p in chunks)
+                else:
+                    results = _ordered(pool, chunks, 2 * workers + 2)
+                for (tokens, lengths), p in results:
+                    pos = 0
+                    for seq_lengths in lengths:
+                        size = sum(seq_lengths)
+                        if size == 0:  # text with no tokens (e.g. only characters the tokenizer drops)
+                            summary.skipped_empty += 1
+                            continue
+                        builder.add_document(tokens[pos:pos + size], lengths=seq_lengths)
+                        pos += size
+                        summary.documents += 1
+                        summary.sequences += len(seq_lengths)
+                        summary.tokens += size
+                    if bar is not None:
+                        bar.update(p)
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"{summary.documents} docs, {summary.tokens / elapsed:,.0f} tokens/s",
+                                            refresh=False)
+                if pool is not None:
+                    pool.close()
+                    pool.join()
+                builder.finalize(index_file_path(stage.prefix))
+            tok.save(tokenizer_path(stage.prefix))
+            _commit(stage, output, log)
     finally:
         if pool is not None:
             pool.terminate()
@@ -540,13 +677,6 @@ def _ordered(pool, chunks, window: int):
         yield result.get(), p0
 
 
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def _make_pool(workers: int, tokenizer, options: dict):
     """A pool whose workers tokenize single-threaded (the workers are the parallelism). Forked where possible
     (the tokenizer is inherited); spawned workers re-import torch (seconds each) and unpickle it."""
@@ -569,8 +699,10 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output: str | os.PathL
           log: Callable[[str], None] | None = None) -> PrepareSummary:
     """Concatenates prepared datasets (same dtype) into ``<output>.bin/.idx``, documents in the given order.
     Their tokenizers (``<prefix>.tokenizer/``), where present, must be identical; it is copied next to the
-    output. Raises PrepareError for a missing dataset, mixed dtypes or different tokenizers."""
+    output. The output is written as :func:`prepare_dataset` writes it (staged, then committed by renames).
+    Raises PrepareError for a missing dataset, mixed dtypes or different tokenizers."""
     start = time.perf_counter()
+    log = log or (lambda message: print(message, file=sys.stderr))
     output = os.fspath(output)
     if not prefixes:
         raise PrepareError("megacore prepare --merge: no datasets to merge")
@@ -591,23 +723,20 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output: str | os.PathL
                                f"tokenized differently and cannot be merged")
     if any(os.path.abspath(p) == os.path.abspath(output) for p in map(os.fspath, prefixes)):
         raise PrepareError(f"megacore prepare --merge: the output {output} is one of the inputs")
+    _check_output_names(output)
+    _remove_stale_runs(output, log)
     summary = PrepareSummary(output=output)
-    with IndexedDatasetBuilder(data_file_path(output), dtypes.pop()) as builder:
-        for d in datasets:
-            builder.merge(d.prefix)
-            summary.documents += d.num_documents
-            summary.sequences += len(d)
-            summary.tokens += d.num_tokens
-        _remove(index_file_path(output))  # as in prepare: no .idx while the tokenizer changes
-        if tokenizers:
-            target = tokenizer_path(output)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            os.chmod(tmp, 0o777 & ~umask())
-            shutil.copytree(tokenizers[0], tmp, dirs_exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        builder.finalize(index_file_path(output))
+    with _output_directory(os.path.dirname(os.path.abspath(output))), _Staging(output) as stage:
+        with IndexedDatasetBuilder(data_file_path(stage.prefix), dtypes.pop()) as builder:
+            for d in datasets:
+                builder.merge(d.prefix)
+                summary.documents += d.num_documents
+                summary.sequences += len(d)
+                summary.tokens += d.num_tokens
+            builder.finalize(index_file_path(stage.prefix))
+        if tokenizers:  # else the output has none: an old one must not stay beside the new data
+            shutil.copytree(tokenizers[0], tokenizer_path(stage.prefix))
+        _commit(stage, output, log)
     summary.seconds = time.perf_counter() - start
     return summary
 
