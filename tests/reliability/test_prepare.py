@@ -1,6 +1,7 @@
 """`megacore prepare` never destroys what exists and bounds its memory: a failing, refused or killed
 (`kill -9`) run leaves the previous dataset (.bin, .idx, tokenizer) byte for byte; the next run removes what a
-killed one left; a symlinked PREFIX.tokenizer is replaced as a link, never followed."""
+killed one left; a symlinked PREFIX.tokenizer is replaced as a link, never followed; inputs without text are
+one clear error."""
 
 from __future__ import annotations
 
@@ -189,3 +190,23 @@ def test_a_killed_prepare_leaves_the_previous_dataset_and_the_next_run_cleans_up
     assert r.returncode == 0, r.stderr
     assert snapshot(tmp_path / "o") == before
     assert leftovers(tmp_path) == []
+
+
+# -- inputs without text ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, tokenizer", [
+    ("", True),
+    ("", False),  # training a tokenizer on nothing: the same message, not the trainer's
+    ('{"text": ""}\n{"text": "  "}\n', True),
+])
+def test_an_input_without_text_is_one_error_line_naming_it_and_writes_nothing(tmp_path, tok_dir, capfd, content,
+                                                                               tokenizer):
+    from megacore.cli import main
+
+    f = write(tmp_path / ("in.jsonl" if content else "in.txt"), content)
+    out = tmp_path / "new" / "o"
+    args = ["prepare", str(f), "-o", str(out), "--no-progress"] + (["--tokenizer", str(tok_dir)] if tokenizer else [])
+    assert main(args) == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: megacore prepare: no text to tokenize in {f} "), err
+    assert err.rstrip().endswith("nothing written")
+    assert sorted(os.listdir(tmp_path)) == [f.name]

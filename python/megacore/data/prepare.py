@@ -38,7 +38,7 @@ A killed run leaves its staging directory; the next run of the same prefix remov
 gone (this host, process id no longer alive) and leaves a running one's, and another host's, alone.
 A ``PREFIX.tokenizer`` (or ``.bin``, ``.idx``) that is a symbolic link is replaced as a link: what it points
 to is never touched. A ``.bin``/``.idx`` name that is a directory, or a tokenizer name that is a file, is
-refused before any work.
+refused before any work. Inputs without a single token are refused too: nothing is written.
 """
 
 from __future__ import annotations
@@ -372,7 +372,7 @@ def _chunks(documents: Iterable[_Document], chunk_chars: int, chunk_docs: int) -
 
 
 # -- the command ------------------------------------------------------------------------------------------------
-def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_texts: Callable[[], Iterable[str]],
+def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_texts: Callable[[], list[str]],
                              log: Callable[[str], None]):
     from megacore.data.tokenizer import Tokenizer, train_bpe, train_wordpiece
 
@@ -388,9 +388,10 @@ def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_te
     if kind not in TOKENIZER_KINDS:
         raise PrepareError(f"megacore prepare: --train-tokenizer must be one of {TOKENIZER_KINDS}, got {kind!r}")
     vocab_size = 8192 if vocab_size is None else vocab_size
+    texts = training_texts()
     log(f"megacore prepare: training a {kind} tokenizer (vocab {vocab_size}) on the inputs")
     train = train_bpe if kind == "bpe" else train_wordpiece
-    return train(list(training_texts()), vocab_size=vocab_size)
+    return train(texts, vocab_size=vocab_size)
 
 
 # -- output: staged next to the prefix, then committed by renames (the guarantee: module docstring) ---------------
@@ -525,6 +526,14 @@ def _output_directory(path: str) -> Iterator[None]:
         raise
 
 
+def _nothing_to_tokenize(inputs: Sequence | None, files: Sequence[Path], counts: PrepareSummary) -> PrepareError:
+    inputs = list(inputs or files)
+    named = ", ".join(map(str, inputs[:5])) + (f" and {len(inputs) - 5} more" if len(inputs) > 5 else "")
+    skipped = f"{counts.skipped_empty} empty" + (f", {counts.skipped_errors} bad" if counts.skipped_errors else "")
+    return PrepareError(f"megacore prepare: no text to tokenize in {named} ({len(files)} file(s); {skipped} "
+                        f"documents skipped); nothing written")
+
+
 def prepare_dataset(
     inputs: Sequence[str | os.PathLike] | None,
     output: str | os.PathLike,
@@ -559,9 +568,9 @@ def prepare_dataset(
         split_sentences: each sentence its own sequence (see :func:`split_sentences`).
         errors: "strict" | "replace" | "skip", for undecodable bytes and bad JSONL lines.
     Token dtype: uint16 for vocabularies under 65,500 tokens, else int32.
-    Returns a :class:`PrepareSummary`. Raises PrepareError (a ValueError) for bad input and arguments and
-    for output names it cannot replace, naming the file (and position); the output's names are left as they
-    were then (see the module docstring).
+    Returns a :class:`PrepareSummary`. Raises PrepareError (a ValueError) for bad input and arguments, for
+    inputs without any token and for output names it cannot replace, naming the file (and position); the
+    output's names are left as they were then (see the module docstring).
     """
     start = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -594,10 +603,15 @@ def prepare_dataset(
         return _Reader(files, fmt=fmt, json_key=json_key, document_unit=document_unit, errors=errors,
                        summary=s, warn=warn)
 
-    # Training reads the inputs once more; its own (silent) count so the summary reports each problem once.
-    tok = _load_or_train_tokenizer(
-        tokenizer, train_tokenizer, vocab_size,
-        lambda: (d.text for d in reader(PrepareSummary(output), warn=lambda m: None) if d.text), log)
+    def training_texts() -> list[str]:
+        # Training reads the inputs once more; its own (silent) count so the summary reports each problem once.
+        counts = PrepareSummary(output)
+        texts = [d.text for d in reader(counts, warn=lambda m: None) if d.text]
+        if not texts:
+            raise _nothing_to_tokenize(inputs, files, counts)
+        return texts
+
+    tok = _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_texts, log)
     summary.tokenizer_seconds = time.perf_counter() - start
     start = time.perf_counter()  # tokens/s measures tokenizing and writing, not training the tokenizer
     eod = None
@@ -647,6 +661,8 @@ def prepare_dataset(
                 if pool is not None:
                     pool.close()
                     pool.join()
+                if summary.documents == 0:
+                    raise _nothing_to_tokenize(inputs, files, summary)
                 builder.finalize(index_file_path(stage.prefix))
             tok.save(tokenizer_path(stage.prefix))
             _commit(stage, output, log)
