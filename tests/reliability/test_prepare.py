@@ -1,24 +1,28 @@
 """`megacore prepare` never destroys what exists and bounds its memory: a failing, refused or killed
 (`kill -9`) run leaves the previous dataset (.bin, .idx, tokenizer) byte for byte; the next run removes what a
 killed one left; a symlinked PREFIX.tokenizer is replaced as a link, never followed; inputs without text are
-one clear error."""
+one clear error; a long document is tokenized in pieces, to exactly the tokens of the whole, in bounded
+memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megacore.data import IndexedDataset
 from megacore.data.corpus import corpus_files, read_text
-from megacore.data.prepare import PrepareError, prepare_dataset, tokenizer_path
-from megacore.data.tokenizer import Tokenizer, train_bpe
+from megacore.data.prepare import PrepareError, _pieces, prepare_dataset, tokenizer_path
+from megacore.data.tokenizer import Tokenizer, train_bpe, train_wordpiece
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")])}
@@ -210,3 +214,101 @@ def test_an_input_without_text_is_one_error_line_naming_it_and_writes_nothing(tm
     assert err.count("\n") == 1 and err.startswith(f"error: megacore prepare: no text to tokenize in {f} "), err
     assert err.rstrip().endswith("nothing written")
     assert sorted(os.listdir(tmp_path)) == [f.name]
+
+
+# -- long documents: in pieces, the same tokens, bounded memory ------------------------------------------------
+def tricky_text(n_chars: int, seed: int = 5) -> str:
+    """Words with every kind of space around them: doubled spaces, tabs, newlines, CRLF, no-break and
+    ideographic spaces, control characters, combining accents, CJK without spaces, digits, contractions,
+    punctuation runs, a literal special token."""
+    rng = random.Random(seed)
+    words = ["Anne", "Elliot", "don't", "it's", "12345", "67890", "caf\u00e9", "cafe\u0301", "\u6c34\u6ce2\u5c71",
+             "!!!", "...", "<|endoftext|>", "[SEP]", "\u00c9COLE", "\u03a3\u039f\u03a6\u0399\u0391\u03a3", "x\x00y",
+             "\U0001f600", "end."]
+    gaps = [" ", " ", " ", "  ", "   ", "\t", "\n", "\r\n", " \n", "\n\n", "\u00a0", "\u00a0 ", "\u3000 ", "\x1c ",
+            " \u00a0", "\u2028", "\u0301 "]
+    parts, size = [], 0
+    while size < n_chars:
+        piece = rng.choice(words) + rng.choice(gaps)
+        parts.append(piece)
+        size += len(piece)
+    return "".join(parts)
+
+
+def test_pieces_are_cut_before_a_space_that_follows_a_non_space_and_join_to_the_text():
+    text = tricky_text(20_000) + "z" * 3000 + " tail"
+    pieces = list(_pieces(text, 500))
+    assert "".join(pieces) == text
+    assert all(len(p) <= 500 for p in pieces)
+    cut_at_a_word = [p for p in pieces[1:] if not p.startswith("z")]
+    assert len(cut_at_a_word) > 30
+    assert all(p[0] == " " for p in cut_at_a_word)
+    ends = [p[-1] for p in pieces[:-1] if not p.endswith("z")]
+    assert not any(c.isspace() for c in ends)
+    # A stretch without such a space is cut at the limit.
+    assert ["z" * 500] * 5 == [p for p in pieces if p == "z" * 500]
+    # The premise of the cut: every Unicode White_Space character (the tokenizers' \s and
+    # char::is_whitespace) is str.isspace, so a piece never ends inside a run of whitespace.
+    white_space = [*range(0x9, 0xE), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
+                   0x205F, 0x3000]
+    assert all(chr(c).isspace() for c in white_space)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece-uncased", "wordpiece-cased"])
+def test_a_document_tokenized_in_pieces_has_exactly_the_tokens_of_the_whole(tmp_path, text, kind):
+    # Trained on such text too, so the vocabulary has tokens for runs of whitespace ("ĠĠ"): a cut inside a run
+    # would change them (cutting before any space does), a cut before a space after a non-space does not.
+    corpus = [text[:100_000], tricky_text(100_000, seed=9)]
+    if kind == "bpe":
+        tok = train_bpe(corpus, vocab_size=500)
+    else:
+        tok = train_wordpiece(corpus, vocab_size=500, lowercase=kind.endswith("-uncased"))
+    tok.save(tmp_path / "tok")
+    doc = tricky_text(200_000)
+    f = write(tmp_path / "d.jsonl", json.dumps({"text": doc}) + "\n" + json.dumps({"text": "Short one."}) + "\n")
+    s = run([f], tmp_path / "o", tmp_path / "tok", piece_chars=700, chunk_chars=5000)
+    ds = IndexedDataset(tmp_path / "o")
+    assert s.documents == 2
+    assert ds[0].tolist() == tok.encode(doc) + [tok.eod]
+    assert ds[1].tolist() == tok.encode("Short one.") + [tok.eod]
+
+
+def test_a_stretch_without_spaces_longer_than_a_piece_still_decodes_to_the_text(tmp_path, tok_dir):
+    doc = "\u6c34\u6ce2" * 3000 + " and " + "x" * 5000
+    f = write(tmp_path / "d.txt", doc)
+    run([f], tmp_path / "o", tok_dir, piece_chars=1000)
+    assert Tokenizer.load(tok_dir).decode(IndexedDataset(tmp_path / "o")[0][:-1]) == doc
+
+
+def peak_rss_mb(command) -> float:
+    """Peak resident memory (MB) of ``command``, measured in a fresh process so no earlier child counts."""
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "assert r.returncode == 0, r.stderr; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", probe, *command], env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout) / 1024  # Linux: kilobytes
+
+
+@pytest.mark.slow
+def test_one_20_mib_document_is_prepared_in_bounded_memory(tmp_path, tok_dir, text):
+    """The documented bound: the tokenizer's working memory stays under ~150 bytes x (chunk_chars +
+    piece_chars) = 160 MB, the document itself costs about 5x its size (its text a few times, its tokens):
+    under 160 MB + 8 x 20 MiB above the process's own memory, where encoding the document whole took 3.5 GB."""
+    size = 20 << 20
+    doc = (text * (size // len(text) + 1))[:size]
+    big = write(tmp_path / "big.jsonl", json.dumps({"text": doc}) + "\n")
+    small = write(tmp_path / "small.jsonl", json.dumps({"text": doc[:1000]}) + "\n")
+    del doc
+
+    def prepare(f):
+        return [sys.executable, "-m", "megacore", "prepare", str(f), "-o", str(tmp_path / f.stem), "--tokenizer",
+                str(tok_dir), "--no-progress"]
+
+    baseline = peak_rss_mb(prepare(small))
+    peak = peak_rss_mb(prepare(big))
+    assert peak - baseline < 160 + 8 * 20, (baseline, peak)
+    ds = IndexedDataset(tmp_path / "big")
+    assert ds.num_documents == 1 and ds[0][-1] == Tokenizer.load(tok_dir).eod
+    print(f"one {size >> 20} MiB document: peak {peak:.0f} MB, {peak - baseline:.0f} MB above {baseline:.0f} MB")

@@ -39,6 +39,25 @@ gone (this host, process id no longer alive) and leaves a running one's, and ano
 A ``PREFIX.tokenizer`` (or ``.bin``, ``.idx``) that is a symbolic link is replaced as a link: what it points
 to is never touched. A ``.bin``/``.idx`` name that is a directory, or a tokenizer name that is a file, is
 refused before any work. Inputs without a single token are refused too: nothing is written.
+
+Memory is bounded per document. The tokenizer never gets more than ``chunk_chars`` characters in one call
+(1 Mi by default) nor one text longer than ``piece_chars`` (64 Ki): a longer document goes to it in pieces,
+and each piece's tokens become an array of the dataset's dtype at once (not a list of Python ints). So its
+working memory stays under ~150 bytes x (chunk_chars + piece_chars), ~160 MB per worker, however long the
+document; the document itself costs about 5x its size (its text, held a few times as read, decoded and sent
+to a worker, and its tokens). Measured (`megacore prepare big.jsonl --tokenizer T`, one 20 MiB JSONL line,
+byte-level BPE of 600 tokens, one worker, peak RSS from getrusage): 411 MB, the process's own 231 MB + 180 MB,
+where encoding the line whole took 3.7 GB.
+Pieces are cut just before a space (U+0020) that follows a non-whitespace character. For byte-level BPE
+(GPT-2's regex pre-tokenizer, trained here or loaded from GPT-2's files) and BERT WordPiece (BERT's normalizer
+and pre-tokenizer) this is a word boundary that no pre-token crosses and whose sides pre-tokenize on their own
+as they do in the whole text, so the pieces' tokens are exactly the whole document's. A ``tokenizer.json`` of
+these kinds is cut the same way; it is exact when no pre-token runs from a non-space into the space after it
+(true of GPT-2-, Llama-3- and BERT-style pipelines) and no added token strips the spaces after it. Only a run
+of more than ``piece_chars`` characters without such a space is cut at the limit, where tokens can differ
+from encoding it whole. Other tokenizer kinds (sentencepiece, unigram, ...) get whole documents: their
+normalizers may treat a leading space differently (Llama's prepends ``▁`` to every text), so their memory
+still grows with a document's length.
 """
 
 from __future__ import annotations
@@ -330,29 +349,66 @@ def _init_worker(tokenizer, options: dict) -> None:
 
 
 def _tokenize_chunk(texts: list[str]) -> tuple[np.ndarray, list[list[int]]]:
-    """Documents -> (all their tokens concatenated [total] int64, per document the lengths of its sequences).
-    The EOD goes at the end of a document's last sequence; a document without tokens gets no sequences."""
+    """Documents -> (all their tokens concatenated [total] in the dataset's dtype, per document the lengths of
+    its sequences). The EOD goes at the end of a document's last sequence; a document without tokens gets no
+    sequences. The tokenizer sees at most ``batch_chars`` characters per call and, where ``piece_chars`` is
+    set, no text longer than that (:func:`_pieces`), however long the documents are."""
     tok, opts = _worker_tokenizer, _worker_options
-    if opts["split_sentences"]:
-        per_doc = [split_sentences(t) for t in texts]
-        flat = [s for doc in per_doc for s in doc]
-        encoded = tok.encode_batch(flat) if flat else []
-        sequences, k = [], 0
-        for doc in per_doc:
-            seqs = [e for e in encoded[k:k + len(doc)] if len(e)]
-            k += len(doc)
-            sequences.append(seqs)
-    else:
-        sequences = [[e] if len(e) else [] for e in tok.encode_batch(texts)]
-    eod = opts["eod"]
-    lengths, arrays = [], []
-    for seqs in sequences:
-        if seqs and eod is not None:
-            seqs[-1] = list(seqs[-1]) + [eod]
-        lengths.append([len(s) for s in seqs])
-        arrays.extend(np.asarray(s, dtype=np.int64) for s in seqs)
-    tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    dtype, limit, eod = opts["dtype"], opts["piece_chars"], opts["eod"]
+    docs = [split_sentences(t) for t in texts] if opts["split_sentences"] else [[t] for t in texts]
+    sequences = [s for doc in docs for s in doc]
+    parts: list[list[np.ndarray]] = [[] for _ in sequences]  # per sequence, the tokens of its pieces
+    pieces = ((i, piece) for i, s in enumerate(sequences) for piece in (_pieces(s, limit) if limit else (s,)))
+    for batch in _batches(pieces, opts["batch_chars"]):
+        for (i, _), ids in zip(batch, tok.encode_batch([piece for _, piece in batch])):
+            parts[i].append(np.asarray(ids, dtype=dtype))  # [n]; compact at once, not a list of Python ints
+    arrays, lengths, i = [], [], 0
+    for doc in docs:
+        seq_lengths = []
+        for _ in doc:
+            size = sum(len(a) for a in parts[i])
+            if size:
+                arrays.extend(parts[i])
+                seq_lengths.append(size)
+            i += 1
+        if seq_lengths and eod is not None:
+            arrays.append(np.array([eod], dtype=dtype))
+            seq_lengths[-1] += 1
+        lengths.append(seq_lengths)
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
     return tokens, lengths
+
+
+def _pieces(text: str, limit: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters, each after the first beginning with a
+    space that follows a non-whitespace character: where the tokens of the pieces are those of the whole (see
+    the module docstring). A stretch of ``limit`` characters without such a space is cut at the limit."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = text.rfind(" ", start + 1, end + 1)
+        # str.isspace covers every character the tokenizers' \s and char::is_whitespace match (and a few more).
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            cut = end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _batches(items: Iterable[tuple[int, str]], max_chars: int) -> Iterator[list[tuple[int, str]]]:
+    """Consecutive lists of (sequence, text) whose texts hold about ``max_chars`` characters (at most one text
+    more)."""
+    batch, chars = [], 0
+    for item in items:
+        batch.append(item)
+        chars += len(item[1])
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _chunks(documents: Iterable[_Document], chunk_chars: int, chunk_docs: int) -> Iterator[tuple[list[str], int]]:
@@ -551,6 +607,7 @@ def prepare_dataset(
     errors: str = "strict",
     chunk_chars: int = 1 << 20,
     chunk_docs: int = 1024,
+    piece_chars: int = 1 << 16,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> PrepareSummary:
@@ -567,6 +624,10 @@ def prepare_dataset(
         append_eod: end every document with the tokenizer's ``eod`` (WordPiece: ``[SEP]``).
         split_sentences: each sentence its own sequence (see :func:`split_sentences`).
         errors: "strict" | "replace" | "skip", for undecodable bytes and bad JSONL lines.
+        chunk_chars, chunk_docs: the work of one task: documents up to this many characters or documents; also
+            the most characters the tokenizer gets in one call.
+        piece_chars: the longest text the tokenizer gets in one call (BPE and WordPiece; see the module
+            docstring: the tokens are the same).
     Token dtype: uint16 for vocabularies under 65,500 tokens, else int32.
     Returns a :class:`PrepareSummary`. Raises PrepareError (a ValueError) for bad input and arguments, for
     inputs without any token and for output names it cannot replace, naming the file (and position); the
@@ -581,8 +642,10 @@ def prepare_dataset(
         raise PrepareError(f"megacore prepare: document_unit must be one of {DOCUMENT_UNITS}, got {document_unit!r}")
     if fmt not in FORMATS:
         raise PrepareError(f"megacore prepare: format must be one of {FORMATS}, got {fmt!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise PrepareError(f"megacore prepare: workers must be a positive int, got {workers!r}")
+    for name, value in (("workers", workers), ("chunk_chars", chunk_chars), ("chunk_docs", chunk_docs),
+                        ("piece_chars", piece_chars)):
+        if not isinstance(value, int) or value < 1:
+            raise PrepareError(f"megacore prepare: {name} must be a positive int, got {value!r}")
     out_dir = os.path.dirname(os.path.abspath(output))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise PrepareError(f"megacore prepare: the output's parent {out_dir} is not a directory")
@@ -620,7 +683,9 @@ def prepare_dataset(
         if eod is None:
             raise PrepareError("megacore prepare: the tokenizer has no EOD token (nor SEP); pass --no-eod")
     dtype = best_dtype(tok.vocab_size)
-    options = {"eod": eod, "split_sentences": split_sentences}
+    cut = getattr(tok, "kind", None) in ("bpe", "wordpiece")  # where pieces give the same tokens
+    options = {"eod": eod, "split_sentences": split_sentences, "dtype": dtype, "batch_chars": chunk_chars,
+               "piece_chars": piece_chars if cut else 0}
     total_bytes = sum(p.stat().st_size for p in files)
 
     bar = None
