@@ -260,11 +260,13 @@ def test_an_interrupted_run_leaves_the_previous_dataset_untouched(tmp_path, tok_
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith((".o", "o"))) == ["o.bin", "o.idx", "o.tokenizer"]
 
 
-def test_an_interrupt_while_finishing_never_leaves_an_idx(tmp_path, tok_dir, monkeypatch):
+def test_an_interrupt_while_writing_the_index_leaves_the_previous_dataset_whole(tmp_path, tok_dir, monkeypatch):
     import megacore.data.indexed as indexed
 
     f = write(tmp_path / "a.txt", "old text")
     run([f], tmp_path / "o", tok_dir)
+    before = {p: (tmp_path / p).read_bytes() for p in ("o.bin", "o.idx")}
+    write(tmp_path / "a.txt", "new text")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -272,7 +274,8 @@ def test_an_interrupt_while_finishing_never_leaves_an_idx(tmp_path, tok_dir, mon
     monkeypatch.setattr(indexed, "write_index", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run([f], tmp_path / "o", tok_dir)
-    assert not (tmp_path / "o.idx").exists()
+    assert {p: (tmp_path / p).read_bytes() for p in ("o.bin", "o.idx")} == before
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith((".o", "o"))) == ["o.bin", "o.idx", "o.tokenizer"]
 
 
 def test_a_bad_line_read_while_workers_run_stops_the_pool_and_writes_nothing(tmp_path, tok_dir):

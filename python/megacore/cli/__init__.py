@@ -53,7 +53,9 @@ def _add_prepare(sub) -> None:
     )
     p.add_argument("inputs", nargs="*", help="text files (.txt, .txt.xz), directories (searched recursively) or "
                                               "JSONL files (.jsonl, .json); none: the embedded corpus")
-    p.add_argument("--output", "-o", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, PREFIX.tokenizer/")
+    p.add_argument("--output", "-o", required=True, metavar="PREFIX",
+                   help="writes PREFIX.bin, PREFIX.idx, PREFIX.tokenizer/ (an existing dataset there is replaced only "
+                        "once the new one is complete)")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", metavar="PATH", help="a saved megacore tokenizer (directory or tokenizer.json)")
     tok.add_argument("--train-tokenizer", choices=TOKENIZER_KINDS,

@@ -20,18 +20,57 @@ way each case is reported with its position and counted in the summary):
     ``skip`` skip the line, since there is nothing to replace);
   - empty documents (no text, or no tokens) are always skipped and counted.
 
-Output is atomic: tokens go to a temporary file, the ``.bin`` is moved into place first and the ``.idx`` last
-(an older ``.idx`` is removed before), so an interrupted run never leaves an ``.idx`` that looks valid.
+Output never destroys what exists. A run writes the new ``.bin``, ``.idx`` and tokenizer into a staging
+directory of its own next to the output (``.NAME.prepare-HOST-PID-XXXXXXXX/``); nothing under the output's
+names is touched until all three are complete and on disk. Then it commits by renames within the directory
+(under a lock on it, where the file system has one, so two runs never interleave): the old ``.idx`` goes
+aside first, then the old tokenizer and ``.bin``; the new tokenizer and ``.bin`` go in, the new ``.idx``
+last. The guarantee: at every instant, on disk, either ``PREFIX.idx`` is absent or ``PREFIX.idx``,
+``PREFIX.bin`` and ``PREFIX.tokenizer`` are all one run's; a dataset is never a mismatched pair. So:
+  - a run that fails, is interrupted or is killed (``kill -9``) before its commit leaves the previous dataset
+    exactly as it was; an error inside the commit moves the old files back;
+  - a kill inside the commit itself (a handful of renames, microseconds) leaves no ``.idx``: no dataset,
+    never a wrong one; rerun prepare;
+  - a reader that already opened the dataset keeps reading the old files (a rename does not change open
+    files). One that opens it while a commit runs can pair an old ``.idx`` with a new ``.bin``, since
+    ``IndexedDataset`` opens the two one after the other: do not prepare into a prefix a job is opening.
+A killed run leaves its staging directory; the next run of the same prefix removes those of runs that are
+gone (this host, process id no longer alive) and leaves a running one's, and another host's, alone.
+A ``PREFIX.tokenizer`` (or ``.bin``, ``.idx``) that is a symbolic link is replaced as a link: what it points
+to is never touched. A ``.bin``/``.idx`` name that is a directory, or a tokenizer name that is a file, is
+refused before any work. Inputs without a single token are refused too: nothing is written.
+
+Memory is bounded per document. The tokenizer never gets more than ``chunk_chars`` characters in one call
+(1 Mi by default) nor one text longer than ``piece_chars`` (64 Ki): a longer document goes to it in pieces,
+and each piece's tokens become an array of the dataset's dtype at once (not a list of Python ints). So its
+working memory stays under ~150 bytes x (chunk_chars + piece_chars), ~160 MB per worker, however long the
+document; the document itself costs about 5x its size (its text, held a few times as read, decoded and sent
+to a worker, and its tokens). Measured (`megacore prepare big.jsonl --tokenizer T`, one 20 MiB JSONL line,
+byte-level BPE of 600 tokens, one worker, peak RSS from getrusage): 411 MB, the process's own 231 MB + 180 MB,
+where encoding the line whole took 3.7 GB.
+Pieces are cut just before a space (U+0020) that follows a non-whitespace character. For byte-level BPE
+(GPT-2's regex pre-tokenizer, trained here or loaded from GPT-2's files) and BERT WordPiece (BERT's normalizer
+and pre-tokenizer) this is a word boundary that no pre-token crosses and whose sides pre-tokenize on their own
+as they do in the whole text, so the pieces' tokens are exactly the whole document's. A ``tokenizer.json`` of
+these kinds is cut the same way; it is exact when no pre-token runs from a non-space into the space after it
+(true of GPT-2-, Llama-3- and BERT-style pipelines) and no added token strips the spaces after it. Only a run
+of more than ``piece_chars`` characters without such a space is cut at the limit, where tokens can differ
+from encoding it whole. Other tokenizer kinds (sentencepiece, unigram, ...) get whole documents: their
+normalizers may treat a leading space differently (Llama's prepends ``▁`` to every text), so their memory
+still grows with a document's length.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import lzma
 import multiprocessing
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -41,7 +80,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from megacore._files import umask
 from megacore.data.indexed import (
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -311,29 +349,66 @@ def _init_worker(tokenizer, options: dict) -> None:
 
 
 def _tokenize_chunk(texts: list[str]) -> tuple[np.ndarray, list[list[int]]]:
-    """Documents -> (all their tokens concatenated [total] int64, per document the lengths of its sequences).
-    The EOD goes at the end of a document's last sequence; a document without tokens gets no sequences."""
+    """Documents -> (all their tokens concatenated [total] in the dataset's dtype, per document the lengths of
+    its sequences). The EOD goes at the end of a document's last sequence; a document without tokens gets no
+    sequences. The tokenizer sees at most ``batch_chars`` characters per call and, where ``piece_chars`` is
+    set, no text longer than that (:func:`_pieces`), however long the documents are."""
     tok, opts = _worker_tokenizer, _worker_options
-    if opts["split_sentences"]:
-        per_doc = [split_sentences(t) for t in texts]
-        flat = [s for doc in per_doc for s in doc]
-        encoded = tok.encode_batch(flat) if flat else []
-        sequences, k = [], 0
-        for doc in per_doc:
-            seqs = [e for e in encoded[k:k + len(doc)] if len(e)]
-            k += len(doc)
-            sequences.append(seqs)
-    else:
-        sequences = [[e] if len(e) else [] for e in tok.encode_batch(texts)]
-    eod = opts["eod"]
-    lengths, arrays = [], []
-    for seqs in sequences:
-        if seqs and eod is not None:
-            seqs[-1] = list(seqs[-1]) + [eod]
-        lengths.append([len(s) for s in seqs])
-        arrays.extend(np.asarray(s, dtype=np.int64) for s in seqs)
-    tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    dtype, limit, eod = opts["dtype"], opts["piece_chars"], opts["eod"]
+    docs = [split_sentences(t) for t in texts] if opts["split_sentences"] else [[t] for t in texts]
+    sequences = [s for doc in docs for s in doc]
+    parts: list[list[np.ndarray]] = [[] for _ in sequences]  # per sequence, the tokens of its pieces
+    pieces = ((i, piece) for i, s in enumerate(sequences) for piece in (_pieces(s, limit) if limit else (s,)))
+    for batch in _batches(pieces, opts["batch_chars"]):
+        for (i, _), ids in zip(batch, tok.encode_batch([piece for _, piece in batch])):
+            parts[i].append(np.asarray(ids, dtype=dtype))  # [n]; compact at once, not a list of Python ints
+    arrays, lengths, i = [], [], 0
+    for doc in docs:
+        seq_lengths = []
+        for _ in doc:
+            size = sum(len(a) for a in parts[i])
+            if size:
+                arrays.extend(parts[i])
+                seq_lengths.append(size)
+            i += 1
+        if seq_lengths and eod is not None:
+            arrays.append(np.array([eod], dtype=dtype))
+            seq_lengths[-1] += 1
+        lengths.append(seq_lengths)
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
     return tokens, lengths
+
+
+def _pieces(text: str, limit: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``limit`` characters, each after the first beginning with a
+    space that follows a non-whitespace character: where the tokens of the pieces are those of the whole (see
+    the module docstring). A stretch of ``limit`` characters without such a space is cut at the limit."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = text.rfind(" ", start + 1, end + 1)
+        # str.isspace covers every character the tokenizers' \s and char::is_whitespace match (and a few more).
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            cut = end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _batches(items: Iterable[tuple[int, str]], max_chars: int) -> Iterator[list[tuple[int, str]]]:
+    """Consecutive lists of (sequence, text) whose texts hold about ``max_chars`` characters (at most one text
+    more)."""
+    batch, chars = [], 0
+    for item in items:
+        batch.append(item)
+        chars += len(item[1])
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _chunks(documents: Iterable[_Document], chunk_chars: int, chunk_docs: int) -> Iterator[tuple[list[str], int]]:
@@ -353,7 +428,7 @@ def _chunks(documents: Iterable[_Document], chunk_chars: int, chunk_docs: int) -
 
 
 # -- the command ------------------------------------------------------------------------------------------------
-def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_texts: Callable[[], Iterable[str]],
+def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_texts: Callable[[], list[str]],
                              log: Callable[[str], None]):
     from megacore.data.tokenizer import Tokenizer, train_bpe, train_wordpiece
 
@@ -369,25 +444,150 @@ def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_te
     if kind not in TOKENIZER_KINDS:
         raise PrepareError(f"megacore prepare: --train-tokenizer must be one of {TOKENIZER_KINDS}, got {kind!r}")
     vocab_size = 8192 if vocab_size is None else vocab_size
+    texts = training_texts()
     log(f"megacore prepare: training a {kind} tokenizer (vocab {vocab_size}) on the inputs")
     train = train_bpe if kind == "bpe" else train_wordpiece
-    return train(list(training_texts()), vocab_size=vocab_size)
+    return train(texts, vocab_size=vocab_size)
 
 
-def _save_tokenizer(tok, prefix: str) -> Path:
-    """Saves next to the dataset, atomically: into a temporary directory, then renamed into place."""
-    target = tokenizer_path(prefix)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+# -- output: staged next to the prefix, then committed by renames (the guarantee: module docstring) ---------------
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+class _Staging:
+    """A run's own directory next to the output, ``.NAME.prepare-HOST-PID-XXXXXXXX/``, removed when the run ends
+    (with whatever is left in it). The new dataset is written in it under the prefix ``new`` and the old one
+    is set aside in it (``old.*``) during the commit; its name tells a later run whose it is."""
+
+    def __init__(self, output: str):
+        directory, name = os.path.split(os.path.abspath(output))
+        self.path = tempfile.mkdtemp(prefix=f".{name}.prepare-{_HOST}-{os.getpid()}-", dir=directory)
+        self.prefix = os.path.join(self.path, "new")
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)  # entries that are links are unlinked, never followed
+
+
+def _output_names(prefix: str) -> list[str]:
+    """The paths of a dataset, in the order a commit takes the old ones away: .idx, tokenizer, .bin."""
+    return [index_file_path(prefix), os.fspath(tokenizer_path(prefix)), data_file_path(prefix)]
+
+
+def _check_output_names(output: str) -> None:
+    """Refuses output names that hold what prepare does not replace: a directory where the .bin or .idx goes, a
+    file (neither directory nor link) where the tokenizer's directory goes."""
+    idx, tok, bin_ = _output_names(output)
+    for path in (bin_, idx):
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise PrepareError(f"megacore prepare: {path} is a directory, where the dataset's file goes; move it "
+                               f"or choose another --output")
+    if os.path.lexists(tok) and not os.path.islink(tok) and not os.path.isdir(tok):
+        raise PrepareError(f"megacore prepare: {tok} is a file, where the tokenizer's directory goes; move it or "
+                           f"choose another --output")
+
+
+def _commit(stage: _Staging, output: str, log: Callable[[str], None]) -> None:
+    """Puts the dataset staged in ``stage`` (.bin, .idx, optionally a tokenizer) under ``output``'s names: the
+    old .idx, tokenizer and .bin go aside into ``stage``, the new tokenizer, .bin and .idx (last) come out of
+    it. Any failure moves back what was moved. Raises PrepareError naming the paths."""
+    targets = _output_names(output)
+    aside = _output_names(os.path.join(stage.path, "old"))
+    new = _output_names(stage.prefix)
+    moves = [(t, a) for t, a in zip(targets, aside) if os.path.lexists(t)]
+    moves += [(n, t) for n, t in zip(new[::-1], targets[::-1]) if os.path.lexists(n)]  # tokenizer, .bin, .idx
+    done: list[tuple[str, str]] = []
+    with _directory_lock(os.path.dirname(targets[0])):
+        _check_output_names(output)  # again: the names may have changed while this run tokenized
+        try:
+            for src, dst in moves:
+                os.replace(src, dst)
+                done.append((src, dst))
+        except BaseException as e:
+            for back_src, back_dst in reversed(done):
+                try:
+                    os.replace(back_dst, back_src)
+                except OSError:
+                    pass
+            if isinstance(e, OSError):
+                raise PrepareError(f"megacore prepare: cannot move {src} to {dst} ({e.strerror}); the previous "
+                                   f"dataset at {output} is left as it was") from e
+            raise
+    if os.path.islink(aside[1]):
+        log(f"megacore prepare: {targets[1]} was a link to {os.readlink(aside[1])}; the link is now the "
+            f"tokenizer's directory, what it pointed to is untouched")
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: str) -> Iterator[None]:
+    """An exclusive flock on ``directory`` while the block runs, so that two runs' commits do not interleave.
+    A file system that has no flock for directories (NFS can refuse it) runs the block unlocked."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
-        tok.save(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_stale_runs(output: str, log: Callable[[str], None]) -> None:
+    """Removes the staging directories that killed runs of ``output`` left: those of this host whose process is
+    gone. A live run's, or another host's (whose processes this one cannot see), are left alone."""
+    directory, name = os.path.split(os.path.abspath(output))
+    pattern = re.compile(rf"\.{re.escape(name)}\.prepare-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[a-z0-9_]+")
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m and m["host"] == _HOST and entry.is_dir(follow_symlinks=False) and not _alive(int(m["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log(f"megacore prepare: removed {entry.path}, left by an interrupted run")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _output_directory(path: str) -> Iterator[None]:
+    """Makes the directory ``path`` and its missing parents for the block (``-o data/web`` makes ``data/``, as a
+    user expects); a block that fails removes those it made: a failed run leaves no trace."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for d in reversed(missing):
+        os.mkdir(d)
+    try:
+        yield
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for d in missing:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
         raise
-    return target
+
+
+def _nothing_to_tokenize(inputs: Sequence | None, files: Sequence[Path], counts: PrepareSummary) -> PrepareError:
+    inputs = list(inputs or files)
+    named = ", ".join(map(str, inputs[:5])) + (f" and {len(inputs) - 5} more" if len(inputs) > 5 else "")
+    skipped = f"{counts.skipped_empty} empty" + (f", {counts.skipped_errors} bad" if counts.skipped_errors else "")
+    return PrepareError(f"megacore prepare: no text to tokenize in {named} ({len(files)} file(s); {skipped} "
+                        f"documents skipped); nothing written")
 
 
 def prepare_dataset(
@@ -407,6 +607,7 @@ def prepare_dataset(
     errors: str = "strict",
     chunk_chars: int = 1 << 20,
     chunk_docs: int = 1024,
+    piece_chars: int = 1 << 16,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> PrepareSummary:
@@ -423,9 +624,14 @@ def prepare_dataset(
         append_eod: end every document with the tokenizer's ``eod`` (WordPiece: ``[SEP]``).
         split_sentences: each sentence its own sequence (see :func:`split_sentences`).
         errors: "strict" | "replace" | "skip", for undecodable bytes and bad JSONL lines.
+        chunk_chars, chunk_docs: the work of one task: documents up to this many characters or documents; also
+            the most characters the tokenizer gets in one call.
+        piece_chars: the longest text the tokenizer gets in one call (BPE and WordPiece; see the module
+            docstring: the tokens are the same).
     Token dtype: uint16 for vocabularies under 65,500 tokens, else int32.
-    Returns a :class:`PrepareSummary`. Raises PrepareError (a ValueError) for bad input and arguments,
-    naming the file and position; nothing is left at the output paths then.
+    Returns a :class:`PrepareSummary`. Raises PrepareError (a ValueError) for bad input and arguments, for
+    inputs without any token and for output names it cannot replace, naming the file (and position); the
+    output's names are left as they were then (see the module docstring).
     """
     start = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -436,11 +642,15 @@ def prepare_dataset(
         raise PrepareError(f"megacore prepare: document_unit must be one of {DOCUMENT_UNITS}, got {document_unit!r}")
     if fmt not in FORMATS:
         raise PrepareError(f"megacore prepare: format must be one of {FORMATS}, got {fmt!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise PrepareError(f"megacore prepare: workers must be a positive int, got {workers!r}")
+    for name, value in (("workers", workers), ("chunk_chars", chunk_chars), ("chunk_docs", chunk_docs),
+                        ("piece_chars", piece_chars)):
+        if not isinstance(value, int) or value < 1:
+            raise PrepareError(f"megacore prepare: {name} must be a positive int, got {value!r}")
     out_dir = os.path.dirname(os.path.abspath(output))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise PrepareError(f"megacore prepare: the output's parent {out_dir} is not a directory")
+    _check_output_names(output)
+    _remove_stale_runs(output, log)
 
     if inputs:
         files = expand_inputs(inputs)
@@ -456,10 +666,15 @@ def prepare_dataset(
         return _Reader(files, fmt=fmt, json_key=json_key, document_unit=document_unit, errors=errors,
                        summary=s, warn=warn)
 
-    # Training reads the inputs once more; its own (silent) count so the summary reports each problem once.
-    tok = _load_or_train_tokenizer(
-        tokenizer, train_tokenizer, vocab_size,
-        lambda: (d.text for d in reader(PrepareSummary(output), warn=lambda m: None) if d.text), log)
+    def training_texts() -> list[str]:
+        # Training reads the inputs once more; its own (silent) count so the summary reports each problem once.
+        counts = PrepareSummary(output)
+        texts = [d.text for d in reader(counts, warn=lambda m: None) if d.text]
+        if not texts:
+            raise _nothing_to_tokenize(inputs, files, counts)
+        return texts
+
+    tok = _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_texts, log)
     summary.tokenizer_seconds = time.perf_counter() - start
     start = time.perf_counter()  # tokens/s measures tokenizing and writing, not training the tokenizer
     eod = None
@@ -467,9 +682,10 @@ def prepare_dataset(
         eod = tok.eod
         if eod is None:
             raise PrepareError("megacore prepare: the tokenizer has no EOD token (nor SEP); pass --no-eod")
-    os.makedirs(out_dir, exist_ok=True)  # `-o data/corpus` makes data/ as a user expects
     dtype = best_dtype(tok.vocab_size)
-    options = {"eod": eod, "split_sentences": split_sentences}
+    cut = getattr(tok, "kind", None) in ("bpe", "wordpiece")  # where pieces give the same tokens
+    options = {"eod": eod, "split_sentences": split_sentences, "dtype": dtype, "batch_chars": chunk_chars,
+               "piece_chars": piece_chars if cut else 0}
     total_bytes = sum(p.stat().st_size for p in files)
 
     bar = None
@@ -479,40 +695,42 @@ def prepare_dataset(
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="megacore prepare",
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
-    pool = _make_pool(workers, tok, options) if workers > 1 else None
+    pool = None
     try:
-        with IndexedDatasetBuilder(data_file_path(output), dtype) as builder:
-            chunks = _chunks(reader(summary), chunk_chars, chunk_docs)
-            if pool is None:
-                _init_worker(tok, options)
-                results = ((_tokenize_chunk(texts), p) for texts, p in chunks)
-            else:
-                results = _ordered(pool, chunks, 2 * workers + 2)
-            for (tokens, lengths), p in results:
-                pos = 0
-                for seq_lengths in lengths:
-                    size = sum(seq_lengths)
-                    if size == 0:  # text with no tokens (e.g. only characters the tokenizer drops)
-                        summary.skipped_empty += 1
-                        continue
-                    builder.add_document(tokens[pos:pos + size], lengths=seq_lengths)
-                    pos += size
-                    summary.documents += 1
-                    summary.sequences += len(seq_lengths)
-                    summary.tokens += size
-                if bar is not None:
-                    bar.update(p)
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(f"{summary.documents} docs, {summary.tokens / elapsed:,.0f} tokens/s",
-                                        refresh=False)
-            if pool is not None:
-                pool.close()
-                pool.join()
-            # Old .idx out first, then the tokenizer, the .bin, the .idx last: at every moment either no .idx
-            # exists or the .idx, .bin and tokenizer all belong together.
-            _remove(index_file_path(output))
-            _save_tokenizer(tok, output)
-            builder.finalize(index_file_path(output))
+        with _output_directory(out_dir), _Staging(output) as stage:
+            with IndexedDatasetBuilder(data_file_path(stage.prefix), dtype) as builder:
+                pool = _make_pool(workers, tok, options) if workers > 1 else None
+                chunks = _chunks(reader(summary), chunk_chars, chunk_docs)
+                if pool is None:
+                    _init_worker(tok, options)
+                    results = ((_tokenize_chunk(texts), p) for texts, p in chunks)
+                else:
+                    results = _ordered(pool, chunks, 2 * workers + 2)
+                for (tokens, lengths), p in results:
+                    pos = 0
+                    for seq_lengths in lengths:
+                        size = sum(seq_lengths)
+                        if size == 0:  # text with no tokens (e.g. only characters the tokenizer drops)
+                            summary.skipped_empty += 1
+                            continue
+                        builder.add_document(tokens[pos:pos + size], lengths=seq_lengths)
+                        pos += size
+                        summary.documents += 1
+                        summary.sequences += len(seq_lengths)
+                        summary.tokens += size
+                    if bar is not None:
+                        bar.update(p)
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"{summary.documents} docs, {summary.tokens / elapsed:,.0f} tokens/s",
+                                            refresh=False)
+                if pool is not None:
+                    pool.close()
+                    pool.join()
+                if summary.documents == 0:
+                    raise _nothing_to_tokenize(inputs, files, summary)
+                builder.finalize(index_file_path(stage.prefix))
+            tok.save(tokenizer_path(stage.prefix))
+            _commit(stage, output, log)
     finally:
         if pool is not None:
             pool.terminate()
@@ -540,13 +758,6 @@ def _ordered(pool, chunks, window: int):
         yield result.get(), p0
 
 
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def _make_pool(workers: int, tokenizer, options: dict):
     """A pool whose workers tokenize single-threaded (the workers are the parallelism). Forked where possible
     (the tokenizer is inherited); spawned workers re-import torch (seconds each) and unpickle it."""
@@ -569,8 +780,10 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output: str | os.PathL
           log: Callable[[str], None] | None = None) -> PrepareSummary:
     """Concatenates prepared datasets (same dtype) into ``<output>.bin/.idx``, documents in the given order.
     Their tokenizers (``<prefix>.tokenizer/``), where present, must be identical; it is copied next to the
-    output. Raises PrepareError for a missing dataset, mixed dtypes or different tokenizers."""
+    output. The output is written as :func:`prepare_dataset` writes it (staged, then committed by renames).
+    Raises PrepareError for a missing dataset, mixed dtypes or different tokenizers."""
     start = time.perf_counter()
+    log = log or (lambda message: print(message, file=sys.stderr))
     output = os.fspath(output)
     if not prefixes:
         raise PrepareError("megacore prepare --merge: no datasets to merge")
@@ -591,23 +804,20 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output: str | os.PathL
                                f"tokenized differently and cannot be merged")
     if any(os.path.abspath(p) == os.path.abspath(output) for p in map(os.fspath, prefixes)):
         raise PrepareError(f"megacore prepare --merge: the output {output} is one of the inputs")
+    _check_output_names(output)
+    _remove_stale_runs(output, log)
     summary = PrepareSummary(output=output)
-    with IndexedDatasetBuilder(data_file_path(output), dtypes.pop()) as builder:
-        for d in datasets:
-            builder.merge(d.prefix)
-            summary.documents += d.num_documents
-            summary.sequences += len(d)
-            summary.tokens += d.num_tokens
-        _remove(index_file_path(output))  # as in prepare: no .idx while the tokenizer changes
-        if tokenizers:
-            target = tokenizer_path(output)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            os.chmod(tmp, 0o777 & ~umask())
-            shutil.copytree(tokenizers[0], tmp, dirs_exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        builder.finalize(index_file_path(output))
+    with _output_directory(os.path.dirname(os.path.abspath(output))), _Staging(output) as stage:
+        with IndexedDatasetBuilder(data_file_path(stage.prefix), dtypes.pop()) as builder:
+            for d in datasets:
+                builder.merge(d.prefix)
+                summary.documents += d.num_documents
+                summary.sequences += len(d)
+                summary.tokens += d.num_tokens
+            builder.finalize(index_file_path(stage.prefix))
+        if tokenizers:  # else the output has none: an old one must not stay beside the new data
+            shutil.copytree(tokenizers[0], tokenizer_path(stage.prefix))
+        _commit(stage, output, log)
     summary.seconds = time.perf_counter() - start
     return summary
 
