@@ -241,8 +241,9 @@ def test_finalize_replaces_an_old_dataset_and_leaves_no_temporary_files(tmp_path
     assert IndexedDataset(tmp_path / "d")[0].tolist() == [0, 1, 2]
 
 
-def test_an_interrupted_rewrite_never_pairs_an_old_idx_with_a_new_bin(tmp_path, monkeypatch):
-    """The .bin lands before the .idx; a crash in between must not leave the old .idx beside the new .bin."""
+def test_an_interrupted_rewrite_leaves_the_old_dataset_whole(tmp_path, monkeypatch):
+    """The new .idx is written before anything old is touched: a crash while writing it leaves the old
+    dataset readable and no temporaries."""
     import megacore.data.indexed as indexed
 
     write_dataset(tmp_path / "d", [np.arange(100)], np.int32)
@@ -253,7 +254,25 @@ def test_an_interrupted_rewrite_never_pairs_an_old_idx_with_a_new_bin(tmp_path, 
     monkeypatch.setattr(indexed, "write_index", crash)
     with pytest.raises(KeyboardInterrupt):
         write_dataset(tmp_path / "d", [np.arange(3)], np.int32)
-    assert not (tmp_path / "d.idx").exists()
+    assert sorted(os.listdir(tmp_path)) == ["d.bin", "d.idx"]
+    np.testing.assert_array_equal(np.asarray(IndexedDataset(tmp_path / "d")[0]), np.arange(100))
+
+
+def test_an_interrupted_swap_never_pairs_an_old_idx_with_a_new_bin(tmp_path, monkeypatch):
+    """Between the .bin's rename and the .idx's, the old .idx is already gone."""
+    import megacore.data.indexed as indexed
+
+    write_dataset(tmp_path / "d", [np.arange(100)], np.int32)
+    real = os.replace
+
+    def crash_on_idx(src, dst):
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(indexed.os, "replace", crash_on_idx)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(tmp_path / "d", [np.arange(3)], np.int32)
     assert sorted(os.listdir(tmp_path)) == ["d.bin"]
 
 

@@ -386,7 +386,8 @@ class IndexedDatasetBuilder:
         other.close()
 
     def finalize(self, idx_path: PathLike) -> None:
-        """Moves the ``.bin`` into place and writes ``idx_path`` (last). A document left open is ended."""
+        """Writes the new ``.idx`` beside ``idx_path``, then moves the ``.bin`` and the ``.idx`` (last) into place:
+        a failure before that leaves an existing dataset untouched. A document left open is ended."""
         self._check_open("finalize")
         if self._document_indices[-1] != len(self._lengths):
             self._document_indices.append(len(self._lengths))
@@ -395,14 +396,18 @@ class IndexedDatasetBuilder:
         self._file.close()
         self._file = None
         idx_path = os.fspath(idx_path)
+        new_idx = new_temp_file(idx_path)
         try:
-            # An old .idx must not outlive its .bin: remove it before the new .bin lands.
+            # Everything new is complete before anything old goes; then an old .idx must not outlive its
+            # .bin: it is removed before the new .bin lands, and the new .idx is renamed in last.
+            write_index(new_idx, self.dtype, np.frombuffer(self._lengths, np.int64),
+                        np.frombuffer(self._document_indices, np.int64))
             _remove(idx_path)
             os.replace(self._tmp_bin, self.bin_path)
-            write_index(idx_path, self.dtype, np.frombuffer(self._lengths, np.int64),
-                        np.frombuffer(self._document_indices, np.int64))
+            os.replace(new_idx, idx_path)
         except BaseException:
             _remove(self._tmp_bin)
+            _remove(new_idx)
             raise
         self._finalized = True
 
