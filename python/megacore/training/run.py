@@ -18,6 +18,7 @@ masked-LM runs tokenize the embedded corpus with a WordPiece tokenizer, one sent
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -424,8 +425,7 @@ def _open_metrics(path: Path, keep_through_step: Optional[int]):
             if isinstance(record, dict) and record.get("step", 0) <= keep_through_step:
                 kept.append(line)
         atomic_write_text(path, "".join(k + "\n" for k in kept))
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    return os.fdopen(fd, "a", encoding="utf-8")
+    return open(path, "a", encoding="utf-8", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o666))
 
 
 def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dict:
@@ -538,7 +538,8 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
             scaler.load_state_dict(extra["scaler"])
         trainer.step_count = step
     if main:
-        atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        with _naming(out / "train_config.json"):
+            atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     model_config = dataclasses.asdict(model.config)
     model_config["params_dtype"] = config.dtype
@@ -664,10 +665,20 @@ class _Labels:
         return self.ds[i]
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Re-raises an OSError while writing ``path`` with the path and the command in its message."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"{_FN}: cannot write {path}: {(e.strerror or str(e)).lower()}") from None
+
+
 def _write(f, tb, record: dict) -> None:
     if f is not None:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+        with _naming(Path(f.name)):
+            f.write(json.dumps(record) + "\n")
+            f.flush()
     if tb is not None:
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
