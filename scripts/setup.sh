@@ -21,11 +21,14 @@ else
   "$PYTHON" -m pip install -q torch==2.13.0
 fi
 
-# Build tools and test tools; none of them depends on torch, so pip leaves torch alone.
-"$PYTHON" -m pip install -q numpy pytest hypothesis pybind11 ninja "cmake>=3.26" setuptools wheel
-# Runtime (safetensors: checkpoints) and the interop/test extra (transformers: the Hugging Face models the
-# interop and the tests compare with). Neither depends on torch, so pip leaves torch alone.
-"$PYTHON" -m pip install -q safetensors "transformers>=4.40"
-# --no-deps: the dependencies are in place, and pip must not resolve torch again.
-"$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
+# The build tools: `--no-build-isolation` builds with what is installed. None of them depends on torch.
+"$PYTHON" -m pip install -q pybind11 ninja "cmake>=3.26" setuptools wheel
+# megacore in place, with what pyproject.toml declares: its runtime dependencies (numpy, safetensors, tokenizers,
+# tqdm, pyyaml, pydantic) and the test extra (pytest, hypothesis, transformers). The installed torch satisfies
+# torch>=2.4, so pip keeps it; the constraint pins it, so a dependency that wanted another torch fails here
+# instead of replacing it.
+TORCH_PIN="$(mktemp)"
+trap 'rm -f "$TORCH_PIN"' EXIT
+"$PYTHON" -c "from importlib.metadata import version; print('torch==' + version('torch'))" > "$TORCH_PIN"
+"$PYTHON" -m pip install -q --no-build-isolation -c "$TORCH_PIN" -e ".[test]"
 "$PYTHON" -c "import megacore, json; print('megacore setup: built', json.dumps(megacore.build_info()))"
