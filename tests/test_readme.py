@@ -8,14 +8,12 @@ listed in NOT_RUN with the reason.
 
 The python blocks are one tour, as a reader types them into one session: they run in order in one
 namespace, in a directory where the data section's ``megacore prepare`` commands have run. The block that
-needs several processes runs under torchrun with 4 processes, after the imports of the blocks before it
-(the tour's ``torch`` and ``TransformerConfig``/``TransformerLayer``). Tracebacks name README.md and its
-line numbers.
+needs several processes is introduced as a script of its own (``train.py``): it runs alone, as written,
+under torchrun with 4 processes. Tracebacks name README.md and its line numbers.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -156,14 +154,12 @@ def test_python_blocks_run_in_order_in_one_session(readme_dir):
 def test_distributed_block_runs_under_torchrun_with_4_processes(tmp_path):
     blocks = _blocks("python")
     (index,) = [i for i, (_, code) in enumerate(blocks) if DISTRIBUTED in code]
-    imports = [ast.unparse(node) for _, code in blocks[:index] for node in ast.parse(code).body
-               if isinstance(node, (ast.Import, ast.ImportFrom))]
     epilogue = ("assert out.shape == x_shard.shape, out.shape\n"
                 "assert all(p.grad is not None for p in layer.parameters())\n"
                 "print('rank', dist.get_rank(), 'ok', flush=True)\n"
                 "dist.destroy_process_group()\n")
     script = tmp_path / "train.py"
-    script.write_text(_run_blocks_script([blocks[index]], prelude="\n".join(imports), epilogue=epilogue))
+    script.write_text(_run_blocks_script([blocks[index]], epilogue=epilogue))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                         str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT, env=env)
