@@ -596,6 +596,10 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
                           "skipped": m["skipped"], "tokens_per_second": tps}
                 history.append(record)
                 _write(metrics_file, tb, record)
+                if bar is None:  # no progress bar: the log says how the run goes
+                    quiet_log(f"megacore train: step {step}: loss {m['loss']:.4f}, lr {m['lr']:.3g}, grad norm "
+                              f"{m['grad_norm']:.3g}{' (skipped: fp16 overflow)' if m['skipped'] else ''}, "
+                              f"{tps:,.0f} tokens/s")
             if step % config.eval_interval == 0 and step != config.train_steps:
                 evaluate(step)
             if step % config.save_interval == 0 and step != config.train_steps:
