@@ -13,9 +13,10 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 import megacore
-from megacore.transformer import TransformerConfig, TransformerLayer
+from megacore.transformer import TransformerConfig, TransformerLayer, transformer_layer
 from megacore.transformer.layer import PARAM_NAMES, _config_args
 
 # (the device every argument is on, the device one argument is moved to)
@@ -178,3 +179,40 @@ def test_a_meta_seed_next_to_cpu_tensors_is_an_error():
     with pytest.raises(ValueError, match=re.escape("megacore.bias_dropout_add: seed is on meta, expected cpu")):
         torch.ops.megacore.bias_dropout_add(x, None, x, 0.5, _seed().to("meta"))
 
+
+# ---- the transformer layer module --------------------------------------------------------------------------
+
+
+def _small_layer(device=None) -> TransformerLayer:
+    torch.manual_seed(0)
+    return TransformerLayer(TransformerConfig(hidden_size=16, num_attention_heads=2, ffn_hidden_size=32),
+                            device=device)
+
+
+def test_layer_on_meta_called_with_a_cpu_input_is_an_error():
+    layer = _small_layer("meta")
+    with pytest.raises(ValueError, match=re.escape("megacore.transformer.TransformerLayer: parameter "
+                                                   "attention_norm.weight is on meta, expected cpu")):
+        layer(torch.randn(5, 2, 16))
+
+
+def test_cpu_layer_with_one_parameter_left_on_meta_is_an_error_naming_it():
+    layer = _small_layer()
+    layer.mlp.fc2.weight = nn.Parameter(torch.empty_like(layer.mlp.fc2.weight, device="meta"))
+    with pytest.raises(ValueError, match=re.escape("parameter mlp.fc2.weight is on meta, expected cpu")):
+        layer(torch.randn(5, 2, 16))
+
+
+def test_functional_layer_with_a_meta_parameter_is_rejected_by_the_op():
+    layer = _small_layer()
+    params = dict(layer.layer_params(), **{"mlp.fc2.weight": layer.mlp.fc2.weight.to("meta")})
+    with pytest.raises(ValueError, match=re.escape("megacore.transformer_layer: fc2_weight is on meta, "
+                                                   "expected cpu (the device of hidden)")):
+        transformer_layer(torch.randn(5, 2, 16), params, layer.config)
+
+
+def test_layer_on_meta_called_with_a_meta_input_gives_meta_output():
+    layer = _small_layer("meta")
+    with torch.device("meta"):  # the seed the layer draws stays on CPU
+        out = layer(torch.empty(5, 2, 16))
+    assert out.device.type == "meta" and out.shape == (5, 2, 16)
