@@ -2,6 +2,8 @@
 // \brief Argument checks shared by the CPU and CUDA glue. Every message names the op and the argument:
 //        "megacore.layer_norm: weight has shape [511], expected [512] (the input's last dim)".
 #include <ATen/core/Tensor.h>
+#include <ATen/core/function_schema.h>
+#include <ATen/core/stack.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -26,6 +28,13 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
 
 /// \brief `t` must be 1-D of length `size`; `what` explains where `size` comes from.
 void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t size, const char* what);
+
+/// \brief Every tensor argument of a call (Tensor, Tensor?, each element of Tensor[]) must be on the device of
+///        the first one, except 0-dim CPU tensors (host scalars) and `seed`, which is read on the host and
+///        must be on CPU (or on meta when the op runs on meta). `args` are the call's arguments in
+///        `schema`'s order (a boxed call's stack).
+///        "megacore.bias_gelu: bias is on meta, expected cpu (the device of x)".
+void check_devices(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args);
 
 /// \brief `t` must have exactly `other`'s shape.
 void check_same_shape(const char* op, const char* name, const at::Tensor& t, const char* other_name,

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace megacore::cpu::CPU_CAPABILITY {
@@ -78,6 +79,36 @@ inline void store_vec(T* p, const AccVec<T>& v, int64_t n) {
   }
 }
 
+/// Elements a row reduction adds in the vector lanes of its accumulation type before handing the partial
+/// sum to a double. An fp32 lane stops growing at 2^24 when it adds values near 1 (x + 1 == x), so a
+/// row of 2^31 elements summed in lanes alone comes out several times too small; blocks of 2^16 keep
+/// every lane far below that. Rows of at most kSumBlock elements sum exactly as without blocks.
+inline constexpr int64_t kSumBlock = int64_t(1) << 16;
+
+/// sum_block(b0, b1) over the blocks [b0, b1) of [0, n) (kSumBlock long; block starts are multiples of
+/// kSumBlock, so of every vector width), the blocks' results added in double. sum_block returns one
+/// value of the accumulation type A or a std::pair of them; sum_in_blocks returns the same type.
+template <typename F>
+inline auto sum_in_blocks(int64_t n, const F& sum_block) {
+  using R = decltype(sum_block(int64_t(0), int64_t(0)));
+  if (n <= kSumBlock) return sum_block(int64_t(0), n);
+  double first = 0, second = 0;
+  for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
+    const R r = sum_block(b0, std::min(n, b0 + kSumBlock));
+    if constexpr (std::is_arithmetic_v<R>) {
+      first += r;
+    } else {
+      first += r.first;
+      second += r.second;
+    }
+  }
+  if constexpr (std::is_arithmetic_v<R>) {
+    return static_cast<R>(first);
+  } else {
+    return R(first, second);
+  }
+}
+
 /// Grain for at::parallel_for over rows so that each task touches at least ~32k elements: smaller
 /// tasks cost more in scheduling than they save.
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
@@ -101,11 +132,13 @@ inline void for_each_row_segment(int64_t begin, int64_t end, int64_t cols, const
 /// bit-reproducible: rows are cut into a fixed number of chunks, independent of the thread count;
 /// chunk_fn(r0, r1, parts) handles rows [r0, r1) and adds each row into parts[i] (a zeroed row of
 /// `cols` values, null where outs[i] is null); the chunks' rows are then added in chunk order into
-/// outs[i]. With rows == 0 the outputs are zeros.
+/// outs[i]. With rows == 0 the outputs are zeros. There are 64 chunks, or more when a chunk would add
+/// more than kSumBlock rows into one value.
 template <typename A, size_t N, typename F>
 inline void column_sums_in_chunks(int64_t rows, int64_t cols, const std::array<A*, N>& outs, const F& chunk_fn) {
   constexpr int64_t kChunks = 64;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, kChunks));
+  const int64_t wanted = std::max<int64_t>(kChunks, (rows + kSumBlock - 1) / kSumBlock);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, wanted));
   std::vector<A> partial(chunks * N * cols, A(0));  // [chunks, N, cols]
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {

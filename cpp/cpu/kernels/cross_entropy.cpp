@@ -65,7 +65,9 @@ RowStats<acc_t<T>> row_stats(const T* x, int64_t V) {
   };
 
   A m = kNegInf;
-  Vec s0(A(0)), s1(A(0));
+  Vec s0(A(0)), s1(A(0));  // the current block's sum (sum_in_blocks in cpu/vec.h: why blocks)
+  double total = 0;        // the finished blocks' sum; both relative to m
+  static_assert(kSumBlock % kChunk == 0, "a block is whole chunks");
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const T* p = x + c0;
     const int64_t n = std::min(kChunk, V - c0);
@@ -85,9 +87,10 @@ RowStats<acc_t<T>> row_stats(const T* x, int64_t V) {
     const A cm = vec_max_all(at::vec::maximum(m0, m1));
     if (std::isnan(cm)) return {cm, cm};
     if (cm > m) {  // the running max grows: rescale the sum so far (exp(-inf) = 0 on the first chunk)
-      const Vec scale(std::exp(m - cm));
-      s0 = s0 * scale;
-      s1 = s1 * scale;
+      const A scale = std::exp(m - cm);
+      s0 = s0 * Vec(scale);
+      s1 = s1 * Vec(scale);
+      total *= scale;
       m = cm;
     }
     if (m == kNegInf) continue;  // everything so far is -inf and adds 0 (exp(-inf - -inf) would be NaN)
@@ -114,8 +117,12 @@ RowStats<acc_t<T>> row_stats(const T* x, int64_t V) {
         s0 += fast_exp(load(p, i, n) - mv);
       }
     }
+    if ((c0 + n) % kSumBlock == 0 && c0 + n < V) {  // a block ends: hand its sum to the total
+      total += vec_sum_all(s0 + s1);
+      s0 = s1 = Vec(A(0));
+    }
   }
-  return {m, vec_sum_all(s0 + s1)};
+  return {m, static_cast<A>(total + vec_sum_all(s0 + s1))};
 }
 
 /// \brief Calls f(const I* target) with the target's index type (int32 or int64).

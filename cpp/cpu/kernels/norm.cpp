@@ -36,22 +36,24 @@ inline A hsum(const Vectorized<A>& v) {
 }
 
 /// Sum over the row of f(c, n), called on vectors starting at column c with n valid lanes. Four
-/// independent accumulators, so consecutive adds do not wait on each other.
+/// independent accumulators, so consecutive adds do not wait on each other; long rows in blocks
+/// (sum_in_blocks).
 template <typename A, typename F>
 inline A row_sum(int64_t cols, const F& f) {
   using Vec = Vectorized<A>;
   constexpr int64_t S = Vec::size();
-  Vec a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
-  int64_t c = 0;
-  for (; c + 4 * S <= cols; c += 4 * S) {
-    a0 = a0 + f(c, S);
-    a1 = a1 + f(c + S, S);
-    a2 = a2 + f(c + 2 * S, S);
-    a3 = a3 + f(c + 3 * S, S);
-  }
-  for (; c + S <= cols; c += S) a0 = a0 + f(c, S);
-  if (c < cols) a1 = a1 + f(c, cols - c);
-  return hsum<A>((a0 + a1) + (a2 + a3));
+  return sum_in_blocks(cols, [&](int64_t c, int64_t end) {
+    Vec a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
+    for (; c + 4 * S <= end; c += 4 * S) {
+      a0 = a0 + f(c, S);
+      a1 = a1 + f(c + S, S);
+      a2 = a2 + f(c + 2 * S, S);
+      a3 = a3 + f(c + 3 * S, S);
+    }
+    for (; c + S <= end; c += S) a0 = a0 + f(c, S);
+    if (c < end) a1 = a1 + f(c, end - c);
+    return hsum<A>((a0 + a1) + (a2 + a3));
+  });
 }
 
 /// Two sums at once: f(c, n) returns a pair of vectors.
@@ -59,18 +61,19 @@ template <typename A, typename F>
 inline std::pair<A, A> row_sum2(int64_t cols, const F& f) {
   using Vec = Vectorized<A>;
   constexpr int64_t S = Vec::size();
-  Vec a0(A(0)), a1(A(0)), b0(A(0)), b1(A(0));
-  int64_t c = 0;
-  for (; c + 2 * S <= cols; c += 2 * S) {
-    const auto [u0, v0] = f(c, S);
-    const auto [u1, v1] = f(c + S, S);
-    a0 = a0 + u0, b0 = b0 + v0, a1 = a1 + u1, b1 = b1 + v1;
-  }
-  for (; c < cols; c += S) {
-    const auto [u, v] = f(c, std::min<int64_t>(S, cols - c));
-    a0 = a0 + u, b0 = b0 + v;
-  }
-  return {hsum<A>(a0 + a1), hsum<A>(b0 + b1)};
+  return sum_in_blocks(cols, [&](int64_t c, int64_t end) {
+    Vec a0(A(0)), a1(A(0)), b0(A(0)), b1(A(0));
+    for (; c + 2 * S <= end; c += 2 * S) {
+      const auto [u0, v0] = f(c, S);
+      const auto [u1, v1] = f(c + S, S);
+      a0 = a0 + u0, b0 = b0 + v0, a1 = a1 + u1, b1 = b1 + v1;
+    }
+    for (; c < end; c += S) {
+      const auto [u, v] = f(c, std::min<int64_t>(S, end - c));
+      a0 = a0 + u, b0 = b0 + v;
+    }
+    return std::pair<A, A>{hsum<A>(a0 + a1), hsum<A>(b0 + b1)};
+  });
 }
 
 /// Calls f(c, n) over the row in vectors: full ones (n == S, a constant once inlined), then the tail.

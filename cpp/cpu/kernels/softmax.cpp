@@ -78,23 +78,25 @@ void softmax_row(const T* x, const bool* m, T* out, acc_t<T>* buf, int64_t n, ac
     std::fill(out, out + n, T(0));
     return;
   }
-  // Sweep 2: e = exp(s - max) into buf (exp(-inf) = 0 for masked keys), and sum(e).
+  // Sweep 2: e = exp(s - max) into buf (exp(-inf) = 0 for masked keys), and sum(e), long rows in blocks.
   const Vec vmx(mx);
-  Vec vsum(A(0));
-  for (c = 0; c + S <= n; c += S) {
-    const Vec s = m ? Vec::loadu(buf + c) : load_vec(x + c) * vscale;
-    const Vec e = (s - vmx).exp_u20();
-    e.store(buf + c);
-    vsum += e;
-  }
-  if (c < n) {
-    const int64_t r = n - c;
-    const Vec s = m ? Vec::loadu(buf + c, r) : load_vec(x + c, r) * vscale;
-    const Vec e = Vec::set(Vec(A(0)), (s - vmx).exp_u20(), r);
-    e.store(buf + c, r);
-    vsum += e;
-  }
-  const A sum = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  const A sum = sum_in_blocks(n, [&](int64_t c, int64_t end) {
+    Vec vsum(A(0));
+    for (; c + S <= end; c += S) {
+      const Vec s = m ? Vec::loadu(buf + c) : load_vec(x + c) * vscale;
+      const Vec e = (s - vmx).exp_u20();
+      e.store(buf + c);
+      vsum += e;
+    }
+    if (c < end) {
+      const int64_t r = end - c;
+      const Vec s = m ? Vec::loadu(buf + c, r) : load_vec(x + c, r) * vscale;
+      const Vec e = Vec::set(Vec(A(0)), (s - vmx).exp_u20(), r);
+      e.store(buf + c, r);
+      vsum += e;
+    }
+    return at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  });
   // Sweep 3: normalize, rounding once to T.
   const Vec inv(A(1) / sum);
   for (c = 0; c + S <= n; c += S) store_vec(out + c, Vec::loadu(buf + c) * inv);
@@ -164,13 +166,15 @@ void backward_impl(const T* grad, const T* probs, T* grad_scores, int64_t rows, 
       const T* p = probs + r * sk;
       T* gs = grad_scores + r * sk;
       // dot = sum(grad_out * probs); the partial loads fill the unused lanes with 0.
-      Vec vdot(A(0));
-      int64_t c = 0;
-      for (; c + S <= sk; c += S) vdot += load_vec(g + c) * load_vec(p + c);
-      if (c < sk) vdot += load_vec(g + c, sk - c) * load_vec(p + c, sk - c);
-      const A dot = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, vdot);
+      const A dot = sum_in_blocks(sk, [&](int64_t c, int64_t end) {
+        Vec vdot(A(0));
+        for (; c + S <= end; c += S) vdot += load_vec(g + c) * load_vec(p + c);
+        if (c < end) vdot += load_vec(g + c, end - c) * load_vec(p + c, end - c);
+        return at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, vdot);
+      });
       const Vec vd(dot), vs(static_cast<A>(scale));
-      for (c = 0; c + S <= sk; c += S) store_vec(gs + c, vs * load_vec(p + c) * (load_vec(g + c) - vd));
+      int64_t c = 0;
+      for (; c + S <= sk; c += S) store_vec(gs + c, vs * load_vec(p + c) * (load_vec(g + c) - vd));
       if (c < sk) {
         const int64_t n = sk - c;
         store_vec(gs + c, vs * load_vec(p + c, n) * (load_vec(g + c, n) - vd), n);

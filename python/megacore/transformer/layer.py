@@ -137,8 +137,8 @@ def transformer_layer(
     Returns: the output, ``hidden``'s shape and dtype.
     Raises ValueError / TypeError naming ``megacore.transformer_layer`` and the argument on bad input.
     """
-    if seed is None:
-        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+    if seed is None:  # on CPU even under `with torch.device(...)`: the op reads it on the host
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device="cpu")
     cos, sin = rotary if rotary is not None else (None, None)
     args = _config_args(config, group_name, training)
     out, _ = _lib.transformer_layer(hidden, *(params.get(n) for n in PARAM_NAMES), attention_mask, cos, sin, seed,
@@ -356,8 +356,16 @@ class TransformerLayer(nn.Module):
         if hidden_states.dim() != 3:
             raise ValueError(f"megacore.transformer.TransformerLayer: hidden_states has shape "
                              f"{list(hidden_states.shape)}, expected [seq, batch, hidden]")
+        params = self.layer_params()
+        # The op rejects this too (megacore.transformer_layer: <param> is on ...); here it can say which
+        # side to move, in the module's terms.
+        for name, p in params.items():
+            if p is not None and p.device != hidden_states.device:
+                raise ValueError(f"megacore.transformer.TransformerLayer: parameter {name} is on {p.device}, "
+                                 f"expected {hidden_states.device} (the device of hidden_states); move the layer "
+                                 f"(layer.to(device)) or the input to one device")
         rotary = self.rotary_tables(self.full_seq_len(hidden_states), hidden_states.device)
-        return transformer_layer(hidden_states, self.layer_params(), self.config, attention_mask, rotary,
+        return transformer_layer(hidden_states, params, self.config, attention_mask, rotary,
                                  group_name=self.group_name, training=self.training)
 
     def extra_repr(self) -> str:
