@@ -7,7 +7,8 @@ import dataclasses
 import json
 import os
 import sys
-from typing import get_type_hints
+import types
+from typing import Union, get_args, get_origin, get_type_hints
 
 _HELP = {
     "model": "preset to train (megacore.models.registry.PRESETS)",
@@ -28,12 +29,20 @@ _HELP = {
     "hidden_dropout": "dropout on residual branches", "attention_dropout": "dropout on attention probabilities",
     "tensor_parallel_size": "tensor-parallel size (under torchrun; data-parallel = processes / this)",
     "sequence_parallel": "sequence parallelism inside tensor-parallel groups",
+    "distributed_timeout_minutes": "under torchrun: minutes a collective waits for the other ranks before the run "
+                                   "stops, naming the ranks that did not arrive; None: 10 on NCCL, 5 on gloo",
     "seed": "seed of initialization, data order and dropout", "log_interval": "steps between metric lines",
     "eval_interval": "steps between validations", "eval_batches": "validation batches",
     "save_interval": "steps between checkpoints", "keep_last": "checkpoints kept",
     "num_workers": "DataLoader worker processes", "progress": "show the progress bar",
     "model_overrides": "JSON object of ModelConfig fields to override, e.g. '{\"num_layers\": 2}'",
 }
+
+
+def _optional_of(hint):
+    """T for Optional[T] (an option whose default is None), else the hint itself."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if get_origin(hint) in (Union, types.UnionType) and len(args) == 1 else hint
 
 
 def _add_train(sub) -> None:
@@ -54,12 +63,13 @@ def _add_train(sub) -> None:
         elif f.name == "model_overrides":
             p.add_argument(flag, dest=f.name, type=json.loads, default=None, help=_HELP[f.name])
         else:
-            kind = {int: int, float: float}.get(hints[f.name], str)
+            kind = {int: int, float: float}.get(_optional_of(hints[f.name]), str)
             p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{_HELP[f.name]} (default: {default})")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from megacore.parallel import StalledRanksError
     from megacore.training.run import TrainConfig, load_config_file, train
 
     try:
@@ -69,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if "output" not in options:
             options["output"] = f"runs/{options.get('model', TrainConfig.model)}"
         train(TrainConfig(**options))
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError, StalledRanksError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -141,13 +151,11 @@ def _init_tensor_parallel_from_torchrun() -> bool:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return True
-    import torch
     import torch.distributed as dist
 
     from megacore import parallel
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    parallel.init_distributed(None)
     if not parallel.model_parallel_is_initialized():
         parallel.initialize_model_parallel(world)
     return dist.get_rank() == 0

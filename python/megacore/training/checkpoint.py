@@ -39,6 +39,7 @@ from megacore._files import PathLike, atomic_write_text
 from megacore.parallel import state
 from megacore.parallel.collectives import all_gather
 from megacore.parallel.layers import VocabParallelEmbedding, merge_weights, split_weight
+from megacore.parallel.timeouts import barrier
 
 FORMAT = "megacore-checkpoint"
 FORMAT_VERSION = 1
@@ -279,8 +280,9 @@ def _torch_save(obj, path: str) -> None:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    # Rank 0 may write for longer than a collective may wait (big files, slow disks): a barrier with its own,
+    # long bound (megacore.parallel.timeouts.barrier), not dist.barrier's collective timeout.
+    barrier("megacore.training.save_checkpoint: waiting for every rank to write its part")
 
 
 def _step_dirs(root: str) -> list[tuple[int, str]]:

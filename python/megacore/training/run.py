@@ -63,6 +63,7 @@ class TrainConfig:
     attention_dropout: float = 0.0
     tensor_parallel_size: int = 1
     sequence_parallel: bool = False
+    distributed_timeout_minutes: Optional[float] = None  # None: 10 on NCCL, 5 on gloo (parallel.timeouts)
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 250
@@ -118,6 +119,9 @@ def _init_distributed(config: TrainConfig):
     parallelism; returns the ParallelState, or None for a single process with tensor_parallel_size 1."""
     from megacore import parallel
 
+    minutes = config.distributed_timeout_minutes
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes <= 0):
+        raise ValueError(f"{_FN}: --distributed-timeout-minutes={minutes!r} must be a number > 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and config.tensor_parallel_size == 1:
         return None
@@ -128,11 +132,7 @@ def _init_distributed(config: TrainConfig):
         raise ValueError(f"{_FN}: --tensor-parallel-size {config.tensor_parallel_size} does not divide the "
                          f"{world} processes (torchrun --nproc-per-node); data-parallel size = processes / "
                          "tensor-parallel size must be a whole number")
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+    parallel.init_distributed(config.distributed_timeout_minutes)
     if parallel.model_parallel_is_initialized():
         parallel.destroy_model_parallel()
     return parallel.initialize_model_parallel(config.tensor_parallel_size)
@@ -149,6 +149,7 @@ def embedded_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[str, st
     """(train prefix, valid prefix, tokenizer dir) of the embedded corpus, prepared once into ``cache_dir``
     (rank 0 prepares, the others wait)."""
     from megacore.data.prepare import prepare_dataset
+    from megacore.parallel.timeouts import barrier
 
     root = Path(cache_dir) / f"austen-bpe{vocab_size}"
     train, valid = root / "train", root / "valid"
@@ -159,8 +160,7 @@ def embedded_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[str, st
         prepare_dataset(None, train, train_tokenizer="bpe", vocab_size=vocab_size, split="train", progress=False,
                         log=lambda m: None)
         prepare_dataset(None, valid, tokenizer=tokenizer, split="valid", progress=False, log=lambda m: None)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier(f"{_FN}: preparing the embedded corpus into {root}")  # not bound by the collective timeout
     return str(train), str(valid), str(tokenizer)
 
 
@@ -226,6 +226,7 @@ def embedded_corpus_wordpiece(cache_dir: str, vocab_size: int, log=print) -> tup
     one sentence per sequence (sentence pairs come from within a document, the random ones from another),
     prepared once into ``cache_dir``."""
     from megacore.data.prepare import prepare_dataset
+    from megacore.parallel.timeouts import barrier
 
     root = Path(cache_dir) / f"austen-wordpiece{vocab_size}-paragraph-sentences"
     train, valid = root / "train", root / "valid"
@@ -237,8 +238,7 @@ def embedded_corpus_wordpiece(cache_dir: str, vocab_size: int, log=print) -> tup
                         document_unit="paragraph", split_sentences=True, progress=False, log=lambda m: None)
         prepare_dataset(None, valid, tokenizer=tokenizer, split="valid", document_unit="paragraph",
                         split_sentences=True, progress=False, log=lambda m: None)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier(f"{_FN}: preparing the embedded corpus into {root}")  # not bound by the collective timeout
     return str(train), str(valid), str(tokenizer)
 
 
@@ -339,7 +339,7 @@ def train(config: TrainConfig, log=print) -> dict:
     tokens/s, the checkpoint path)."""
     from megacore.data import PretrainingSampler
     from megacore.models.registry import PRESETS, build, preset_config
-    from megacore.parallel import DistributedDataParallel
+    from megacore.parallel import DistributedDataParallel, report_stalled_ranks
     from megacore.training import LRSchedule, MixedPrecision, Trainer, build_optimizer, perplexity
     from megacore.training.checkpoint import load_checkpoint, save_checkpoint
     from megacore.training.precision import DynamicLossScaler
@@ -420,19 +420,25 @@ def train(config: TrainConfig, log=print) -> dict:
     result = {}
 
     def evaluate(at: int) -> dict:
-        if family == "gpt":
-            r = perplexity(ddp or model, valid_ds, config.micro_batch_size, config.eval_batches)
-            record = {"step": at, "valid_loss": r["loss"], "valid_perplexity": r["perplexity"]}
-        else:
-            record = {"step": at, **_masked_eval(ddp or model, valid_ds, family, config.micro_batch_size,
-                                                  config.eval_batches)}
+        with report_stalled_ranks(f"{_FN}: step {at}: evaluation"):
+            if family == "gpt":
+                r = perplexity(ddp or model, valid_ds, config.micro_batch_size, config.eval_batches)
+                record = {"step": at, "valid_loss": r["loss"], "valid_perplexity": r["perplexity"]}
+            else:
+                record = {"step": at, **_masked_eval(ddp or model, valid_ds, family, config.micro_batch_size,
+                                                      config.eval_batches)}
         _write(metrics_file, tb, record)
         return record
+
+    def save(at: int) -> str:
+        with report_stalled_ranks(f"{_FN}: step {at}: saving the checkpoint"):
+            return save_checkpoint(ckpt_root, at, model, optimizer, extra=extra_state(at), keep_last=config.keep_last)
 
     try:
         while step < config.train_steps:
             micro = [to_batch(next(loader)) for _ in range(accumulation)]
-            m = trainer.train_step(micro)
+            with report_stalled_ranks(f"{_FN}: step {step + 1}"):  # a stopped or hung rank: say which
+                m = trainer.train_step(micro)
             step += 1
             tokens_done += m["tokens"]
             tps = tokens_done / (time.perf_counter() - start)
@@ -447,9 +453,9 @@ def train(config: TrainConfig, log=print) -> dict:
             if step % config.eval_interval == 0 and step != config.train_steps:
                 evaluate(step)
             if step % config.save_interval == 0 and step != config.train_steps:
-                save_checkpoint(ckpt_root, step, model, optimizer, extra=extra_state(step), keep_last=config.keep_last)
+                save(step)
         final = evaluate(step)
-        path = save_checkpoint(ckpt_root, step, model, optimizer, extra=extra_state(step), keep_last=config.keep_last)
+        path = save(step)
         result = dict(final, tokens_per_second=tokens_done / max(time.perf_counter() - start, 1e-9),
                       checkpoint=str(path))
         if main and family == "gpt":
