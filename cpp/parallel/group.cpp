@@ -30,15 +30,21 @@ std::chrono::milliseconds group_timeout(const c10::intrusive_ptr<c10d::ProcessGr
 void wait_for(const char* op, const c10::intrusive_ptr<c10d::Work>& work,
               const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceType device, const std::string& what) {
   const auto timeout = group_timeout(pg, device);
+  // The group's name and timeout go into the message in a fixed form ("group 'NAME' ..., timeout N ms"):
+  // megacore.parallel.timeouts reads them back to name the group and the ranks that did not arrive.
+  const std::string group = "group '" + pg->getGroupName() + "' " + pg->getGroupDesc();
   bool done = false;
   try {
     done = work->wait(timeout);
+  } catch (const c10::Error& e) {  // without the C++ backtrace: the message is what a user reads
+    TORCH_CHECK(false, "megacore.", op, ": ", what, " failed or timed out (", group, ", timeout ", timeout.count(),
+                " ms; did every rank of the group call it with matching shapes?): ", e.what_without_backtrace());
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, "megacore.", op, ": ", what, " failed or timed out (group timeout ", timeout.count(),
+    TORCH_CHECK(false, "megacore.", op, ": ", what, " failed or timed out (", group, ", timeout ", timeout.count(),
                 " ms; did every rank of the group call it with matching shapes?): ", e.what());
   }
-  TORCH_CHECK(done, "megacore.", op, ": ", what, " did not finish within the group timeout (", timeout.count(),
-              " ms); did every rank of the group call it?");
+  TORCH_CHECK(done, "megacore.", op, ": ", what, " did not finish within the group timeout (", group, ", timeout ",
+              timeout.count(), " ms); did every rank of the group call it?");
 }
 
 }  // namespace megacore

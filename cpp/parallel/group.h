@@ -21,8 +21,9 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const char* op, const std::
 ///        or kDefaultGroupTimeout if the backend hides it.
 std::chrono::milliseconds group_timeout(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceType device);
 
-/// \brief Waits for `work` at most the group's timeout; raises a RuntimeError naming `op` and `what`
-///        (e.g. "the collective") if it failed or did not finish in time.
+/// \brief Waits for `work` at most the group's timeout; raises a RuntimeError naming `op`, `what` (e.g. "the
+///        collective"), the group ("group 'NAME' DESC") and its timeout ("timeout N ms") if it failed or did not
+///        finish in time (megacore.parallel.timeouts parses those two to say which collective stalled).
 void wait_for(const char* op, const c10::intrusive_ptr<c10d::Work>& work,
               const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceType device,
               const std::string& what = "the collective");

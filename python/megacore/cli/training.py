@@ -28,13 +28,13 @@ _HELP = {
     "hidden_dropout": "dropout on residual branches", "attention_dropout": "dropout on attention probabilities",
     "tensor_parallel_size": "tensor-parallel size (under torchrun; data-parallel = processes / this)",
     "sequence_parallel": "sequence parallelism inside tensor-parallel groups",
+    "distributed_timeout_minutes": "under torchrun: minutes a collective waits for the other ranks before the run "
+                                   "stops, naming the ranks that did not arrive (default: 10 on NCCL, 5 on gloo)",
     "seed": "seed of initialization, data order and dropout", "log_interval": "steps between metric lines",
     "eval_interval": "steps between validations", "eval_batches": "validation batches",
     "save_interval": "steps between checkpoints", "keep_last": "checkpoints kept",
     "num_workers": "DataLoader worker processes", "progress": "show the progress bar",
     "model_overrides": "JSON object of ModelConfig fields to override, e.g. '{\"num_layers\": 2}'",
-    "distributed_timeout_minutes": "how long a rank waits for the others in a collective before the run stops "
-                                   "naming the rank that did not arrive (default: 10 on NCCL, shorter on gloo)",
     "loss_spike_factor": "stop when a step's loss exceeds this factor x the largest of the previous 100 steps "
                          "(off by default; Megatron uses 10)",
     "max_skipped_steps": "float16: stop after this many consecutive steps skipped for overflow",
@@ -81,6 +81,7 @@ def print_error(e: BaseException) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from megacore.parallel import StalledRanksError
     from megacore.training.config import TrainConfig, load_config_file, parse_config
     from megacore.training.run import train
     from megacore.training.trainer import TrainingDivergedError
@@ -93,7 +94,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             options["output"] = f"runs/{options.get('model', TrainConfig.model)}"
         config = parse_config(options)
         train(config, explicit=set(options) - ({"output"} if "output" not in given else set()))
-    except (ValueError, OSError, NotImplementedError, ImportError, TrainingDivergedError) as e:
+    except (ValueError, OSError, NotImplementedError, ImportError, TrainingDivergedError,
+            StalledRanksError) as e:
         return print_error(e)
     return 0
 
@@ -149,13 +151,11 @@ def _init_tensor_parallel_from_torchrun() -> bool:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return True
-    import torch
     import torch.distributed as dist
 
     from megacore import parallel
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    parallel.init_distributed(None)
     if not parallel.model_parallel_is_initialized():
         parallel.initialize_model_parallel(world)
     return dist.get_rank() == 0

@@ -8,6 +8,10 @@ Collectives implemented in C++ (``torch.ops.megacore.all_reduce / all_gather / r
 group resolved by name, every wait bounded by the group's timeout) are in ``megacore.parallel.collectives``;
 the autograd-aware tensor- and sequence-parallel mappings built on them are in
 ``megacore.parallel.mappings``. Both work in eager mode and under ``torch.compile(fullgraph=True)``.
+
+``init_distributed(timeout_minutes)`` initializes torch.distributed with that collective timeout, and
+``report_stalled_ranks(where)`` turns a collective that timed out into a ``StalledRanksError`` naming the
+collective, its group and the ranks that did not arrive (``megacore.parallel.timeouts``).
 """
 
 from megacore.parallel import collectives, mappings  # noqa: F401  (registers fake kernels and autograd)
@@ -51,6 +55,12 @@ from megacore.parallel.state import (
     model_parallel_is_initialized,
     rank_layout,
 )
+from megacore.parallel.timeouts import (
+    StalledRanksError,
+    default_timeout_minutes,
+    init_distributed,
+    report_stalled_ranks,
+)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -90,4 +100,8 @@ __all__ = [
     "initialize_model_parallel",
     "model_parallel_is_initialized",
     "rank_layout",
+    "StalledRanksError",
+    "default_timeout_minutes",
+    "init_distributed",
+    "report_stalled_ranks",
 ]

@@ -94,10 +94,14 @@ def _check_divides(fn: str, world_size: int, tp: int, pp: int) -> None:
 
 def _new_groups(rank_lists: list[list[int]], rank: int, desc: str):
     """Creates every group (every rank must call new_group for each, in the same order) and returns
-    the one holding ``rank`` with its ranks."""
+    the one holding ``rank`` with its ranks. The groups get the default group's collective timeout
+    (new_group alone would give gloo groups torch's 30 minutes, whatever init_process_group was given)."""
+    from megacore.parallel.timeouts import group_timeout
+
+    timeout = group_timeout()
     mine = None
     for ranks in rank_lists:
-        group = dist.new_group(ranks=ranks, group_desc=desc)  # desc: shows in torch's logs and dumps
+        group = dist.new_group(ranks=ranks, timeout=timeout, group_desc=desc)  # desc: in torch's logs and dumps
         if rank in ranks:
             mine = (group, tuple(ranks))
     assert mine is not None, f"rank {rank} is in none of {rank_lists}"
@@ -108,7 +112,8 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_s
     """Builds the tensor-, data- and pipeline-parallel groups over the default torch.distributed group.
 
     Every rank must call it with the same arguments (it creates every group on every rank). The
-    data-parallel size is ``world_size // (tensor_parallel_size * pipeline_parallel_size)``.
+    data-parallel size is ``world_size // (tensor_parallel_size * pipeline_parallel_size)``. The groups'
+    collective timeout is the default group's (the ``timeout=`` of init_process_group).
 
     Returns the new ``ParallelState``. Raises RuntimeError when torch.distributed is not initialized or
     model parallel already is (call ``destroy_model_parallel`` first); ValueError when a size is < 1 or

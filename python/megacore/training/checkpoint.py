@@ -40,6 +40,7 @@ from megacore._files import PathLike, atomic_write_text, umask
 from megacore.parallel import state
 from megacore.parallel.collectives import all_gather
 from megacore.parallel.layers import VocabParallelEmbedding, merge_weights, split_weight
+from megacore.parallel.timeouts import barrier
 
 FORMAT = "megacore-checkpoint"
 FORMAT_VERSION = 1
@@ -284,6 +285,9 @@ def _all_ok(ok: bool) -> bool:
     one rank stops all of them instead of leaving the others waiting for it."""
     if not (dist.is_available() and dist.is_initialized()):
         return ok
+    # Rank 0 may write for longer than a collective may wait (big files, slow disks): meet first in a barrier
+    # with its own, long bound (megacore.parallel.timeouts.barrier), then agree in a quick all-reduce.
+    barrier("megacore.training.save_checkpoint: waiting for every rank to write its part")
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     if dist.get_backend() == "nccl":
         flag = flag.cuda()

@@ -87,7 +87,7 @@ class TrainConfig:
     attention_dropout: Probability = 0.0
     tensor_parallel_size: Count = 1
     sequence_parallel: bool = False
-    distributed_timeout_minutes: Optional[Rate] = None  # None: 10 on NCCL, shorter on gloo
+    distributed_timeout_minutes: Optional[Rate] = None  # None: 10 on NCCL, 5 on gloo (parallel.timeouts)
     seed: NonNegative = 1234
     log_interval: Count = 10
     eval_interval: Count = 250

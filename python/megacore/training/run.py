@@ -58,11 +58,7 @@ def _init_distributed(config: TrainConfig):
         raise ValueError(f"{_FN}: --tensor-parallel-size {config.tensor_parallel_size} does not divide the "
                          f"{world} processes (torchrun --nproc-per-node); data-parallel size = processes / "
                          "tensor-parallel size must be a whole number")
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+    parallel.init_distributed(config.distributed_timeout_minutes)
     if parallel.model_parallel_is_initialized():
         parallel.destroy_model_parallel()
     return parallel.initialize_model_parallel(config.tensor_parallel_size)
@@ -79,6 +75,7 @@ def embedded_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[str, st
     """(train prefix, valid prefix, tokenizer dir) of the embedded corpus, prepared once into ``cache_dir``
     (rank 0 prepares, the others wait)."""
     from megacore.data.prepare import prepare_dataset
+    from megacore.parallel.timeouts import barrier
 
     root = Path(cache_dir) / f"austen-bpe{vocab_size}"
     train, valid = root / "train", root / "valid"
@@ -89,8 +86,7 @@ def embedded_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[str, st
         prepare_dataset(None, train, train_tokenizer="bpe", vocab_size=vocab_size, split="train", progress=False,
                         log=lambda m: None)
         prepare_dataset(None, valid, tokenizer=tokenizer, split="valid", progress=False, log=lambda m: None)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier(f"{_FN}: preparing the embedded corpus into {root}")  # not bound by the collective timeout
     return str(train), str(valid), str(tokenizer)
 
 
@@ -184,6 +180,7 @@ def embedded_corpus_wordpiece(cache_dir: str, vocab_size: int, log=print) -> tup
     one sentence per sequence (sentence pairs come from within a document, the random ones from another),
     prepared once into ``cache_dir``."""
     from megacore.data.prepare import prepare_dataset
+    from megacore.parallel.timeouts import barrier
 
     root = Path(cache_dir) / f"austen-wordpiece{vocab_size}-paragraph-sentences"
     train, valid = root / "train", root / "valid"
@@ -195,8 +192,7 @@ def embedded_corpus_wordpiece(cache_dir: str, vocab_size: int, log=print) -> tup
                         document_unit="paragraph", split_sentences=True, progress=False, log=lambda m: None)
         prepare_dataset(None, valid, tokenizer=tokenizer, split="valid", document_unit="paragraph",
                         split_sentences=True, progress=False, log=lambda m: None)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier(f"{_FN}: preparing the embedded corpus into {root}")  # not bound by the collective timeout
     return str(train), str(valid), str(tokenizer)
 
 
@@ -442,7 +438,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     """
     from megacore.data import PretrainingSampler
     from megacore.models.registry import PRESETS, build
-    from megacore.parallel import DistributedDataParallel
+    from megacore.parallel import DistributedDataParallel, report_stalled_ranks
     from megacore.training import LRSchedule, MixedPrecision, Trainer, build_optimizer, perplexity
     from megacore.training.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
     from megacore.training.precision import DynamicLossScaler
@@ -555,8 +551,9 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
         return e
 
     def save(step_: int) -> str:
-        return save_checkpoint(ckpt_root, step_, model, optimizer, extra=extra_state(step_), keep_last=config.keep_last,
-                               files={TOKENIZER_DIR: tok_path})
+        with report_stalled_ranks(f"{_FN}: step {step_}: saving the checkpoint"):
+            return save_checkpoint(ckpt_root, step_, model, optimizer, extra=extra_state(step_),
+                                   keep_last=config.keep_last, files={TOKENIZER_DIR: tok_path})
 
     sampler = PretrainingSampler(len(train_ds), consumed, config.micro_batch_size, dp_rank, dp)
     loader = iter(torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=config.num_workers))
@@ -568,12 +565,13 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     result = {}
 
     def evaluate(at: int) -> dict:
-        if family == "gpt":
-            r = perplexity(ddp or model, valid_ds, config.micro_batch_size, config.eval_batches)
-            record = {"step": at, "valid_loss": r["loss"], "valid_perplexity": r["perplexity"]}
-        else:
-            record = {"step": at, **_masked_eval(ddp or model, valid_ds, family, config.micro_batch_size,
-                                                  config.eval_batches)}
+        with report_stalled_ranks(f"{_FN}: step {at}: evaluation"):
+            if family == "gpt":
+                r = perplexity(ddp or model, valid_ds, config.micro_batch_size, config.eval_batches)
+                record = {"step": at, "valid_loss": r["loss"], "valid_perplexity": r["perplexity"]}
+            else:
+                record = {"step": at, **_masked_eval(ddp or model, valid_ds, family, config.micro_batch_size,
+                                                      config.eval_batches)}
         if not math.isfinite(record["valid_loss"]):
             raise TrainingDivergedError(at, f"step {at}: the validation loss is {record['valid_loss']}; the weights "
                                             "are not finite or overflow in evaluation. Nothing is saved")
@@ -583,7 +581,8 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     try:
         while step < config.train_steps:
             micro = [to_batch(next(loader)) for _ in range(accumulation)]
-            m = trainer.train_step(micro)
+            with report_stalled_ranks(f"{_FN}: step {step + 1}"):  # a stopped or hung rank: say which
+                m = trainer.train_step(micro)
             step += 1
             consumed += config.global_batch_size
             tokens_done += m["tokens"]
