@@ -101,8 +101,9 @@ def test_the_default_timeout_is_megatrons_on_nccl_and_shorter_on_gloo():
 
 
 @pytest.mark.parametrize("value, message", [
-    ("0", "--distributed-timeout-minutes=0.0 must be a number > 0"),
-    ("-1", "--distributed-timeout-minutes=-1.0 must be a number > 0"),
+    ("0", "--distributed-timeout-minutes=0: Input should be greater than 0"),
+    ("-1", "--distributed-timeout-minutes=-1: Input should be greater than 0"),
+    ("inf", "--distributed-timeout-minutes=inf: Input should be a finite number"),
 ])
 def test_a_bad_distributed_timeout_is_refused(tmp_path, capsys, value, message):
     from megacore.cli import main
