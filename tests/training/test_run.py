@@ -106,6 +106,9 @@ def test_torchrun_trains_with_tensor_parallelism(trained, tmp_path):
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "validation loss" in r.stdout and (tmp_path / "run" / "checkpoints" / "latest").exists()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records if "loss" in rec] == [4]  # rank 0 alone writes the metrics
+    assert r.stdout.count("megacore train: gpt-tiny, steps 1-4") == 1  # and the log
 
 
 def test_an_interrupted_run_resumed_reproduces_the_uninterrupted_losses(trained, tmp_path):

@@ -65,7 +65,9 @@ def _init_distributed(config: TrainConfig):
 
 
 def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Global rank 0 (before torch.distributed is initialized: torchrun's RANK, so that a run's start-up
+    logs and writes once too)."""
+    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
