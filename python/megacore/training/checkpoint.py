@@ -655,4 +655,5 @@ def read_checkpoint_meta(directory: PathLike) -> dict:
     return {**meta, "path": path}
 
 
-__all__ = ["CheckpointSaveError", "latest_mismatch", "load_checkpoint", "newest_checkpoint", "remove_stale_temporaries", "read_checkpoint_meta", "resolve_checkpoint", "save_checkpoint", "step_directory_name"]
+__all__ = ["CheckpointSaveError", "latest_mismatch", "load_checkpoint", "newest_checkpoint", "read_checkpoint_meta",
+           "remove_stale_temporaries", "resolve_checkpoint", "save_checkpoint", "step_directory_name"]

@@ -224,7 +224,8 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def resume_config(saved: dict, config: TrainConfig, explicit: Optional[set], step: int) -> tuple[TrainConfig, list[str]]:
+def resume_config(saved: dict, config: TrainConfig, explicit: Optional[set],
+                  step: int) -> tuple[TrainConfig, list[str]]:
     """The configuration a run resumed at ``step`` continues with, and the lines to log about it.
 
     ``saved`` is the checkpoint's configuration (a dict of options), ``config`` this invocation's, and

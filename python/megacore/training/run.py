@@ -525,7 +525,8 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
         extra = load_checkpoint(resumed_dir, model, optimizer)
         schedule.load_state_dict(extra["schedule"])
         if schedule.total_steps != config.train_steps:
-            schedule.reshape(total_steps=config.train_steps, warmup_steps=min(schedule.warmup_steps, config.train_steps))
+            schedule.reshape(total_steps=config.train_steps,
+                             warmup_steps=min(schedule.warmup_steps, config.train_steps))
         if config.override_lr_schedule:
             schedule.reshape(max_lr=config.lr, min_lr=config.min_lr,
                              warmup_steps=min(config.warmup_steps, config.train_steps))

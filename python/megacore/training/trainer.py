@@ -21,6 +21,7 @@ from megacore.training.precision import DynamicLossScaler, MixedPrecision
 
 IGNORE_INDEX = -100
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
+_FN = "megacore.training.Trainer.train_step"
 SPIKE_WINDOW = 100  # steps of history the loss-spike check compares with
 SPIKE_MIN_HISTORY = 10  # steps before the loss-spike check starts
 
@@ -171,9 +172,9 @@ class Trainer:
             if not found_inf:
                 grad_norm = float(clip_grad_norm(self.params, self.clip))
                 if not math.isfinite(grad_norm):
-                    raise TrainingDivergedError(step, f"step {step}: the gradient norm is {grad_norm} (loss {loss:.4g}); "
-                                                      "stopping before the optimizer step, the weights are those of "
-                                                      f"step {step - 1}")
+                    raise TrainingDivergedError(step, f"{_FN}: step {step}: the gradient norm is {grad_norm} (loss "
+                                                      f"{loss:.4g}); stopping before the optimizer step, the weights "
+                                                      f"are those of step {step - 1}")
                 self.optimizer.step()
                 if self.precision is not None:
                     self.precision.copy_master_to_model()
@@ -190,14 +191,16 @@ class Trainer:
 
     def _check_loss(self, step: int, loss: float) -> None:
         if not math.isfinite(loss):
-            raise TrainingDivergedError(step, f"step {step}: the loss is {loss}; stopping before the optimizer step "
-                                              f"(the weights are those of step {step - 1}). Lower --lr, check the "
-                                              "data, or use bfloat16 instead of float16")
+            fp16 = self.precision is not None and self.precision.dtype == torch.float16
+            raise TrainingDivergedError(step, f"{_FN}: step {step}: the loss is {loss}; stopping before the optimizer "
+                                              f"step (the weights are those of step {step - 1}). Lower the learning "
+                                              "rate or check the data" + (", or use bfloat16: float16 overflows"
+                                                                         if fp16 else ""))
         history = self.recent_losses
         if self.loss_spike_factor is not None and len(history) >= SPIKE_MIN_HISTORY:
             worst = max(history)
             if loss > self.loss_spike_factor * worst:
-                raise TrainingDivergedError(step, f"step {step}: loss spike: {loss:.4g} is more than "
+                raise TrainingDivergedError(step, f"{_FN}: step {step}: loss spike: {loss:.4g} is more than "
                                                   f"{self.loss_spike_factor:g} x the largest of the last "
                                                   f"{len(history)} steps ({worst:.4g}); stopping before the "
                                                   "optimizer step")
@@ -205,10 +208,10 @@ class Trainer:
     def _check_skips(self, step: int, skipped: bool) -> None:
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         if self.max_skipped_steps is not None and self.consecutive_skips > self.max_skipped_steps:
-            raise TrainingDivergedError(step, f"step {step}: {self.consecutive_skips} consecutive steps skipped for "
-                                              "fp16 overflow (non-finite gradients at every loss scale down to "
-                                              f"{self.scaler.loss_scale:g}); the model does not train in float16. "
-                                              "Lower --lr or use bfloat16")
+            raise TrainingDivergedError(step, f"{_FN}: step {step}: {self.consecutive_skips} consecutive steps "
+                                              "skipped for fp16 overflow (non-finite gradients at every loss scale "
+                                              f"down to {self.scaler.loss_scale:g}); the model does not train in float16. "
+                                              "Lower the learning rate or use bfloat16")
 
     def state_dict(self) -> dict:
         """The trainer's own counters (the model, optimizer, schedule and scaler save their own)."""
