@@ -9,6 +9,7 @@
 #include "common/isa.h"
 #include "data/helpers.h"
 #include "parallel/shard.h"
+#include "parallel/wait.h"
 
 namespace py = pybind11;
 
@@ -97,6 +98,20 @@ PYBIND11_MODULE(_C, m) {
         "n // parts; ValueError when parts does not divide n.");
   m.def("pad_to_multiple", value_errors(&sh::pad_to_multiple), py::arg("n"), py::arg("k"),
         "The smallest multiple of k that is >= n.");
+  m.def(
+      "collective_wait",
+      [](const std::string& device) {
+        c10::DeviceType type;
+        try {
+          type = c10::Device(device).type();
+        } catch (const c10::Error&) {
+          throw py::value_error("megacore._C.collective_wait: device '" + device + "' is not a device name (cpu, cuda)");
+        }
+        return std::string(megacore::collective_wait_name(megacore::collective_wait(type)));
+      },
+      py::arg("device"),
+      "How megacore's collectives and the DDP reducer wait on tensors of `device` (\"cpu\", \"cuda\"): \"bounded\" (the "
+      "host blocks, at most the group's timeout) or \"stream-ordered\" (the current stream waits; the host runs ahead).");
   m.def("shard_range", value_errors(&sh::shard_range), py::arg("size"), py::arg("rank"), py::arg("world_size"),
         "(start, end) of rank's piece of an even split of size; ValueError when world_size does not divide size.");
   m.def("vocab_range", value_errors(&sh::vocab_range), py::arg("padded_vocab"), py::arg("rank"),

@@ -4,6 +4,7 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include "common/checks.h"
+#include "parallel/wait.h"
 
 namespace megacore {
 
@@ -35,7 +36,13 @@ void wait_for(const char* op, const c10::intrusive_ptr<c10d::Work>& work,
   const std::string group = "group '" + pg->getGroupName() + "' " + pg->getGroupDesc();
   bool done = false;
   try {
-    done = work->wait(timeout);
+    if (collective_wait(device) == CollectiveWait::kStreamOrdered) {
+      // NCCL: makes the current stream wait on the collective and returns at once (unless the user turned on
+      // TORCH_NCCL_BLOCKING_WAIT); a stuck collective is the watchdog's to report after the group's timeout.
+      done = work->wait();
+    } else {
+      done = work->wait(timeout);
+    }
   } catch (const c10::Error& e) {  // without the C++ backtrace: the message is what a user reads
     TORCH_CHECK(false, "megacore.", op, ": ", what, " failed or timed out (", group, ", timeout ", timeout.count(),
                 " ms; did every rank of the group call it with matching shapes?): ", e.what_without_backtrace());

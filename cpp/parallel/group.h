@@ -1,9 +1,9 @@
 #pragma once
 // \brief Process groups by name, for C++ code that issues collectives (collectives.cpp, reducer.cpp).
 //        The group travels as its registered name (`group.group_name` in Python) and is resolved here
-//        with c10d::resolve_process_group, the pattern of torch's functional collectives. Every wait is
-//        bounded by the group's own timeout, so a rank that skips a collective makes its peers raise
-//        instead of hanging forever.
+//        with c10d::resolve_process_group, the pattern of torch's functional collectives. On CPU every
+//        wait is bounded by the group's own timeout, so a rank that skips a collective makes its peers
+//        raise instead of hanging forever; on CUDA the wait is stream-ordered (parallel/wait.h).
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <chrono>
@@ -21,7 +21,8 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const char* op, const std::
 ///        or kDefaultGroupTimeout if the backend hides it.
 std::chrono::milliseconds group_timeout(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceType device);
 
-/// \brief Waits for `work` at most the group's timeout; raises a RuntimeError naming `op`, `what` (e.g. "the
+/// \brief Waits for `work` as parallel/wait.h says for `device`: at most the group's timeout on CPU, stream-ordered
+///        on CUDA. Raises a RuntimeError naming `op`, `what` (e.g. "the
 ///        collective"), the group ("group 'NAME' DESC") and its timeout ("timeout N ms") if it failed or did not
 ///        finish in time (megacore.parallel.timeouts parses those two to say which collective stalled).
 void wait_for(const char* op, const c10::intrusive_ptr<c10d::Work>& work,
