@@ -3,7 +3,6 @@ group's timeout on CPU (gloo), stream-ordered on CUDA (NCCL), so the host never 
 tensor-parallel layer or a DDP bucket. The bounded path's behaviour (a skipped collective raises after the
 timeout) is tested in test_collectives.py and tests/reliability/test_distributed.py."""
 
-import os
 import socket
 
 import pytest
@@ -23,7 +22,7 @@ def test_cpu_collectives_wait_bounded_and_cuda_collectives_are_stream_ordered():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
-def test_a_cuda_all_reduce_returns_before_the_gpu_has_run_it():
+def test_a_cuda_all_reduce_returns_before_the_gpu_has_run_it(monkeypatch):
     """NCCL, world 1: with the stream busy (a sleep kernel queued first), megacore's all_reduce returns to the
     host while its result is not yet computed; the stream orders it, and the value is right afterwards."""
     from megacore.parallel.collectives import all_reduce
@@ -31,7 +30,8 @@ def test_a_cuda_all_reduce_returns_before_the_gpu_has_run_it():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:

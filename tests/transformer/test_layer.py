@@ -35,30 +35,52 @@ def _config(dtype, **kw) -> TransformerConfig:
     return TransformerConfig(**base)
 
 
+def _on(device, layer, x, mask):
+    """The layer, input and mask moved to ``device`` (built on CPU from the seed, so every device starts
+    from the same weights)."""
+    return layer.to(device), x.to(device), None if mask is None else mask.to(device)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("pre_norm", [True, False], ids=["pre_ln", "post_ln"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_layer_matches_reference(variant, pre_norm, dtype):
+def test_layer_matches_reference(variant, pre_norm, dtype, device):
+    """The C++ layer against the reference on each device; on CUDA also against the CPU run from the same
+    seeds (the Philox dropout masks are the same function of the seed on both)."""
     torch.manual_seed(0)
     config = _config(dtype, pre_norm=pre_norm, **VARIANTS[variant])
-    layer = TransformerLayer(config)
-    x = torch.randn(11, 3, 48).to(dtype)
-    mask = make_mask(config, 3, 11)
+    cpu_layer = TransformerLayer(config)
+    x_cpu = torch.randn(11, 3, 48).to(dtype)
+    mask_cpu = make_mask(config, 3, 11)
+    layer, x, mask = _on(device, cpu_layer, x_cpu, mask_cpu)  # (moves cpu_layer itself)
     out, grads = run_layer(layer, x, mask, seed=123)
     ref_out, ref_grads = run_reference(layer, x, mask, seed=123)
     assert_layer_close(out, grads, ref_out, ref_grads, dtype)
+    if device != "cpu":
+        cpu_out, cpu_grads = run_layer(_copy_layer(layer, config), x_cpu, mask_cpu, seed=123)
+        assert_layer_close(out.cpu(), [g.cpu() for g in grads], cpu_out, cpu_grads, dtype)
+
+
+def _copy_layer(layer, config):
+    """A CPU copy of ``layer`` with the same weights."""
+    copy = TransformerLayer(config)
+    copy.load_state_dict({k: v.cpu() for k, v in layer.state_dict().items()})
+    return copy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_ids)
 @pytest.mark.parametrize("mask_kind", ["causal", "none"])
-def test_flash_backend_matches_fused_softmax(mask_kind, dtype):
+def test_flash_backend_matches_fused_softmax(mask_kind, dtype, device):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("CUDA flash attention takes fp16/bf16 only (forcing it in fp32 is an error, tested below)")
     torch.manual_seed(0)
     config = _config(dtype, attention_mask_type=mask_kind, attention_dropout=0.0, attention_backend="flash")
     flash = TransformerLayer(config)
     fused = TransformerLayer(_config(dtype, attention_mask_type=mask_kind, attention_dropout=0.0,
                                      attention_backend="fused_softmax"))
     fused.load_state_dict(flash.state_dict())
-    x = torch.randn(13, 2, 48).to(dtype)
+    flash, fused = flash.to(device), fused.to(device)
+    x = torch.randn(13, 2, 48).to(dtype).to(device)
     out, grads = run_layer(flash, x, None, seed=5)
     ref_out, ref_grads = run_layer(fused, x, None, seed=5)
     assert_layer_close(out, grads, ref_out, ref_grads, dtype)

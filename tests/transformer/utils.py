@@ -29,8 +29,8 @@ def make_mask(config: TransformerConfig, batch: int, seq: int) -> Optional[torch
 
 
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed + 1)
-    grad_out = torch.randn(out.shape, generator=gen).to(out.dtype)
+    gen = torch.Generator().manual_seed(seed + 1)  # on CPU: the same gradient whatever the device
+    grad_out = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
     return list(torch.autograd.grad(out, inputs, grad_out))
 
 

@@ -1,0 +1,16 @@
+"""Shared fixtures. ``device`` runs a test once per device present: "cpu" always, "cuda" when a GPU is (so
+the whole suite runs on CUDA on a GPU machine, as scripts/gpu-check.sh does, and CUDA results can be
+compared with the CPU's from the same seeds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """The device a test runs on; one test per device present."""
+    return request.param
