@@ -39,7 +39,7 @@ for arg in "$@"; do
 done
 [[ -n "$OUTDIR" ]] || usage
 OUTDIR="$(realpath -m -- "$OUTDIR")"  # the steps run in the repository's root
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT="$(printf %q "$OUTDIR")"          # as it is written into the commands
 
 # ---- the machine -----------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ key_numbers() {  # the line(s) of a step's log worth a glance
     tests) grep -E "^(=+ )?[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s" "$log" | tail -n1 ;;
     memcheck|racecheck) grep -m1 "ERROR SUMMARY" "$log" ;;
     train-gpt2|train-1.3b) grep -E "^\| bfloat16" "$log" | sed 's/^| //; s/ |$//' ;;
-    nsys) ls "$OUTDIR"/train-gpt2-3steps.* 2>/dev/null | xargs -r -n1 basename ;;
+    nsys) find "$OUTDIR" -maxdepth 1 -name 'train-gpt2-3steps.*' -printf '%f\n' ;;
     *) grep -c "^| " "$log" | sed 's/$/ table rows/' ;;
   esac
 }
