@@ -9,19 +9,20 @@
 #   bash scripts/gpu-check.sh OUTDIR              run every step
 #   bash scripts/gpu-check.sh --dry-run OUTDIR    print the steps (the exact commands) and exit 0
 #
-# Time budget (each step runs under `timeout`; the bounds add up to 570 s, under 10 minutes on an H100):
+# Time budget (each step runs under `timeout`; the bounds add up to 580 s, under 10 minutes on an H100):
 #   preflight       15 s   the GPU, the tools, the Python packages megacore needs (none can be installed there)
-#   build          120 s   pip install --no-build-isolation --no-deps --no-index -e . with MEGACORE_CUDA=1
-#   tests          150 s   python -m pytest tests, all failures reported (8 workers with pytest-xdist,
+#   build          110 s   pip install --no-build-isolation --no-deps --no-index -e . with MEGACORE_CUDA=1
+#   tests          200 s   python -m pytest tests, all failures reported (8 workers with pytest-xdist,
 #                          120 s per test with pytest-timeout, where installed)
-#   memcheck        45 s   compute-sanitizer --tool memcheck over tests/ops -k "cuda and not compile"
-#   racecheck       45 s   compute-sanitizer --tool racecheck over the same tests
-#   bench-ops       45 s   megacore bench ops, bf16, CUDA, eager (no torch.compile column: its compiles
+#   memcheck        40 s   compute-sanitizer --tool memcheck over tests/ops -k "cuda and not compile"
+#   racecheck       40 s   compute-sanitizer --tool racecheck over the same tests
+#   bench-ops       40 s   megacore bench ops, bf16, CUDA, eager (no torch.compile column: its compiles
 #                          alone would take minutes)
 #   bench-layer     30 s   megacore bench layer, bf16, hidden 1024 and 2048, CUDA, eager
-#   train-gpt2      45 s   megacore bench train --model gpt2-small, bf16, 8 x 1024 tokens, vs Hugging Face, eager
-#   train-1.3b      45 s   megacore bench train --model gpt-1.3b, bf16, 4 x 2048 tokens, MFU vs the bf16 peak
-#   nsys            30 s   nsys profile of three gpt2-small training steps (skipped without nsys)
+#   train-gpt2      40 s   megacore bench train --model gpt2-small, bf16, 8 x 1024 tokens, vs Hugging Face, eager
+#   train-1.3b      40 s   megacore bench train --model gpt-1.3b, bf16, 4 x 2048 tokens, MFU vs the bf16 peak
+#   nsys            25 s   nsys profile of three gpt2-small training steps (skipped without nsys)
+# A step past its bound gets SIGINT (pytest then still prints its summary), SIGKILL 5 s later.
 # Environment: PYTHON (default python3).
 set -uo pipefail  # no -e: a failed step is recorded, and the later steps still run
 PYTHON="${PYTHON:-python3}"
@@ -72,16 +73,16 @@ OP_TESTS="-m pytest tests/ops -q -p no:cacheprovider -k 'cuda and not compile'"
 STEPS=()
 step() { STEPS+=("$1"$'\t'"$2"$'\t'"$3"$'\t'"${4:-}"); }
 step preflight 15 "nvidia-smi && $PYTHON -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())' && nvcc --version | tail -n1 && $PYTHON -c 'import importlib.util as u, sys; need = [\"numpy\", \"safetensors\", \"tokenizers\", \"tqdm\", \"yaml\", \"pydantic\", \"pytest\", \"hypothesis\", \"transformers\", \"cmake\", \"ninja\", \"pybind11\", \"setuptools\"]; missing = [m for m in need if u.find_spec(m) is None]; print(\"missing Python packages:\", missing or \"none\"); sys.exit(1 if missing else 0)'"
-step build 120 "MEGACORE_CUDA=1 MEGACORE_CUDA_ARCH=$ARCH $PYTHON -m pip install --no-build-isolation --no-deps --no-index -e . && $PYTHON -c 'import json, megacore; info = megacore.build_info(); print(json.dumps(info)); assert info[\"cuda\"], \"built without CUDA\"'"
-step tests 150 "OMP_NUM_THREADS=2 $PYTHON -m pytest tests -q -p no:cacheprovider -rfE$PYTEST_OPTS --junitxml=$OUT/tests.xml"
+step build 110 "MEGACORE_CUDA=1 MEGACORE_CUDA_ARCH=$ARCH $PYTHON -m pip install --no-build-isolation --no-deps --no-index -e . && $PYTHON -c 'import json, megacore; info = megacore.build_info(); print(json.dumps(info)); assert info[\"cuda\"], \"built without CUDA\"'"
+step tests 200 "OMP_NUM_THREADS=2 $PYTHON -m pytest tests -q -p no:cacheprovider -rfE$PYTEST_OPTS --junitxml=$OUT/tests.xml"
 no_sanitizer="$([[ -n "$SANITIZER" ]] || echo "compute-sanitizer not found")"
-step memcheck 45 "${SANITIZER:-compute-sanitizer} --tool memcheck --leak-check no --error-exitcode 1 $PYTHON $OP_TESTS" "$no_sanitizer"
-step racecheck 45 "${SANITIZER:-compute-sanitizer} --tool racecheck --error-exitcode 1 $PYTHON $OP_TESTS" "$no_sanitizer"
-step bench-ops 45 "$PYTHON -m megacore.benchmarks ops --device cuda --dtypes bfloat16 --no-compile"
+step memcheck 40 "${SANITIZER:-compute-sanitizer} --tool memcheck --leak-check no --error-exitcode 1 $PYTHON $OP_TESTS" "$no_sanitizer"
+step racecheck 40 "${SANITIZER:-compute-sanitizer} --tool racecheck --error-exitcode 1 $PYTHON $OP_TESTS" "$no_sanitizer"
+step bench-ops 40 "$PYTHON -m megacore.benchmarks ops --device cuda --dtypes bfloat16 --no-compile"
 step bench-layer 30 "$PYTHON -m megacore.benchmarks layer --device cuda --dtypes bfloat16 --hidden 1024 2048 --no-compile"
-step train-gpt2 45 "$PYTHON -m megacore.benchmarks train --device cuda --dtypes bfloat16 --model gpt2-small --batch 8 --seq 1024 --no-compile"
-step train-1.3b 45 "$PYTHON -m megacore.benchmarks train --device cuda --dtypes bfloat16 --model gpt-1.3b --batch 4 --seq 2048 --no-hf --no-compile"
-step nsys 30 "${NSYS:-nsys} profile --force-overwrite true --capture-range cudaProfilerApi --capture-range-end stop --trace cuda,nvtx,cublas --output $OUT/train-gpt2-3steps $PYTHON -m megacore.benchmarks train --device cuda --dtypes bfloat16 --model gpt2-small --batch 8 --seq 1024 --profile-steps 3" \
+step train-gpt2 40 "$PYTHON -m megacore.benchmarks train --device cuda --dtypes bfloat16 --model gpt2-small --batch 8 --seq 1024 --no-compile"
+step train-1.3b 40 "$PYTHON -m megacore.benchmarks train --device cuda --dtypes bfloat16 --model gpt-1.3b --batch 4 --seq 2048 --no-hf --no-compile"
+step nsys 25 "${NSYS:-nsys} profile --force-overwrite true --capture-range cudaProfilerApi --capture-range-end stop --trace cuda,nvtx,cublas --output $OUT/train-gpt2-3steps $PYTHON -m megacore.benchmarks train --device cuda --dtypes bfloat16 --model gpt2-small --batch 8 --seq 1024 --profile-steps 3" \
   "$([[ -n "$NSYS" ]] || echo "nsys not on the PATH")"
 
 if [[ "$DRY_RUN" == 1 ]]; then
@@ -110,7 +111,7 @@ for s in "${STEPS[@]}"; do
   echo "gpu-check: $name (at most $bound s): $cmd"
   echo "\$ $cmd" >"$log"
   start=$SECONDS
-  timeout --kill-after=10 "$bound" bash -c "$cmd" >>"$log" 2>&1
+  timeout --signal=INT --kill-after=5 "$bound" bash -c "$cmd" >>"$log" 2>&1
   rc=$?
   took=$((SECONDS - start))
   if [[ $rc == 0 ]]; then status="pass"
