@@ -30,6 +30,9 @@ PRESETS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
                                   max_position_embeddings=1024, activation="gelu_tanh")),
     "gpt2-medium": (GPTModel, dict(vocab_size=50257, hidden_size=1024, num_layers=24, num_attention_heads=16,
                                    max_position_embeddings=1024, activation="gelu_tanh")),
+    # GPT-3 XL's shape (Brown et al., 2020; Megatron's 1.3B): 24 layers x 2048 hidden x 16 heads, 2048 positions
+    "gpt-1.3b": (GPTModel, dict(vocab_size=50257, hidden_size=2048, num_layers=24, num_attention_heads=16,
+                                max_position_embeddings=2048, activation="gelu_tanh")),
 }
 
 # BERT-style encoders: post-LN, a padding mask, LayerNorm on the embeddings, exact GeLU, eps 1e-12 (Hugging Face's
