@@ -10,7 +10,8 @@
 #   bash scripts/gpu-check.sh --dry-run OUTDIR    print the steps (the exact commands) and exit 0
 #
 # Time budget (each step runs under `timeout`; the bounds add up to 580 s, under 10 minutes on an H100):
-#   preflight       15 s   the GPU, the tools, the Python packages megacore needs (none can be installed there)
+#   preflight       15 s   the GPU, the tools, the Python packages megacore needs (none can be downloaded
+#                          there: what the image lacks travels as wheels in .whl/, from scripts/gpu-wheels.sh)
 #   build          110 s   pip install --no-build-isolation --no-deps --no-index -e . with MEGACORE_CUDA=1
 #   tests          200 s   python -m pytest tests, all failures reported (8 workers with pytest-xdist,
 #                          120 s per test with pytest-timeout, where installed)
@@ -58,6 +59,16 @@ elif [[ "$DRY_RUN" == 1 ]]; then
 else
   echo "gpu-check: no GPU here (nvidia-smi found none, or torch.cuda.is_available() is False with $PYTHON); run it on a GPU machine, or pass --dry-run to see the steps" >&2
   exit 1
+fi
+
+# ---- packages the GPU image lacks (pydantic): wheels carried in .whl/, fetched by scripts/gpu-wheels.sh ------
+if [[ "$DRY_RUN" == 0 ]] && compgen -G ".whl/*.whl" >/dev/null; then
+  WHEEL_SITE="$(mktemp -d)"
+  if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WHEEL_SITE" .whl/*.whl; then
+    export PYTHONPATH="$WHEEL_SITE${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "gpu-check: could not install the wheels in .whl/; the preflight step will name what is missing" >&2
+  fi
 fi
 
 SANITIZER="$(command -v compute-sanitizer || true)"
