@@ -34,11 +34,14 @@ def _torch_cpu_capabilities() -> Optional[dict]:
     """torch's own CPU probe (cpuinfo, so it works without /proc too): torch.cpu.get_capabilities() where
     this torch has it, its older private probes otherwise, None where neither exists."""
     cpu = torch.cpu
-    if hasattr(cpu, "get_capabilities"):
-        return dict(cpu.get_capabilities())
-    if hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported"):
-        # Every CPU with AMX tiles so far has AMX-BF16; the old probes only ask about the tiles.
-        return {"avx512_bf16": cpu._is_avx512_bf16_supported(), "amx_bf16": cpu._is_amx_tile_supported()}
+    try:
+        if hasattr(cpu, "get_capabilities"):
+            return dict(cpu.get_capabilities())
+        if hasattr(cpu, "_is_avx512_bf16_supported") and hasattr(cpu, "_is_amx_tile_supported"):
+            # Every CPU with AMX tiles so far has AMX-BF16; the old probes only ask about the tiles.
+            return {"avx512_bf16": cpu._is_avx512_bf16_supported(), "amx_bf16": cpu._is_amx_tile_supported()}
+    except RuntimeError:  # cpuinfo could not read this CPU: /proc/cpuinfo may still tell
+        pass
     return None
 
 

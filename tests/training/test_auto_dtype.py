@@ -89,6 +89,16 @@ def test_a_torch_without_probes_reads_the_proc_cpuinfo_flags(monkeypatch, tmp_pa
     assert auto_dtype("cpu")[0] == "float32"
 
 
+def test_a_cpu_torchs_probe_cannot_read_falls_back_to_proc_cpuinfo(monkeypatch, tmp_path):
+    def unreadable():
+        raise RuntimeError("cpuinfo: failed to initialize")
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", unreadable)
+    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu avx512f avx512_bf16\n")
+    monkeypatch.setattr(_machine, "_CPUINFO", str(tmp_path / "cpuinfo"))
+    assert auto_dtype("cpu") == ("bfloat16", "this CPU has AVX512-BF16")
+
+
 def _gpus(monkeypatch, gpus: list[tuple[str, tuple[int, int]]]):
     """Visible CUDA devices (name, compute capability), the first one current."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
