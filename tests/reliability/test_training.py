@@ -51,9 +51,10 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run10(cache, tmp_path_factory):
-    """A finished 10-step run with checkpoints at steps 5 and 10 (read-only for the tests: copy it)."""
+    """A finished 10-step float32 run with checkpoints at steps 5 and 10 (read-only for the tests: copy it).
+    float32 whatever --dtype auto would choose on this machine, so that --dtype bfloat16 is a change."""
     out = tmp_path_factory.mktemp("run10") / "run"
-    train(TrainConfig(cache_dir=cache, output=str(out), **TINY), log=lambda m: None)
+    train(TrainConfig(cache_dir=cache, output=str(out), dtype="float32", **TINY), log=lambda m: None)
     return out
 
 

@@ -9,8 +9,9 @@ import sys
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import megacore
+    from megacore._machine import machine_info
 
-    print(json.dumps(megacore.build_info(), indent=2))
+    print(json.dumps({**megacore.build_info(), "machine": machine_info()}, indent=2))
     return 0
 
 
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="print what this build contains (CPU ISAs, CUDA, torch, compiler)")
+    info = sub.add_parser("info", help="print what this build contains (CPU ISAs, CUDA, torch, compiler) and what this "
+                                      "machine computes natively (bf16, and so what --dtype auto chooses)")
     info.set_defaults(func=_cmd_info)
 
     bench = sub.add_parser(

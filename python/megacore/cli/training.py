@@ -23,7 +23,9 @@ _HELP = {
     "train_steps": "optimizer steps",
     "lr": "peak learning rate", "min_lr": "final learning rate (cosine decay)", "warmup_steps": "linear warmup steps",
     "weight_decay": "AdamW weight decay (not on biases, norms, embeddings)", "clip_grad": "global gradient-norm clip",
-    "dtype": "parameter dtype: float32, bfloat16 (fp32 master weights) or float16 (+ dynamic loss scaling)",
+    "dtype": "parameter dtype: auto (bfloat16 where the CPU or GPU computes it natively: AVX512-BF16, AMX, "
+             "Ampere or newer; float32 elsewhere; the run's header line says which and why, `megacore info` "
+             "shows it), float32, bfloat16 (fp32 master weights) or float16 (+ dynamic loss scaling)",
     "recompute": "activation checkpointing: none, selective (core attention) or full (every layer)",
     "hidden_dropout": "dropout on residual branches", "attention_dropout": "dropout on attention probabilities",
     "tensor_parallel_size": "tensor-parallel size (under torchrun; data-parallel = processes / this)",

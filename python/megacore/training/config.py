@@ -12,6 +12,8 @@ them, by these rules:
 
 - never: the model, its overrides, the data, the tokenizer and its vocabulary, the sequence length, the
   seed and the dtype (the checkpoint would be misread, or the data position would mean other samples);
+  ``--dtype auto`` is no change: a resumed run continues in the checkpoint's dtype (which records what auto
+  chose), and the log says so where auto would choose otherwise on this machine;
 - ``--train-steps``: more (or fewer, but still ahead of the checkpoint) steps; the learning-rate schedule
   is re-laid to decay over the new total, and the log says so;
 - ``--global-batch-size``: the data position is kept exact in samples (consumed samples come from the
@@ -81,7 +83,7 @@ class TrainConfig:
     warmup_steps: NonNegative = 50
     weight_decay: Finite = 0.1
     clip_grad: Finite = 1.0  # 0: no clipping (the norm is still checked and reported)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: megacore._machine.auto_dtype
     recompute: Literal["none", "selective", "full"] = "none"
     hidden_dropout: Probability = 0.0
     attention_dropout: Probability = 0.0
@@ -224,19 +226,27 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def resume_config(saved: dict, config: TrainConfig, explicit: Optional[set],
-                  step: int) -> tuple[TrainConfig, list[str]]:
+def resume_config(saved: dict, config: TrainConfig, explicit: Optional[set], step: int,
+                  auto: Optional[tuple[str, str]] = None) -> tuple[TrainConfig, list[str]]:
     """The configuration a run resumed at ``step`` continues with, and the lines to log about it.
 
     ``saved`` is the checkpoint's configuration (a dict of options), ``config`` this invocation's, and
     ``explicit`` the options given in this invocation (None: every field of ``config`` counts as given).
-    Options not given take the checkpoint's values. Raises ValueError naming the option for a change a
-    resume may not make (see the module docstring)."""
+    Options not given take the checkpoint's values. ``auto`` is what ``--dtype auto`` resolves to on this
+    machine, ``(dtype, why)`` (megacore._machine.auto_dtype): with ``--dtype auto`` the checkpoint's dtype
+    continues, and a note says so when ``auto`` differs from it. Raises ValueError naming the option for a
+    change a resume may not make (see the module docstring)."""
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     given = set(fields) if explicit is None else set(explicit)
     merged = {name: saved[name] if (name not in given and name in saved) else getattr(config, name) for name in fields}
     merged["override_lr_schedule"] = config.override_lr_schedule  # a one-time instruction, never inherited
     notes = []
+    if config.dtype == "auto" and saved.get("dtype", "auto") != "auto":
+        # The checkpoint holds the dtype auto chose where it was trained; a plain rerun is never refused.
+        merged["dtype"] = saved["dtype"]
+        if auto is not None and auto[0] != saved["dtype"]:
+            notes.append(f"--dtype auto: the checkpoint's {saved['dtype']} continues (auto would choose {auto[0]} "
+                         f"here: {auto[1]}; a new --output trains in {auto[0]})")
     for name in fields:
         if name not in saved or _same(saved[name], merged[name]):
             continue

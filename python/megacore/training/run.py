@@ -366,9 +366,10 @@ def _writable_directory(path: str, what: str) -> None:
         raise ValueError(f"{_FN}: {what} {path} is not writable ({e.strerror or e})") from None
 
 
-def _resume_point(ckpt_root: Path, config: TrainConfig, explicit: Optional[set], log):
+def _resume_point(ckpt_root: Path, config: TrainConfig, explicit: Optional[set], log, auto=None):
     """(config, step, extra or None, step directory or None) of a run: the newest complete checkpoint under
-    ``ckpt_root`` and the configuration it continues with (see config.resume_config), or step 0."""
+    ``ckpt_root`` and the configuration it continues with (see config.resume_config; ``auto`` is what
+    ``--dtype auto`` resolves to here), or step 0."""
     from megacore.training.checkpoint import latest_mismatch, newest_checkpoint
 
     step_dir = newest_checkpoint(ckpt_root)
@@ -380,7 +381,7 @@ def _resume_point(ckpt_root: Path, config: TrainConfig, explicit: Optional[set],
     if saved is None:  # written before checkpoints carried their configuration
         path = ckpt_root.parent / "train_config.json"
         saved = json.loads(path.read_text()) if path.exists() else {}
-    config, notes = resume_config(saved, config, explicit, step)
+    config, notes = resume_config(saved, config, explicit, step, auto)
     mismatch = latest_mismatch(ckpt_root)
     log(f"megacore train: resuming from {step_dir} at step {step} (the newest complete checkpoint"
         + (f"; {mismatch})" if mismatch else ")"))
@@ -438,6 +439,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     Raises ValueError / FileNotFoundError for bad options or data, TrainingDivergedError when the run
     diverges (nothing is saved from that step), CheckpointSaveError when a checkpoint cannot be written.
     """
+    from megacore._machine import auto_dtype
     from megacore.data import PretrainingSampler
     from megacore.models.registry import PRESETS, build
     from megacore.parallel import DistributedDataParallel, report_stalled_ranks
@@ -455,7 +457,15 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
         raise ValueError(f"{_FN}: --output {out} exists and is not a directory")
     main = _is_main()
     quiet_log = log if main else (lambda m: None)
-    config, step, resumed_extra, resumed_dir = _resume_point(ckpt_root, config, explicit, quiet_log)
+    # --dtype auto: what this machine computes natively, on the device the model is built on (the default).
+    auto = auto_dtype(torch.get_default_device()) if config.dtype == "auto" else None
+    config, step, resumed_extra, resumed_dir = _resume_point(ckpt_root, config, explicit, quiet_log, auto)
+    dtype_shown = config.dtype
+    if auto is not None:  # the run, its checkpoints and train_config.json record the resolved dtype
+        if config.dtype == "auto":
+            config = dataclasses.replace(config, dtype=auto[0])
+        dtype_shown = (f"{config.dtype} (auto: {auto[1]})" if config.dtype == auto[0] else
+                       f"{config.dtype} (the checkpoint's; auto would choose {auto[0]}: {auto[1]})")
     if config.model not in PRESETS:  # the checkpoint's model
         raise ValueError(f"{_FN}: the checkpoint's model {config.model!r} is not a known preset")
     if step >= config.train_steps:
@@ -505,7 +515,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     dtype = DTYPES[config.dtype]
     device = next(model.parameters()).device
     quiet_log(f"megacore train: {config.model}, steps {step + 1}-{config.train_steps} of {config.global_batch_size} x "
-              f"{config.seq_len} tokens, {config.dtype} on {device.type}, tensor-parallel {tp} x data-parallel {dp}; "
+              f"{config.seq_len} tokens, {dtype_shown} on {device.type}, tensor-parallel {tp} x data-parallel {dp}; "
               f"output {out}")
     if dtype == torch.float16 and device.type == "cpu":
         quiet_log("megacore train: warning: float16 on a CPU is emulated (about 15x slower than float32 here); "
