@@ -569,7 +569,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward(const Config& c, const a
   // MLP block. Post-LN normalizes after the residual with the attention norm's weights.
   at::Tensor mlp_in;
   {
-    ProfilePhase phase(c.pre_norm ? "megacore.transformer_layer.mlp_norm" : "megacore.transformer_layer.attention_norm");
+    ProfilePhase phase(c.pre_norm ? "megacore.transformer_layer.mlp_norm"
+                                  : "megacore.transformer_layer.attention_norm");
     mlp_in = saved[kMlpIn] = keep_stats(norm_forward(c, res1, c.pre_norm ? p.norm2_weight : p.norm1_weight,
                                                      c.pre_norm ? p.norm2_bias : p.norm1_bias),
                                         c.pre_norm ? kNorm2Mean : kNorm1Mean, c.pre_norm ? kNorm2Rstd : kNorm1Rstd);
