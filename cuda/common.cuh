@@ -13,7 +13,8 @@
 namespace megacore::cuda {
 
 /// \brief Opens an NVTX range named after the op for the launcher's scope, so Nsight timelines read
-///        like the code ("megacore.layer_norm_forward").
+///        like the code: "megacore.<op>", the torch op's name (megacore.layer_norm, megacore.layer_norm_backward).
+///        tests/test_profiling.py checks every launcher opens one; docs/profiling.md lists them.
 class NvtxRange {
  public:
   explicit NvtxRange(const char* name) { nvtxRangePushA(name); }

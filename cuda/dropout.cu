@@ -138,7 +138,7 @@ cudaError_t launch_forward(const T* x, const T* bias, const T* res, T* out, int6
 
 cudaError_t bias_dropout_add_forward(const void* x, const void* bias, const void* residual, void* out, int64_t rows,
                                      int64_t cols, double p, int64_t seed, DType dtype, cudaStream_t stream) {
-  NvtxRange range("megacore.bias_dropout_add_forward");
+  NvtxRange range("megacore.bias_dropout_add");
   if (rows == 0 || cols == 0) return cudaSuccess;
   MEGACORE_DISPATCH_FLOAT(dtype, T, {
     return launch_forward<T>(static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<const T*>(residual),

@@ -92,7 +92,7 @@ cudaError_t launch_forward(const T* x, const T* bias, T* out, int64_t n, int64_t
 
 cudaError_t bias_gelu_forward(const void* x, const void* bias, void* out, int64_t rows, int64_t cols, DType dtype,
                               bool tanh, cudaStream_t stream) {
-  NvtxRange range("megacore.bias_gelu_forward");
+  NvtxRange range("megacore.bias_gelu");
   if (rows == 0 || cols == 0) return cudaSuccess;
   MEGACORE_DISPATCH_FLOAT(dtype, T, {
     const T* xp = static_cast<const T*>(x);

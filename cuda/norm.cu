@@ -197,7 +197,7 @@ cudaError_t with_row_layout(int64_t rows, int64_t cols, int n, const F& f) {
 
 cudaError_t norm_forward(const void* x, const void* weight, const void* bias, void* out, void* mean, void* rstd,
                          int64_t rows, int64_t cols, double eps, DType dtype, cudaStream_t stream) {
-  NvtxRange range(mean ? "megacore.layer_norm_forward" : "megacore.rms_norm_forward");
+  NvtxRange range(mean ? "megacore.layer_norm" : "megacore.rms_norm");
   if (rows == 0) return cudaSuccess;
   MEGACORE_DISPATCH_FLOAT(dtype, T, {
     using A = acc_t<T>;

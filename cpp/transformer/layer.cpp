@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/profiling.h"
 
 namespace megacore::transformer {
 namespace {
@@ -539,29 +540,52 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward(const Config& c, const a
     return std::get<0>(n);
   };
 
-  // Attention block.
+  // Attention block. Each phase is a ProfilePhase scope, so Nsight and torch.profiler show it by name.
   at::Tensor attn_in = x;  // [s_local, b, h]
-  if (c.pre_norm) attn_in = saved[kAttnIn] = keep_stats(norm_forward(c, x, p.norm1_weight, p.norm1_bias), kNorm1Mean, kNorm1Rstd);
-  at::Tensor qkv = at::linear(enter_region(c, attn_in), p.qkv_weight, p.qkv_bias);  // [s, b, 3 * np * d]
-  auto [q, k, v] = split_heads(d, qkv, cos, sin);
-  saved[kQ] = q;
-  saved[kK] = k;
-  saved[kV] = v;
-  attention_forward(c, d, flash, q, k, v, mask, site_seed(seed, 0, c.tp_rank), saved);
-  at::Tensor attn = exit_region(c, matmul_t(saved[kContext], p.proj_weight));  // [s_local, b, h]
-  at::Tensor res1 = saved[kRes1] = bias_dropout_add(attn, p.proj_bias, x, c.hidden_p(), site_seed(seed, 1, residual_rank(c)));
+  if (c.pre_norm) {
+    ProfilePhase phase("megacore.transformer_layer.attention_norm");
+    attn_in = saved[kAttnIn] = keep_stats(norm_forward(c, x, p.norm1_weight, p.norm1_bias), kNorm1Mean, kNorm1Rstd);
+  }
+  at::Tensor q, k, v;  // each [b, np, s, d]
+  {
+    ProfilePhase phase("megacore.transformer_layer.qkv");
+    at::Tensor qkv = at::linear(enter_region(c, attn_in), p.qkv_weight, p.qkv_bias);  // [s, b, 3 * np * d]
+    std::tie(q, k, v) = split_heads(d, qkv, cos, sin);
+    saved[kQ] = q;
+    saved[kK] = k;
+    saved[kV] = v;
+  }
+  {
+    ProfilePhase phase("megacore.transformer_layer.attention");
+    attention_forward(c, d, flash, q, k, v, mask, site_seed(seed, 0, c.tp_rank), saved);
+  }
+  at::Tensor res1;
+  {
+    ProfilePhase phase("megacore.transformer_layer.proj");
+    at::Tensor attn = exit_region(c, matmul_t(saved[kContext], p.proj_weight));  // [s_local, b, h]
+    res1 = saved[kRes1] = bias_dropout_add(attn, p.proj_bias, x, c.hidden_p(), site_seed(seed, 1, residual_rank(c)));
+  }
 
-  // MLP block.
-  at::Tensor mlp_in = keep_stats(norm_forward(c, res1, c.pre_norm ? p.norm2_weight : p.norm1_weight,
-                                              c.pre_norm ? p.norm2_bias : p.norm1_bias),
-                                 c.pre_norm ? kNorm2Mean : kNorm1Mean, c.pre_norm ? kNorm2Rstd : kNorm1Rstd);
-  saved[kMlpIn] = mlp_in;
-  at::Tensor fc1 = saved[kFc1Out] = matmul_t(enter_region(c, mlp_in), p.fc1_weight);  // [s, b, f]
-  at::Tensor act = saved[kGeluOut] = bias_gelu(c, fc1, p.fc1_bias);
-  at::Tensor mlp = exit_region(c, matmul_t(act, p.fc2_weight));  // [s_local, b, h]
-  at::Tensor out = bias_dropout_add(mlp, p.fc2_bias, c.pre_norm ? res1 : mlp_in, c.hidden_p(),
-                                    site_seed(seed, 2, residual_rank(c)));
+  // MLP block. Post-LN normalizes after the residual with the attention norm's weights.
+  at::Tensor mlp_in;
+  {
+    ProfilePhase phase(c.pre_norm ? "megacore.transformer_layer.mlp_norm"
+                                  : "megacore.transformer_layer.attention_norm");
+    mlp_in = saved[kMlpIn] = keep_stats(norm_forward(c, res1, c.pre_norm ? p.norm2_weight : p.norm1_weight,
+                                                     c.pre_norm ? p.norm2_bias : p.norm1_bias),
+                                        c.pre_norm ? kNorm2Mean : kNorm1Mean, c.pre_norm ? kNorm2Rstd : kNorm1Rstd);
+  }
+  at::Tensor out;
+  {
+    ProfilePhase phase("megacore.transformer_layer.mlp");
+    at::Tensor fc1 = saved[kFc1Out] = matmul_t(enter_region(c, mlp_in), p.fc1_weight);  // [s, b, f]
+    at::Tensor act = saved[kGeluOut] = bias_gelu(c, fc1, p.fc1_bias);
+    at::Tensor mlp = exit_region(c, matmul_t(act, p.fc2_weight));  // [s_local, b, h]
+    out = bias_dropout_add(mlp, p.fc2_bias, c.pre_norm ? res1 : mlp_in, c.hidden_p(),
+                           site_seed(seed, 2, residual_rank(c)));
+  }
   if (!c.pre_norm) {
+    ProfilePhase phase("megacore.transformer_layer.mlp_norm");
     saved[kRes2] = out;
     out = keep_stats(norm_forward(c, out, p.norm2_weight, p.norm2_bias), kNorm2Mean, kNorm2Rstd);
   }
@@ -587,44 +611,68 @@ std::vector<at::Tensor> backward(const Config& c, const at::Tensor& grad_out, co
   const at::Tensor& res1 = saved[kRes1];
   const at::Tensor& mlp_in = saved[kMlpIn];
 
+  // The forward's phases in reverse, under the same names in megacore.transformer_layer_backward.
   at::Tensor g_n1w, g_n1b, g_n2w, g_n2b;  // norm parameter gradients
   at::Tensor g = grad_out.contiguous();  // [s_local, b, h]
   if (!c.pre_norm) {
+    ProfilePhase phase("megacore.transformer_layer_backward.mlp_norm");
     std::tie(g, g_n2w, g_n2b) = norm_backward(c, g, saved[kRes2], p.norm2_weight, p.norm2_bias, saved[kNorm2Mean],
                                               saved[kNorm2Rstd]);
   }
-  // out = bias_dropout_add(mlp, fc2_bias, residual): the residual's gradient is g itself.
-  auto [g_mlp, g_fc2b] = bias_dropout_add_backward(g, c.hidden_p(), site_seed(seed, 2, residual_rank(c)),
-                                                   p.fc2_bias.has_value());
-  at::Tensor g_mlp_full = exit_region_backward(c, g_mlp);  // [s, b, h]
-  auto [g_act, g_fc2w] = linear_backward(g_mlp_full, saved[kGeluOut], p.fc2_weight);
-  auto [g_fc1, g_fc1b] = bias_gelu_backward(c, g_act, saved[kFc1Out], p.fc1_bias);
-  auto [g_mlp_in_full, g_fc1w] = linear_backward(g_fc1, enter_region(c, mlp_in), p.fc1_weight);
-  at::Tensor g_mlp_in = enter_region_backward(c, g_mlp_in_full);  // [s_local, b, h]
+  at::Tensor g_mlp_in, g_fc2b, g_fc2w, g_fc1b, g_fc1w;
+  {
+    ProfilePhase phase("megacore.transformer_layer_backward.mlp");
+    // out = bias_dropout_add(mlp, fc2_bias, residual): the residual's gradient is g itself.
+    at::Tensor g_mlp;
+    std::tie(g_mlp, g_fc2b) = bias_dropout_add_backward(g, c.hidden_p(), site_seed(seed, 2, residual_rank(c)),
+                                                        p.fc2_bias.has_value());
+    at::Tensor g_act, g_fc1, g_mlp_in_full;
+    std::tie(g_act, g_fc2w) = linear_backward(exit_region_backward(c, g_mlp), saved[kGeluOut], p.fc2_weight);
+    std::tie(g_fc1, g_fc1b) = bias_gelu_backward(c, g_act, saved[kFc1Out], p.fc1_bias);
+    std::tie(g_mlp_in_full, g_fc1w) = linear_backward(g_fc1, enter_region(c, mlp_in), p.fc1_weight);  // [s, b, h]
+    g_mlp_in = enter_region_backward(c, g_mlp_in_full);  // [s_local, b, h]
+  }
 
   // mlp_in = norm(res1); in post-LN, mlp_in is also the MLP's residual.
   at::Tensor g_res1;
   if (c.pre_norm) {
+    ProfilePhase phase("megacore.transformer_layer_backward.mlp_norm");
     at::Tensor g_res1_norm;
     std::tie(g_res1_norm, g_n2w, g_n2b) = norm_backward(c, g_mlp_in, res1, p.norm2_weight, p.norm2_bias,
                                                         saved[kNorm2Mean], saved[kNorm2Rstd]);
     g_res1 = g.add(g_res1_norm);
   } else {
+    ProfilePhase phase("megacore.transformer_layer_backward.attention_norm");
     std::tie(g_res1, g_n1w, g_n1b) = norm_backward(c, g_mlp_in.add(g), res1, p.norm1_weight, p.norm1_bias,
                                                    saved[kNorm1Mean], saved[kNorm1Rstd]);
   }
 
   // res1 = bias_dropout_add(attn, proj_bias, x).
-  auto [g_attn, g_projb] = bias_dropout_add_backward(g_res1, c.hidden_p(), site_seed(seed, 1, residual_rank(c)),
-                                                     p.proj_bias.has_value());
-  auto [g_context, g_projw] = linear_backward(exit_region_backward(c, g_attn), saved[kContext], p.proj_weight);
-  auto [g_q, g_k, g_v] = attention_backward(c, d, flash, g_context, saved, mask, site_seed(seed, 0, c.tp_rank));
-  at::Tensor g_qkv = merge_head_grads(d, g_q, g_k, g_v, cos, sin);  // [s, b, 3 * np * d]
-  const at::Tensor attn_in = c.pre_norm ? saved[kAttnIn] : x;
-  auto [g_attn_in_full, g_qkvw] = linear_backward(g_qkv, enter_region(c, attn_in), p.qkv_weight);
-  at::Tensor g_qkvb = p.qkv_bias.has_value() ? bias_grad(g_qkv) : at::Tensor();
-  at::Tensor g_x = enter_region_backward(c, g_attn_in_full);
+  at::Tensor g_context, g_projw, g_projb;
+  {
+    ProfilePhase phase("megacore.transformer_layer_backward.proj");
+    at::Tensor g_attn;
+    std::tie(g_attn, g_projb) = bias_dropout_add_backward(g_res1, c.hidden_p(), site_seed(seed, 1, residual_rank(c)),
+                                                          p.proj_bias.has_value());
+    std::tie(g_context, g_projw) = linear_backward(exit_region_backward(c, g_attn), saved[kContext], p.proj_weight);
+  }
+  at::Tensor g_q, g_k, g_v;
+  {
+    ProfilePhase phase("megacore.transformer_layer_backward.attention");
+    std::tie(g_q, g_k, g_v) = attention_backward(c, d, flash, g_context, saved, mask, site_seed(seed, 0, c.tp_rank));
+  }
+  at::Tensor g_x, g_qkvw, g_qkvb;
+  {
+    ProfilePhase phase("megacore.transformer_layer_backward.qkv");
+    at::Tensor g_qkv = merge_head_grads(d, g_q, g_k, g_v, cos, sin);  // [s, b, 3 * np * d]
+    const at::Tensor attn_in = c.pre_norm ? saved[kAttnIn] : x;
+    at::Tensor g_attn_in_full;
+    std::tie(g_attn_in_full, g_qkvw) = linear_backward(g_qkv, enter_region(c, attn_in), p.qkv_weight);
+    g_qkvb = p.qkv_bias.has_value() ? bias_grad(g_qkv) : at::Tensor();
+    g_x = enter_region_backward(c, g_attn_in_full);
+  }
   if (c.pre_norm) {
+    ProfilePhase phase("megacore.transformer_layer_backward.attention_norm");
     at::Tensor g_x_norm;
     std::tie(g_x_norm, g_n1w, g_n1b) = norm_backward(c, g_x, x, p.norm1_weight, p.norm1_bias, saved[kNorm1Mean],
                                                      saved[kNorm1Rstd]);
@@ -638,6 +686,7 @@ std::vector<at::Tensor> backward(const Config& c, const at::Tensor& grad_out, co
   // row-parallel biases) got this shard's part of their gradient only: sum the parts over the group,
   // all of them in one all-reduce.
   if (c.sequence_parallel && c.tp_size > 1) {
+    ProfilePhase phase("megacore.transformer_layer_backward.sequence_parallel_grads");
     std::vector<at::Tensor*> partial;
     for (int64_t i : {1, 2, 6, 7, 8, 12}) {
       if (grads[i].defined()) partial.push_back(&grads[i]);

@@ -160,3 +160,18 @@ def test_tensorboard_events_are_written_when_tensorboard_is_installed(trained):
     events.Reload()
     assert {"loss", "lr", "valid_perplexity"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")][-1] == SMALL["train_steps"]
+
+
+def test_a_run_shows_data_evaluate_and_checkpoint_in_torch_profiler(trained, tmp_path):
+    """The loop's phases around the trainer's (docs/profiling.md), in a torch.profiler trace of a 2-step run."""
+    import torch
+
+    root, _ = trained
+    config = dict(SMALL, train_steps=2, eval_interval=100, save_interval=1, log_interval=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train(TrainConfig(cache_dir=str(root / "cache"), output=str(tmp_path / "run"), **config), log=lambda m: None)
+    names = [e.name for e in sorted(prof.events(), key=lambda e: e.time_range.start)]
+    loop = [n for n in names if n in ("megacore.data", "megacore.train_step", "megacore.evaluate",
+                                      "megacore.checkpoint")]
+    assert loop == ["megacore.data", "megacore.train_step", "megacore.checkpoint", "megacore.data",
+                    "megacore.train_step", "megacore.evaluate", "megacore.checkpoint"]

@@ -158,3 +158,36 @@ def _check_data_parallel_training(rank, world):
 
 def test_data_parallel_2_training_with_accumulation_equals_one_process():
     run_distributed(_check_data_parallel_training, 2, timeout_s=180, collective_timeout_s=60)
+
+
+def _profiled_names(fn) -> list[str]:
+    """The names of the events torch.profiler records on CPU while ``fn()`` runs, in start order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in sorted(prof.events(), key=lambda e: e.time_range.start)]
+
+
+def test_a_step_shows_its_phases_in_torch_profiler():
+    trainer = make_trainer(micro=2)
+    names = _profiled_names(lambda: trainer.train_step(repeated_batches(1, micro=2)[0]))
+    phases = [n for n in names if n.startswith("megacore.") and "transformer_layer" not in n]
+    assert phases == ["megacore.train_step", "megacore.forward", "megacore.backward", "megacore.forward",
+                      "megacore.backward", "megacore.loss_sync", "megacore.optimizer"]
+    assert "megacore.transformer_layer.attention" in names  # the C++ layer's phases, inside forward
+
+
+def _check_data_parallel_step_shows_grad_sync(rank, world):
+    from megacore.parallel import DistributedDataParallel, destroy_model_parallel, initialize_model_parallel
+
+    initialize_model_parallel(1)
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(tiny_gpt())
+    optimizer = build_optimizer(ddp, lr=3e-3, weight_decay=0.01)
+    trainer = Trainer(ddp, optimizer, None, grad_accumulation=1, ddp=ddp)
+    names = _profiled_names(lambda: trainer.train_step(repeated_batches(1)[0]))
+    assert names.count("megacore.grad_sync") == 1, [n for n in names if n.startswith("megacore.")]
+    destroy_model_parallel()
+
+
+def test_a_data_parallel_step_shows_grad_sync_in_torch_profiler():
+    run_distributed(_check_data_parallel_step_shows_grad_sync, 1)

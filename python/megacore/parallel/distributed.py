@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import megacore  # noqa: F401  (loads megacore._C: registers torch.classes.megacore.Reducer)
+from megacore._profiling import phase
 from megacore.parallel import state
 
 _NAME = "megacore.parallel.DistributedDataParallel"
@@ -157,7 +158,8 @@ class DistributedDataParallel(nn.Module):
         ]
         for index in cleared:
             self._main_grads[index].zero_()
-        self.reducer.finalize()
+        with phase("megacore.grad_sync"):  # waits for the bucket all-reduces still in flight
+            self.reducer.finalize()
         if self.reducer.sync_enabled():
             for index in cleared:  # other ranks may have used it: the average is its gradient
                 self._params[index].grad = self._main_grads[index]

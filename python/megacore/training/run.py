@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megacore._files import atomic_write_text
+from megacore._profiling import phase
 from megacore.training.trainer import TrainingDivergedError
 
 from megacore.training.config import TrainConfig, load_config_file, parse_config, resume_config
@@ -564,7 +565,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
         return e
 
     def save(step_: int) -> str:
-        with report_stalled_ranks(f"{_FN}: step {step_}: saving the checkpoint"):
+        with phase("megacore.checkpoint"), report_stalled_ranks(f"{_FN}: step {step_}: saving the checkpoint"):
             return save_checkpoint(ckpt_root, step_, model, optimizer, extra=extra_state(step_),
                                    keep_last=config.keep_last, files={TOKENIZER_DIR: tok_path})
 
@@ -578,7 +579,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     result = {}
 
     def evaluate(at: int) -> dict:
-        with report_stalled_ranks(f"{_FN}: step {at}: evaluation"):
+        with phase("megacore.evaluate"), report_stalled_ranks(f"{_FN}: step {at}: evaluation"):
             if family == "gpt":
                 r = perplexity(ddp or model, valid_ds, config.micro_batch_size, config.eval_batches)
                 record = {"step": at, "valid_loss": r["loss"], "valid_perplexity": r["perplexity"]}
@@ -593,7 +594,8 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
 
     try:
         while step < config.train_steps:
-            micro = [to_batch(next(loader)) for _ in range(accumulation)]
+            with phase("megacore.data"):
+                micro = [to_batch(next(loader)) for _ in range(accumulation)]
             with report_stalled_ranks(f"{_FN}: step {step + 1}"):  # a stopped or hung rank: say which
                 m = trainer.train_step(micro)
             step += 1

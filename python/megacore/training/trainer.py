@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from megacore._profiling import ProfileWindow, phase
 from megacore.parallel.collectives import all_reduce
 from megacore.training.optim import LRSchedule, clip_grad_norm
 from megacore.training.precision import DynamicLossScaler, MixedPrecision
@@ -116,6 +117,7 @@ class Trainer:
         self.step_count = 0
         self.max_skipped_steps, self.loss_spike_factor = max_skipped_steps, loss_spike_factor
         self.consecutive_skips = 0
+        self.profile_window = ProfileWindow.from_env()  # MEGACORE_PROFILE_STEPS: see megacore/_profiling.py
         self.recent_losses: collections.deque = collections.deque(maxlen=SPIKE_WINDOW)
 
     def _zero_grads(self) -> None:
@@ -135,10 +137,24 @@ class Trainer:
         (fp16 overflow: no update), "tokens": int (input tokens this step over all data-parallel ranks)}``.
         Raises ValueError when ``len(micro_batches) != grad_accumulation``, TrainingDivergedError (before
         any weight changes) when the step fails a health check.
+
+        Profilers see the step as ``megacore.train_step`` holding ``megacore.forward`` and
+        ``megacore.backward`` per micro-batch, ``megacore.loss_sync`` and ``megacore.optimizer``
+        (docs/profiling.md).
         """
         if len(micro_batches) != self.grad_accumulation:
             raise ValueError(f"megacore.training.Trainer.train_step: got {len(micro_batches)} micro-batches, "
                              f"expected grad_accumulation={self.grad_accumulation}")
+        window, step = self.profile_window, self.step_count + 1
+        if window is not None:
+            window.before_step(step)
+        with phase("megacore.train_step"):
+            out = self._train_step(micro_batches, step)
+        if window is not None:
+            window.after_step(step)
+        return out
+
+    def _train_step(self, micro_batches: list[dict], step: int) -> dict:
         self.model.train()
         lr = self.optimizer.param_groups[0]["lr"]
         n = len(micro_batches)
@@ -147,42 +163,45 @@ class Trainer:
             last = i == n - 1
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
-                loss = self.loss_fn(self.model, batch)
-                scaled = loss / n
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
+                with phase("megacore.forward"):
+                    loss = self.loss_fn(self.model, batch)
+                    scaled = loss / n
+                    if self.scaler is not None:
+                        scaled = self.scaler.scale(scaled)
+                with phase("megacore.backward"):  # holds DDP's megacore.grad_sync on the last micro-batch
+                    scaled.backward()
             losses.append(loss.detach())
             ids = batch.get("input_ids")
             tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
-        loss = torch.stack(losses).mean()
-        if self.ddp is not None and self.ddp.data_parallel_group.size() > 1:
-            dp = self.ddp.data_parallel_group
-            loss = all_reduce(loss.reshape(1), dp, "avg").reshape(())
-            tokens *= dp.size()
-        loss = float(loss)
-        step = self.step_count + 1
+        with phase("megacore.loss_sync"):  # float() waits for the device: the step's one host sync
+            loss = torch.stack(losses).mean()
+            if self.ddp is not None and self.ddp.data_parallel_group.size() > 1:
+                dp = self.ddp.data_parallel_group
+                loss = all_reduce(loss.reshape(1), dp, "avg").reshape(())
+                tokens *= dp.size()
+            loss = float(loss)
         try:
             self._check_loss(step, loss)
-            if self.precision is not None:
-                self.precision.copy_grads_to_master()
-            found_inf = self.scaler.unscale_(self.params) if self.scaler is not None else False
-            grad_norm = float("nan")
-            if not found_inf:
-                grad_norm = float(clip_grad_norm(self.params, self.clip))
-                if not math.isfinite(grad_norm):
-                    raise TrainingDivergedError(step, f"{_FN}: step {step}: the gradient norm is {grad_norm} (loss "
-                                                      f"{loss:.4g}); stopping before the optimizer step, the weights "
-                                                      f"are those of step {step - 1}")
-                self.optimizer.step()
+            with phase("megacore.optimizer"):  # master grads, unscale, clip, step, masters -> model
                 if self.precision is not None:
-                    self.precision.copy_master_to_model()
-                if self.schedule is not None:
-                    self.schedule.step()
-            if self.scaler is not None:
-                self.scaler.update(found_inf)
-                self._check_skips(step, found_inf)
+                    self.precision.copy_grads_to_master()
+                found_inf = self.scaler.unscale_(self.params) if self.scaler is not None else False
+                grad_norm = float("nan")
+                if not found_inf:
+                    grad_norm = float(clip_grad_norm(self.params, self.clip))
+                    if not math.isfinite(grad_norm):
+                        raise TrainingDivergedError(step, f"{_FN}: step {step}: the gradient norm is {grad_norm} "
+                                                          f"(loss {loss:.4g}); stopping before the optimizer step, "
+                                                          f"the weights are those of step {step - 1}")
+                    self.optimizer.step()
+                    if self.precision is not None:
+                        self.precision.copy_master_to_model()
+                    if self.schedule is not None:
+                        self.schedule.step()
+                if self.scaler is not None:
+                    self.scaler.update(found_inf)
+                    self._check_skips(step, found_inf)
         finally:
             self._zero_grads()
         self.step_count += 1
