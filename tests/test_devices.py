@@ -155,3 +155,30 @@ def test_ddp_of_one_rank_on_the_device_gives_the_plain_gradients(backend, device
             _close(grad, p.grad, torch.float32, f"DDP grad of {name}")
     finally:
         dist.destroy_process_group()
+
+
+def test_megacore_train_trains_on_this_processs_gpu_when_there_is_one(monkeypatch):
+    from megacore.training import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run._train_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert run._train_device() == torch.device("cuda", 3)
+
+
+def test_megacore_train_runs_on_the_device(device, tmp_path, monkeypatch):
+    """A few steps of the real command on each device present; its header names the device."""
+    from megacore.training.run import embedded_corpus, parse_config, train
+
+    if device == "cpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    embedded_corpus(str(tmp_path / "cache"), 1000, log=lambda m: None)
+    logs = []
+    result = train(parse_config(dict(cache_dir=str(tmp_path / "cache"), output=str(tmp_path / "run"), seq_len=32,
+                                     vocab_size=1000, micro_batch_size=2, global_batch_size=2, train_steps=3,
+                                     eval_interval=100, eval_batches=1, log_interval=1, save_interval=100,
+                                     progress=False, model_overrides={"num_layers": 1, "hidden_size": 32,
+                                                                      "num_attention_heads": 2})), log=logs.append)
+    assert any(f" on {device}, tensor-parallel" in m for m in logs), logs
+    assert result["valid_loss"] > 0 and (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()

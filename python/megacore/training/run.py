@@ -65,6 +65,19 @@ def _init_distributed(config: TrainConfig):
     return parallel.initialize_model_parallel(config.tensor_parallel_size)
 
 
+def _train_device() -> torch.device:
+    """Where ``megacore train`` trains: this process's GPU when CUDA is available (torchrun's LOCAL_RANK),
+    else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on ``device``."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _is_main() -> bool:
     """Global rank 0 (before torch.distributed is initialized: torchrun's RANK, so that a run's start-up
     logs and writes once too)."""
@@ -247,7 +260,7 @@ def _masked_eval(model, dataset, family: str, micro_batch_size: int, batches: in
         for i, item in enumerate(loader):
             if i >= batches:
                 break
-            batch = _masked_batch(item)
+            batch = _to(_masked_batch(item), next(model.parameters()).device)
             out = model(**batch)
             loss_sum += float(out.loss)
             n += 1
@@ -458,8 +471,9 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
         raise ValueError(f"{_FN}: --output {out} exists and is not a directory")
     main = _is_main()
     quiet_log = log if main else (lambda m: None)
-    # --dtype auto: what this machine computes natively, on the device the model is built on (the default).
-    auto = auto_dtype(torch.get_default_device()) if config.dtype == "auto" else None
+    device = _train_device()
+    # --dtype auto: what this machine computes natively, on the device the model trains on.
+    auto = auto_dtype(device) if config.dtype == "auto" else None
     config, step, resumed_extra, resumed_dir = _resume_point(ckpt_root, config, explicit, quiet_log, auto)
     dtype_shown = config.dtype
     if auto is not None:  # the run, its checkpoints and train_config.json record the resolved dtype
@@ -512,9 +526,8 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     overrides.update(vocab_size=tokenizer.vocab_size, hidden_dropout=config.hidden_dropout,
                      attention_dropout=config.attention_dropout, recompute=config.recompute,
                      tensor_parallel=state is not None, sequence_parallel=config.sequence_parallel)
-    model = build(config.model, **overrides)
+    model = build(config.model, **overrides).to(device)  # drawn on CPU: the same weights on every device
     dtype = DTYPES[config.dtype]
-    device = next(model.parameters()).device
     quiet_log(f"megacore train: {config.model}, steps {step + 1}-{config.train_steps} of {config.global_batch_size} x "
               f"{config.seq_len} tokens, {dtype_shown} on {device.type}, tensor-parallel {tp} x data-parallel {dp}; "
               f"output {out}")
@@ -595,7 +608,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     try:
         while step < config.train_steps:
             with phase("megacore.data"):
-                micro = [to_batch(next(loader)) for _ in range(accumulation)]
+                micro = [_to(to_batch(next(loader)), device) for _ in range(accumulation)]
             with report_stalled_ranks(f"{_FN}: step {step + 1}"):  # a stopped or hung rank: say which
                 m = trainer.train_step(micro)
             step += 1
