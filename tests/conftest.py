@@ -14,3 +14,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device(request) -> str:
     """The device a test runs on; one test per device present."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def corpus_cache(tmp_path_factory) -> str:
+    """A cache directory holding the embedded corpus prepared once for the whole session (a BPE of 1,000
+    tokens, as the small `megacore train` runs of the tests use: --vocab-size 1000)."""
+    from megacore.training.run import embedded_corpus
+
+    root = tmp_path_factory.mktemp("corpus-cache")
+    embedded_corpus(str(root), 1000, log=lambda m: None)
+    return str(root)

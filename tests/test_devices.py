@@ -167,15 +167,14 @@ def test_megacore_train_trains_on_this_processs_gpu_when_there_is_one(monkeypatc
     assert run._train_device() == torch.device("cuda", 3)
 
 
-def test_megacore_train_runs_on_the_device(device, tmp_path, monkeypatch):
+def test_megacore_train_runs_on_the_device(device, corpus_cache, tmp_path, monkeypatch):
     """A few steps of the real command on each device present; its header names the device."""
-    from megacore.training.run import embedded_corpus, parse_config, train
+    from megacore.training.run import parse_config, train
 
     if device == "cpu":
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    embedded_corpus(str(tmp_path / "cache"), 1000, log=lambda m: None)
     logs = []
-    result = train(parse_config(dict(cache_dir=str(tmp_path / "cache"), output=str(tmp_path / "run"), seq_len=32,
+    result = train(parse_config(dict(cache_dir=corpus_cache, output=str(tmp_path / "run"), seq_len=32,
                                      vocab_size=1000, micro_batch_size=2, global_batch_size=2, train_steps=3,
                                      eval_interval=100, eval_batches=1, log_interval=1, save_interval=100,
                                      progress=False, model_overrides={"num_layers": 1, "hidden_size": 32,

@@ -220,16 +220,6 @@ TINY = ["--model", "gpt-tiny", "--model-overrides",
         "--eval-interval", "100000", "--no-progress"]
 
 
-@pytest.fixture(scope="session")
-def corpus_cache(tmp_path_factory) -> str:
-    """The embedded corpus prepared once (BPE, 1000 tokens) for every torchrun test."""
-    from megacore.training.run import embedded_corpus
-
-    cache = tmp_path_factory.mktemp("reliability-cache")
-    embedded_corpus(str(cache), 1000, log=lambda m: None)
-    return str(cache)
-
-
 def _children(pid: int) -> dict[int, int]:
     """{RANK: pid} of torchrun's worker processes."""
     out = {}

@@ -21,40 +21,19 @@ from megacore.training.checkpoint import CheckpointSaveError, load_checkpoint, s
 from megacore.training.config import load_config_file, parse_config
 from megacore.training.precision import DynamicLossScaler, MixedPrecision
 from megacore.training.run import TrainConfig, train
+from tests.training.utils import train_argv
 
 TINY = dict(seq_len=32, vocab_size=1000, micro_batch_size=2, global_batch_size=2, train_steps=10, eval_interval=100,
             eval_batches=2, log_interval=1, save_interval=5, lr=5e-3, min_lr=5e-4, warmup_steps=2, progress=False,
             model_overrides={"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2})
 
 
-def _argv(options: dict) -> list[str]:
-    """The command line of ``megacore train`` for a dict of options."""
-    argv = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
-    return argv
-
-
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The embedded corpus prepared once for this module (BPE of 1,000 tokens)."""
-    from megacore.training.run import embedded_corpus
-
-    root = tmp_path_factory.mktemp("cache")
-    embedded_corpus(str(root), 1000, log=lambda m: None)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def run10(cache, tmp_path_factory):
+def run10(corpus_cache, tmp_path_factory):
     """A finished 10-step float32 run with checkpoints at steps 5 and 10 (read-only for the tests: copy it).
     float32 whatever --dtype auto would choose on this machine, so that --dtype bfloat16 is a change."""
     out = tmp_path_factory.mktemp("run10") / "run"
-    train(TrainConfig(cache_dir=cache, output=str(out), dtype="float32", **TINY), log=lambda m: None)
+    train(TrainConfig(cache_dir=corpus_cache, output=str(out), dtype="float32", **TINY), log=lambda m: None)
     return out
 
 
@@ -84,10 +63,10 @@ def _metrics(run: Path) -> list[dict]:
 # ---- 1. non-finite losses ----------------------------------------------------------------------------------
 
 
-def test_a_diverging_run_stops_with_an_error_before_saving_anything(cache, tmp_path, capsys):
+def test_a_diverging_run_stops_with_an_error_before_saving_anything(corpus_cache, tmp_path, capsys):
     out = tmp_path / "run"
     options = dict(TINY, lr=1e6, min_lr=1.0, train_steps=20, save_interval=2)
-    rc, _, err = _cli(["train", "--cache-dir", cache, "--output", str(out), *_argv(options)], capsys)
+    rc, _, err = _cli(["train", "--cache-dir", corpus_cache, "--output", str(out), *train_argv(options)], capsys)
     line = _one_error_line(err)
     assert rc == 1 and ("the loss is nan" in line or "the gradient norm is" in line), line
     assert "stopping before the optimizer step" in line
@@ -106,7 +85,8 @@ def test_a_diverging_run_stops_with_an_error_before_saving_anything(cache, tmp_p
     ("--loss-spike-factor", "0.5", "--loss-spike-factor=0.5: Input should be greater than 1"),
 ])
 def test_non_finite_and_out_of_range_numbers_are_refused_up_front(flag, value, message, tmp_path, capsys):
-    rc, _, err = _cli(["train", "--output", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), flag, value], capsys)
+    rc, _, err = _cli(["train", "--output", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), flag, value],
+                      capsys)
     assert rc == 1 and message in _one_error_line(err)
     assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()  # refused before anything is made
 
@@ -276,10 +256,10 @@ def test_resume_with_a_new_global_batch_size_keeps_the_data_position_exact_in_sa
     assert torch.equal(torch.cat(seen), expected)
 
 
-def test_the_training_stream_keeps_its_first_samples_when_a_resume_appends_a_segment(cache):
+def test_the_training_stream_keeps_its_first_samples_when_a_resume_appends_a_segment(corpus_cache):
     from megacore.training.run import _datasets
 
-    config = parse_config(dict(TINY, cache_dir=cache))
+    config = parse_config(dict(TINY, cache_dir=corpus_cache))
     short, *_ = _datasets(config, 1, [20], lambda m: None)
     longer, *_ = _datasets(config, 1, [20, 500], lambda m: None)
     assert len(longer) == 520
@@ -356,10 +336,10 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_stops_the_run_with_one_line_and_the_next_run_cleans_up(cache, small_disk, capsys):
+def test_a_full_disk_stops_the_run_with_one_line_and_the_next_run_cleans_up(corpus_cache, small_disk, capsys):
     out = small_disk / "run"
     big = dict(TINY, model_overrides={"num_layers": 2, "hidden_size": 128, "num_attention_heads": 2})
-    rc, _, err = _cli(["train", "--cache-dir", cache, "--output", str(out), *_argv(big)], capsys)
+    rc, _, err = _cli(["train", "--cache-dir", corpus_cache, "--output", str(out), *train_argv(big)], capsys)
     line = _one_error_line(err)
     assert rc == 1 and "checkpoint step 5: no space left on device (needed ~" in line and "MB free in" in line, line
     leftovers = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
@@ -368,19 +348,20 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_next_run_cleans_up(cach
     stale = out / "checkpoints" / ".tmp-step_00000005"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"\0" * (2 << 20))
-    _cli(["train", "--cache-dir", cache, "--output", str(out), *_argv(dict(big, train_steps=1))], capsys)  # its save may fail too
+    # (its own save may fail too)
+    _cli(["train", "--cache-dir", corpus_cache, "--output", str(out), *train_argv(dict(big, train_steps=1))], capsys)
     assert not stale.exists()
 
 
 # ---- 8. self-contained checkpoints --------------------------------------------------------------------------
 
 
-def test_a_checkpoint_carries_its_tokenizer_so_moving_the_data_breaks_nothing(run10, cache, tmp_path, capsys):
+def test_a_checkpoint_carries_its_tokenizer_so_moving_the_data_breaks_nothing(run10, corpus_cache, tmp_path, capsys):
     run = _copy(run10, tmp_path)
     step_dir = run / "checkpoints" / "step_00000010"
     assert (step_dir / "tokenizer").exists()
     moved = tmp_path / "moved-cache"
-    shutil.copytree(cache, moved)
+    shutil.copytree(corpus_cache, moved)
     # the checkpoint's recorded source is irrelevant: hide it by pointing the copy's extra elsewhere
     extra = torch.load(step_dir / "extra.pt", weights_only=True)
     assert extra["tokenizer"] == "tokenizer" and not os.path.isabs(extra["tokenizer"])
@@ -443,18 +424,18 @@ def read_only_dir(tmp_path):
 
 
 @pytest.mark.parametrize("which", ["--output", "--cache-dir"])
-def test_a_read_only_output_or_cache_dir_is_one_error_line(which, read_only_dir, cache, tmp_path, capsys):
+def test_a_read_only_output_or_cache_dir_is_one_error_line(which, read_only_dir, corpus_cache, tmp_path, capsys):
     target = read_only_dir / "sub"
-    paths = {"--output": str(tmp_path / "r"), "--cache-dir": cache, which: str(target)}
+    paths = {"--output": str(tmp_path / "r"), "--cache-dir": corpus_cache, which: str(target)}
     rc, _, err = _cli(["train", *[x for kv in paths.items() for x in kv]], capsys)
     assert rc == 1 and f"{which} {target} is not writable" in _one_error_line(err)
 
 
-def test_evaluate_works_on_a_bert_checkpoint(cache, tmp_path, capsys):
+def test_evaluate_works_on_a_bert_checkpoint(corpus_cache, tmp_path, capsys):
     out = tmp_path / "bert"
     options = dict(TINY, train_steps=2, save_interval=100, model_overrides={"num_layers": 1, "hidden_size": 32,
                                                                             "num_attention_heads": 2})
-    train(parse_config(dict(options, model="bert-tiny", cache_dir=cache, output=str(out))), log=lambda m: None)
+    train(parse_config(dict(options, model="bert-tiny", cache_dir=corpus_cache, output=str(out))), log=lambda m: None)
     rc, stdout, err = _cli(["evaluate", "--checkpoint", str(out / "checkpoints"), "--batches", "1"], capsys)
     assert rc == 0, err
     result = json.loads(stdout)
@@ -471,9 +452,9 @@ def test_a_seq_len_beyond_the_learned_positions_needs_an_explicit_override(tmp_p
     assert "max_position_embeddings" in err
 
 
-def test_float16_on_a_cpu_warns_in_the_header(cache, tmp_path):
+def test_float16_on_a_cpu_warns_in_the_header(corpus_cache, tmp_path):
     logs = []
-    train(parse_config(dict(TINY, train_steps=1, dtype="float16", cache_dir=cache, output=str(tmp_path / "r"))),
+    train(parse_config(dict(TINY, train_steps=1, dtype="float16", cache_dir=corpus_cache, output=str(tmp_path / "r"))),
           log=logs.append)
     assert any("warning: float16 on a CPU is emulated" in m for m in logs)
 
@@ -515,7 +496,7 @@ def test_a_one_document_dataset_without_valid_data_is_one_clear_error(tmp_path, 
     assert main(["prepare", str(text), "-o", str(tmp_path / "one"), "--vocab-size", "300", "--no-progress"]) == 0
     capsys.readouterr()
     rc, _, err = _cli(["train", "--data", str(tmp_path / "one"), "--output", str(tmp_path / "r"), "--cache-dir",
-                       str(tmp_path / "c"), *_argv(dict(TINY, vocab_size=300))], capsys)
+                       str(tmp_path / "c"), *train_argv(dict(TINY, vocab_size=300))], capsys)
     assert rc == 1 and "holds 1 document(s)" in _one_error_line(err) and "--valid-data" in err
 
 

@@ -15,36 +15,16 @@ from megacore._machine import auto_dtype, cpu_bf16_flags, cuda_devices
 from megacore.cli import main
 from megacore.training.config import parse_config
 from megacore.training.run import train
+from tests.training.utils import train_argv
 
 TINY = dict(seq_len=32, vocab_size=1000, micro_batch_size=2, global_batch_size=2, train_steps=2, eval_interval=100,
             eval_batches=1, log_interval=1, save_interval=100, lr=5e-3, min_lr=5e-4, warmup_steps=1, progress=False,
             model_overrides={"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2})
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The embedded corpus prepared once for this module (BPE of 1,000 tokens)."""
-    from megacore.training.run import embedded_corpus
-
-    root = tmp_path_factory.mktemp("cache")
-    embedded_corpus(str(root), 1000, log=lambda m: None)
-    return str(root)
-
-
 def _cpu(monkeypatch, **flags):
     """This CPU, as megacore._machine sees it, has exactly ``flags`` (torch itself is left alone)."""
     monkeypatch.setattr(_machine, "_torch_cpu_capabilities", lambda: dict(flags))
-
-
-def _argv(options: dict) -> list[str]:
-    argv = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
-    return argv
 
 
 def _extra(run, step: int) -> dict:
@@ -141,11 +121,11 @@ def test_megacore_info_reports_what_the_machine_computes_natively(monkeypatch, c
     ({"avx512_bf16": True}, "bfloat16 (auto: this CPU has AVX512-BF16) on cpu", "bfloat16"),
     ({}, "float32 (auto: this CPU has no native bf16 instructions) on cpu", "float32"),
 ])
-def test_the_default_dtype_is_auto_and_the_header_says_the_choice_and_why(monkeypatch, cache, tmp_path, flags,
+def test_the_default_dtype_is_auto_and_the_header_says_the_choice_and_why(monkeypatch, corpus_cache, tmp_path, flags,
                                                                           shown, dtype):
     _cpu(monkeypatch, **flags)
     logs = []
-    config = parse_config(dict(TINY, cache_dir=cache, output=str(tmp_path / "run")))
+    config = parse_config(dict(TINY, cache_dir=corpus_cache, output=str(tmp_path / "run")))
     assert config.dtype == "auto"
     train(config, log=logs.append)
     assert any(m.startswith("megacore train: gpt-tiny, steps 1-2") and shown in m for m in logs), logs
@@ -156,14 +136,14 @@ def test_the_default_dtype_is_auto_and_the_header_says_the_choice_and_why(monkey
 
 @pytest.mark.parametrize("saved", ["float32", "bfloat16"])
 @pytest.mark.parametrize("native", [True, False])
-def test_a_plain_rerun_continues_the_checkpoints_dtype_whatever_auto_chooses_here(monkeypatch, cache, tmp_path,
+def test_a_plain_rerun_continues_the_checkpoints_dtype_whatever_auto_chooses_here(monkeypatch, corpus_cache, tmp_path,
                                                                                    capsys, saved, native):
     run = tmp_path / "run"
-    assert main(["train", *_argv(dict(TINY, cache_dir=cache, output=str(run), dtype=saved))]) == 0
+    assert main(["train", *train_argv(dict(TINY, cache_dir=corpus_cache, output=str(run), dtype=saved))]) == 0
     _cpu(monkeypatch, **({"amx_bf16": True} if native else {}))
     here = auto_dtype("cpu")
     capsys.readouterr()
-    assert main(["train", *_argv(dict(TINY, cache_dir=cache, output=str(run), train_steps=3))]) == 0, \
+    assert main(["train", *train_argv(dict(TINY, cache_dir=corpus_cache, output=str(run), train_steps=3))]) == 0, \
         capsys.readouterr().err
     out = capsys.readouterr().out
     assert _extra(run, 3)["train_config"]["dtype"] == saved
@@ -173,13 +153,14 @@ def test_a_plain_rerun_continues_the_checkpoints_dtype_whatever_auto_chooses_her
         assert f"{saved} (the checkpoint's; auto would choose {here[0]}: {here[1]}) on cpu" in out
         assert f"resume: --dtype auto: the checkpoint's {saved} continues (auto would choose {here[0]}" in out
     # the same through the Python API, where every option counts as given (--dtype auto included)
-    train(parse_config(dict(TINY, cache_dir=cache, output=str(run), train_steps=4)), log=lambda m: None)
+    train(parse_config(dict(TINY, cache_dir=corpus_cache, output=str(run), train_steps=4)), log=lambda m: None)
     assert _extra(run, 4)["train_config"]["dtype"] == saved
 
 
-def test_an_explicit_dtype_other_than_the_checkpoints_is_still_refused(monkeypatch, cache, tmp_path, capsys):
+def test_an_explicit_dtype_other_than_the_checkpoints_is_still_refused(monkeypatch, corpus_cache, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *_argv(dict(TINY, cache_dir=cache, output=str(run), dtype="float32"))]) == 0
+    assert main(["train", *train_argv(dict(TINY, cache_dir=corpus_cache, output=str(run), dtype="float32"))]) == 0
     capsys.readouterr()
-    assert main(["train", *_argv(dict(TINY, cache_dir=cache, output=str(run), train_steps=3, dtype="bfloat16"))]) == 1
+    again = dict(TINY, cache_dir=corpus_cache, output=str(run), train_steps=3, dtype="bfloat16")
+    assert main(["train", *train_argv(again)]) == 1
     assert "--dtype is 'bfloat16' but the checkpoint at step 2 was trained with 'float32'" in capsys.readouterr().err
