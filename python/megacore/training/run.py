@@ -87,23 +87,35 @@ def _is_main() -> bool:
 # ---- data ---------------------------------------------------------------------------------------------------
 
 
-def embedded_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[str, str, str]:
-    """(train prefix, valid prefix, tokenizer dir) of the embedded corpus, prepared once into ``cache_dir``
-    (rank 0 prepares, the others wait)."""
+# How masked-LM pretraining cuts the embedded corpus: one document per paragraph, one sentence per sequence
+# (sentence pairs come from within a document, the random ones from another).
+MASKED_LM_UNITS = {"document_unit": "paragraph", "split_sentences": True}
+
+
+def _prepare_embedded_once(root: Path, what: str, train_tokenizer: str, vocab_size: int, log,
+                           **units) -> tuple[str, str, str]:
+    """(train prefix, valid prefix, tokenizer dir) of the embedded corpus under ``root``, prepared there once
+    with a ``train_tokenizer`` tokenizer trained on the training novels (rank 0 prepares; the others wait in
+    a barrier that the collective timeout does not bound)."""
     from megacore.data.prepare import prepare_dataset
     from megacore.parallel.timeouts import barrier
 
-    root = Path(cache_dir) / f"austen-bpe{vocab_size}"
     train, valid = root / "train", root / "valid"
     tokenizer = Path(str(train) + ".tokenizer")
     done = all(Path(str(p) + suffix).exists() for p in (train, valid) for suffix in (".bin", ".idx"))
     if not done and _is_main():
-        log(f"megacore train: preparing the embedded corpus into {root} (once)")
-        prepare_dataset(None, train, train_tokenizer="bpe", vocab_size=vocab_size, split="train", progress=False,
-                        log=lambda m: None)
-        prepare_dataset(None, valid, tokenizer=tokenizer, split="valid", progress=False, log=lambda m: None)
-    barrier(f"{_FN}: preparing the embedded corpus into {root}")  # not bound by the collective timeout
+        log(f"megacore train: preparing the embedded corpus{what} into {root} (once)")
+        prepare_dataset(None, train, train_tokenizer=train_tokenizer, vocab_size=vocab_size, split="train",
+                        progress=False, log=lambda m: None, **units)
+        prepare_dataset(None, valid, tokenizer=tokenizer, split="valid", progress=False, log=lambda m: None, **units)
+    barrier(f"{_FN}: preparing the embedded corpus into {root}")
     return str(train), str(valid), str(tokenizer)
+
+
+def embedded_corpus(cache_dir: str, vocab_size: int, log=print) -> tuple[str, str, str]:
+    """(train prefix, valid prefix, tokenizer dir) of the embedded corpus with a byte-level BPE, prepared once
+    into ``cache_dir`` (rank 0 prepares, the others wait)."""
+    return _prepare_embedded_once(Path(cache_dir) / f"austen-bpe{vocab_size}", "", "bpe", vocab_size, log)
 
 
 def _segment_seed(seed: int, index: int) -> int:
@@ -192,24 +204,10 @@ def _binary_head(model: str) -> bool:
 
 
 def embedded_corpus_wordpiece(cache_dir: str, vocab_size: int, log=print) -> tuple[str, str, str]:
-    """The embedded corpus for masked-LM pretraining: a WordPiece tokenizer, one document per paragraph and
-    one sentence per sequence (sentence pairs come from within a document, the random ones from another),
+    """The embedded corpus for masked-LM pretraining: a WordPiece tokenizer, cut as ``MASKED_LM_UNITS`` says,
     prepared once into ``cache_dir``."""
-    from megacore.data.prepare import prepare_dataset
-    from megacore.parallel.timeouts import barrier
-
-    root = Path(cache_dir) / f"austen-wordpiece{vocab_size}-paragraph-sentences"
-    train, valid = root / "train", root / "valid"
-    tokenizer = Path(str(train) + ".tokenizer")
-    done = all(Path(str(p) + suffix).exists() for p in (train, valid) for suffix in (".bin", ".idx"))
-    if not done and _is_main():
-        log(f"megacore train: preparing the embedded corpus (WordPiece, sentences) into {root} (once)")
-        prepare_dataset(None, train, train_tokenizer="wordpiece", vocab_size=vocab_size, split="train",
-                        document_unit="paragraph", split_sentences=True, progress=False, log=lambda m: None)
-        prepare_dataset(None, valid, tokenizer=tokenizer, split="valid", document_unit="paragraph",
-                        split_sentences=True, progress=False, log=lambda m: None)
-    barrier(f"{_FN}: preparing the embedded corpus into {root}")  # not bound by the collective timeout
-    return str(train), str(valid), str(tokenizer)
+    return _prepare_embedded_once(Path(cache_dir) / f"austen-wordpiece{vocab_size}-paragraph-sentences",
+                                  " (WordPiece, sentences)", "wordpiece", vocab_size, log, **MASKED_LM_UNITS)
 
 
 def _masked_datasets(config: TrainConfig, family: str, binary_head: bool, dp_size: int, segments: list[int], log):
@@ -346,7 +344,7 @@ def evaluate_checkpoint(checkpoint: str, batches: int = 50, passages: int = 200,
     family = family_of_checkpoint(extra)
     saved = extra.get("train_config") or {}
     seq = int(saved.get("seq_len", min(int(extra["model_config"]["max_position_embeddings"]), 256)))
-    unit = {} if family == "gpt" else {"document_unit": "paragraph", "split_sentences": True}
+    unit = {} if family == "gpt" else MASKED_LM_UNITS
     with tempfile.TemporaryDirectory() as tmp:
         prefix = f"{tmp}/valid"
         prepare_dataset(None, prefix, tokenizer=extra["tokenizer"], split="valid", progress=False,
