@@ -22,6 +22,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from megacore.cli.errors import print_error
     from megacore.data.prepare import PrepareError, merge_datasets, prepare_dataset
 
     try:
@@ -36,8 +37,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                 document_unit=args.document_unit, workers=args.workers, append_eod=not args.no_eod,
                 split_sentences=args.split_sentences, errors=args.errors, progress=not args.no_progress)
     except (ValueError, OSError) as e:  # bad input: the message says what and where; no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return print_error(e)
     print(summary.line())
     return 0
 

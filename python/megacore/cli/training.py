@@ -9,6 +9,8 @@ import os
 import sys
 from typing import get_type_hints
 
+from megacore.cli.errors import print_error
+
 _HELP = {
     "model": "preset to train (megacore.models.registry.PRESETS)",
     "data": "prefix of a prepared dataset (megacore prepare); default: the embedded Austen corpus",
@@ -65,21 +67,6 @@ def _add_train(sub) -> None:
             p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
                            help=f"{_HELP[f.name]} (default: {default})")
     p.set_defaults(func=_cmd_train)
-
-
-def error_line(e: BaseException) -> str:
-    """The text after ``error:`` for an exception a user's mistake or the machine caused: the message
-    itself, without the ``[Errno N]`` prefix of an OSError."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror + (f": {e.filename}" if e.filename else "")
-    return str(e)
-
-
-def print_error(e: BaseException) -> int:
-    """Prints ``error: ...`` (one line per line of the message) to stderr; returns the exit status 1."""
-    for line in error_line(e).splitlines() or [type(e).__name__]:
-        print(f"error: {line}", file=sys.stderr)
-    return 1
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
