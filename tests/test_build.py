@@ -17,8 +17,9 @@ import torch
 import megacore
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_SOURCES = sorted((ROOT / "cuda").rglob("*.cu"))
-CUDA_GLUE = sorted((ROOT / "cpp" / "cuda").glob("*.cpp"))
+CUDA_SOURCES = sorted((ROOT / "cpp" / "kernels" / "cuda").glob("*.cu")) + sorted((ROOT / "cuda").glob("*.cu"))
+# What a CUDA build compiles with MEGACORE_WITH_CUDA: the op families (their CUDA registrations and launches).
+CUDA_GLUE = sorted((ROOT / "cpp" / "ops").glob("*.cpp")) + sorted((ROOT / "cpp" / "cuda").glob("*.cpp"))
 
 
 def test_build_info_describes_this_build():
@@ -36,8 +37,9 @@ def test_build_info_describes_this_build():
 # ---- what is registered into the `megacore` namespace ----------------------------------------------
 # The op list is read from the dispatcher, never kept by hand, so a new op that lacks a kernel fails here.
 # Three kinds of op live in the namespace (docs/architecture.md, "Who registers into `megacore`"):
-#   fused ops      schema in cpp/registration.cpp, a kernel per device key (CPU in cpp/cpu/, CUDA in
-#                  cpp/cuda/), a device check at BackendSelect, fake + autograd from python/megacore/ops/.
+#   fused ops      one file per family, cpp/ops/<family>.cpp: the schema (define_op, which adds the device
+#                  check at BackendSelect) and the CPU and CUDA kernels; fake + autograd from
+#                  python/megacore/ops/<family>.py.
 #   composite ops  one CompositeExplicitAutograd kernel for every device, built from other ops or c10d:
 #                  the transformer layer (cpp/transformer/layer.cpp) and the collectives
 #                  (cpp/parallel/collectives.cpp); their fakes come from Python.
@@ -97,18 +99,18 @@ def test_every_op_is_a_fused_op_or_a_composite_op(op):
 
 @pytest.mark.parametrize("op", [op for op in OPS if _is_fused(op)])
 def test_every_fused_op_has_a_cpu_kernel(op):
-    assert _has(op, "CPU"), f"{op} has no CPU kernel: register it in cpp/cpu/<family>.cpp"
+    assert _has(op, "CPU"), f"{op} has no CPU kernel: register it with MEGACORE_REGISTER_KERNELS in cpp/ops/<family>.cpp"
 
 
 @pytest.mark.skipif(not megacore.build_info()["cuda"], reason="built without CUDA")
 @pytest.mark.parametrize("op", [op for op in OPS if _is_fused(op)])
 def test_every_fused_op_has_a_cuda_kernel_in_a_cuda_build(op):
-    assert _has(op, "CUDA"), f"{op} has no CUDA kernel: register it in cpp/cuda/<family>.cpp"
+    assert _has(op, "CUDA"), f"{op} has no CUDA kernel: register it with MEGACORE_REGISTER_KERNELS in cpp/ops/<family>.cpp"
 
 
 @pytest.mark.parametrize("op", [op for op in OPS if _is_fused(op)])
 def test_every_fused_op_checks_its_devices_at_backend_select(op):
-    assert _has(op, "BackendSelect"), f"{op}: define it with def() in cpp/registration.cpp"
+    assert _has(op, "BackendSelect"), f"{op}: define it with ops::define_op (cpp/ops/op.h)"
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -133,16 +135,39 @@ needs_nvcc = pytest.mark.skipif(not Path(_nvcc()).exists(), reason="nvcc not fou
 
 
 @needs_nvcc
-@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: str(p.relative_to(ROOT / "cuda")))
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_cuda_kernel_compiles_for_sm80_and_sm90(source, tmp_path):
     cmd = [
         str(_nvcc()), "-std=c++17", "-O3", "--use_fast_math", "-Werror", "all-warnings",
-        f"-I{ROOT / 'cuda'}",
+        f"-I{ROOT / 'cpp'}", f"-I{ROOT / 'cuda'}",
         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
         "-c", str(source), "-o", str(tmp_path / "out.o"),
     ]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"nvcc failed on {source.name}:\n{r.stderr[-4000:]}"
+
+
+_KERNEL_DECL = re.compile(r"^MEGACORE_KERNEL\(\s*(\w+)\s*,\s*(\w+)\s*\)", re.M)
+
+
+def test_every_declared_kernel_is_defined_with_its_params_on_both_devices():
+    """A CUDA launcher whose signature drifted from its MEGACORE_KERNEL declaration compiles (it is an
+    overload) and fails only when a CUDA build links, on a GPU machine; so the signatures are read here.
+    (A CPU kernel that drifted fails the CPU build's link already, but is checked the same way.)"""
+    headers = [h for h in sorted((ROOT / "cpp" / "kernels").glob("*.h")) if h.name != "common.h"]
+    declared = [(h, name, params) for h in headers for name, params in _KERNEL_DECL.findall(h.read_text())]
+    assert len(declared) >= 2
+    problems = []
+    for header, name, params in declared:
+        family = header.stem
+        for path, signature in [
+            (ROOT / "cpp" / "kernels" / "cuda" / f"{family}.cu",
+             rf"^cudaError_t {name}\(const kernels::{params}& p, cudaStream_t stream\) {{"),
+            (ROOT / "cpp" / "kernels" / "cpu" / f"{family}.cpp", rf"^void {name}\(const kernels::{params}& p\) {{"),
+        ]:
+            if not path.exists() or not re.search(signature, path.read_text(), re.M):
+                problems.append(f"{path.relative_to(ROOT)} does not define {name}(const kernels::{params}& p, ...)")
+    assert problems == []
 
 
 def _cuda_include():
@@ -158,7 +183,7 @@ def _cuda_include():
 
 @pytest.mark.skipif(_cuda_include() is None, reason="CUDA headers not found")
 @pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA torch builds the glue for real")
-@pytest.mark.parametrize("source", CUDA_GLUE, ids=lambda p: p.name)
+@pytest.mark.parametrize("source", CUDA_GLUE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_cuda_glue_passes_a_syntax_check_against_the_cpu_torch(source, tmp_path):
     # The CPU wheel ships c10/cuda headers but not the one header CMake generates for a CUDA build;
     # an empty stand-in is enough for a syntax check.
@@ -168,7 +193,8 @@ def test_cuda_glue_passes_a_syntax_check_against_the_cpu_torch(source, tmp_path)
     tinc = Path(torch.__file__).parent / "include"
     cxx = os.environ.get("CXX", "g++")
     cmd = [
-        cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wno-unused-parameter", f"-I{tmp_path}", f"-I{tinc}",
+        cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wno-unused-parameter", "-DMEGACORE_WITH_CUDA",
+        f"-I{tmp_path}", f"-I{tinc}",
         f"-I{tinc / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{_cuda_include()}",
         f"-I{ROOT / 'cpp'}", f"-I{ROOT / 'cuda'}", str(source),
     ]  # fmt: skip

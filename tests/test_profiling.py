@@ -15,14 +15,16 @@ from megacore._profiling import PROFILE_STEPS_ENV, ProfileWindow
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_LAUNCHER_DECL = re.compile(r"^cudaError_t\s+(\w+)\s*\(", re.M)
+_LAUNCHER_DECL = re.compile(r"^MEGACORE_KERNEL\(\s*(\w+)\s*,", re.M)
+_OLD_LAUNCHER_DECL = re.compile(r"^cudaError_t\s+(\w+)\s*\(", re.M)  # cuda/<family>.h, until every family moves
 _RANGE = re.compile(r"\bNvtxRange\s+\w+\s*\(([^;]*)\)\s*;")
 _LITERAL = re.compile(r'"([^"]*)"')
 
 
 def launchers(header_text: str) -> list[str]:
-    """The launchers a cuda/*.h declares: its `cudaError_t name(...)` functions."""
-    return _LAUNCHER_DECL.findall(header_text)
+    """The kernels a cpp/kernels/<family>.h declares with MEGACORE_KERNEL(name, Params): each has a CUDA
+    launcher `cudaError_t name(const Params&, cudaStream_t)` in kernels/cuda/<family>.cu."""
+    return _LAUNCHER_DECL.findall(header_text) + _OLD_LAUNCHER_DECL.findall(header_text)
 
 
 def _body(source: str, name: str):
@@ -48,7 +50,7 @@ def launcher_problems(headers: dict[str, str], sources: dict[str, str], ops: set
         for name in launchers(text):
             bodies = [(f, b) for f, s in sources.items() if (b := _body(s, name)) is not None]
             if not bodies:
-                problems.append(f"{header}: {name} has no definition in cuda/*.cu")
+                problems.append(f"{header}: {name} has no definition in kernels/cuda/*.cu")
                 continue
             file, body = bodies[0]
             ranges = _RANGE.findall(body)
@@ -59,47 +61,56 @@ def launcher_problems(headers: dict[str, str], sources: dict[str, str], ops: set
             bad = [n for n in names if not (n.startswith("megacore.") and n.removeprefix("megacore.") in ops)]
             if not names or bad:
                 problems.append(f"{file}: launcher {name}'s NVTX range names {bad or names} are not "
-                                "'megacore.<op>' for an op of cpp/registration.cpp")
+                                "'megacore.<op>' for an op defined with define_op")
     return problems
 
 
 def registered_ops() -> set[str]:
-    return set(re.findall(r'def\(\s*m,\s*"(\w+)\(', (ROOT / "cpp" / "registration.cpp").read_text()))
+    """The ops the C++ sources define (define_op(m, "name(...)...")), from the source text."""
+    text = "".join(p.read_text() for p in sorted((ROOT / "cpp").rglob("*.cpp")))
+    return set(re.findall(r'define_op\(\s*m,\s*"(\w+)\(', text))
 
 
-def _read(pattern: str) -> dict[str, str]:
-    return {str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / "cuda").glob(pattern))}
+def _read(*patterns: str) -> dict[str, str]:
+    return {str(p.relative_to(ROOT)): p.read_text() for pattern in patterns for p in sorted(ROOT.glob(pattern))}
+
+
+def _cuda_sources() -> dict[str, str]:
+    return _read("cpp/kernels/cuda/*.cu", "cuda/*.cu")
 
 
 def nvtx_range_names() -> set[str]:
-    """Every NVTX range name in cuda/*.cu."""
-    return {lit for text in _read("*.cu").values() for args in _RANGE.findall(text) for lit in _LITERAL.findall(args)}
+    """Every NVTX range name in the CUDA kernels."""
+    return {lit for text in _cuda_sources().values() for args in _RANGE.findall(text) for lit in _LITERAL.findall(args)}
 
 
 def test_every_cuda_launcher_opens_an_nvtx_range_named_after_its_op():
-    headers = _read("*.h")
-    families = [Path(f).stem for f in _read("*.cu") if Path(f).stem != "common"]
-    assert len(families) >= 6 and all(launchers(headers[f"cuda/{f}.h"]) for f in families), \
-        "a cuda/<family>.h declares no launcher: the check would see nothing"
-    assert launcher_problems(headers, _read("*.cu"), registered_ops()) == []
+    headers = {f: t for f, t in _read("cpp/kernels/*.h", "cuda/*.h").items()
+               if Path(f).name not in ("common.h", "philox.h")}
+    sources = _cuda_sources()
+    families = {Path(f).stem for f in sources if Path(f).stem != "common"}
+    assert len(families) >= 6 and all(launchers(text) for text in headers.values()), \
+        "a kernels/<family>.h declares no kernel: the check would see nothing"
+    assert {Path(f).stem for f in headers} == families, "a family's header and CUDA kernels are not paired"
+    assert launcher_problems(headers, sources, registered_ops()) == []
 
 
 def test_the_launcher_check_catches_a_missing_or_misnamed_range():
-    header = {"cuda/x.h": "cudaError_t foo_forward(const void* x, cudaStream_t stream);\n"
-                          "cudaError_t foo_backward(const void* g, cudaStream_t stream);\n"
-                          "cudaError_t foo_extra(cudaStream_t stream);\n"}
-    source = {"cuda/x.cu": "cudaError_t foo_forward(const void* x, cudaStream_t stream);\n"  # a declaration
+    header = {"kernels/x.h": "MEGACORE_KERNEL(foo_forward, FooForward)\n"
+                             "MEGACORE_KERNEL(foo_backward, FooBackward)\n"
+                             "MEGACORE_KERNEL(foo_extra, FooExtra)\n"}
+    source = {"kernels/cuda/x.cu": "cudaError_t foo_forward(const void* x, cudaStream_t stream);\n"  # a declaration
                            "cudaError_t foo_forward(const void* x, cudaStream_t stream) {\n"
                            "  if (x) { return launch(x, stream); }\n  return cudaSuccess;\n}\n"
                            "cudaError_t foo_backward(const void* g, cudaStream_t stream) {\n"
                            '  NvtxRange range("megacore.foo_bwd");\n  return launch(g, stream);\n}\n'}
     assert launcher_problems(header, source, {"foo", "foo_backward"}) == [
-        "cuda/x.cu: launcher foo_forward opens no NvtxRange",
-        "cuda/x.cu: launcher foo_backward's NVTX range names ['megacore.foo_bwd'] are not 'megacore.<op>' for an op "
-        "of cpp/registration.cpp",
-        "cuda/x.h: foo_extra has no definition in cuda/*.cu",
+        "kernels/cuda/x.cu: launcher foo_forward opens no NvtxRange",
+        "kernels/cuda/x.cu: launcher foo_backward's NVTX range names ['megacore.foo_bwd'] are not 'megacore.<op>' for an op "
+        "defined with define_op",
+        "kernels/x.h: foo_extra has no definition in kernels/cuda/*.cu",
     ]
-    fixed = {"cuda/x.cu": source["cuda/x.cu"].replace("{\n  if (x)", '{\n  NvtxRange range("megacore.foo");\n  if (x)')
+    fixed = {"kernels/cuda/x.cu": source["kernels/cuda/x.cu"].replace("{\n  if (x)", '{\n  NvtxRange range("megacore.foo");\n  if (x)')
              .replace("megacore.foo_bwd", "megacore.foo_backward") + "cudaError_t foo_extra(cudaStream_t s) {\n"
              '  NvtxRange r(s ? "megacore.foo" : "megacore.foo_backward");\n  return cudaSuccess;\n}\n'}
     assert launcher_problems(header, fixed, {"foo", "foo_backward"}) == []

@@ -32,6 +32,7 @@
 
 #include "common/checks.h"
 #include "common/profiling.h"
+#include "ops/op.h"
 
 namespace megacore::transformer {
 namespace {
@@ -752,6 +753,31 @@ std::vector<at::Tensor> transformer_layer_backward(const at::Tensor& grad_out, c
 }
 
 }  // namespace
+
+// The transformer layer's parameters and configuration, shared by its forward and backward schemas.
+#define MEGACORE_LAYER_SCHEMA_PARAMS                                                                             \
+  "Tensor? attention_norm_weight, Tensor? attention_norm_bias, Tensor qkv_weight, Tensor? qkv_bias,"             \
+  " Tensor proj_weight, Tensor? proj_bias, Tensor? mlp_norm_weight, Tensor? mlp_norm_bias, Tensor fc1_weight,"   \
+  " Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias"
+#define MEGACORE_LAYER_SCHEMA_CONFIG                                                                             \
+  "int num_heads, str normalization, float norm_eps, bool pre_norm, str mask_kind, int? window,"                 \
+  " str activation, float attention_dropout, float hidden_dropout, bool sequence_parallel,"                      \
+  " bool recompute_attention, str attention_backend, str group_name, bool training"
+
+TORCH_LIBRARY_FRAGMENT(megacore, m) {
+  // hidden [s_local, b, h] -> (out [s_local, b, h], saved): saved holds what backward needs, in a fixed
+  // order of slots (python/megacore/transformer/layer.py). Parameters are this rank's shards; the
+  // tensor-parallel group is resolved from group_name ("" = none). seed: int64 CPU tensor of one element.
+  ops::define_op(m,
+                 "transformer_layer(Tensor hidden, " MEGACORE_LAYER_SCHEMA_PARAMS
+                 ", Tensor? attention_mask, Tensor? rotary_cos, Tensor? rotary_sin, Tensor seed, "
+                 MEGACORE_LAYER_SCHEMA_CONFIG ") -> (Tensor, Tensor[])");
+  // -> [grad_hidden, one gradient per parameter in the order above (empty [0] for a None parameter)].
+  ops::define_op(m,
+                 "transformer_layer_backward(Tensor grad_out, Tensor hidden, " MEGACORE_LAYER_SCHEMA_PARAMS
+                 ", Tensor? attention_mask, Tensor? rotary_cos, Tensor? rotary_sin, Tensor seed, Tensor[] saved, "
+                 MEGACORE_LAYER_SCHEMA_CONFIG ") -> Tensor[]");
+}
 
 TORCH_LIBRARY_IMPL(megacore, CompositeExplicitAutograd, m) {
   m.impl("transformer_layer", &transformer_layer);

@@ -1,29 +1,11 @@
 // bias_gelu on CUDA: a vectorized elementwise forward; a backward that writes grad_x and, in the same
-// pass, per-block column partial sums for the bias gradient.
-#include "common.cuh"
-#include "gelu.h"
+// pass, per-block column partial sums for the bias gradient. The GeLU itself is kernels/gelu.h's, shared
+// with the CPU kernels.
+#include "kernels/cuda/common.cuh"
+#include "kernels/gelu.h"
 
 namespace megacore::cuda {
 namespace {
-
-template <typename A>
-__device__ __forceinline__ A gelu(A x, bool tanh_approx) {
-  if (tanh_approx) {
-    const A inner = A(0.7978845608028654) * (x + A(0.044715) * x * x * x);
-    return A(0.5) * x * (A(1) + tanh(inner));
-  }
-  return A(0.5) * x * (A(1) + erf(x * A(0.7071067811865476)));
-}
-
-template <typename A>
-__device__ __forceinline__ A gelu_grad(A x, bool tanh_approx) {
-  if (tanh_approx) {
-    const A k0 = A(0.7978845608028654), k1 = A(0.044715), x2 = x * x;
-    const A t = tanh(k0 * (x + k1 * x2 * x));
-    return A(0.5) * (A(1) + t) + A(0.5) * x * (A(1) - t * t) * k0 * (A(1) + A(3) * k1 * x2);
-  }
-  return A(0.5) * (A(1) + erf(x * A(0.7071067811865476))) + x * exp(A(-0.5) * x * x) * A(0.3989422804014327);
-}
 
 // Each thread handles N consecutive elements of a row (N divides cols, so a pack never straddles rows).
 template <typename T, int N>
@@ -41,7 +23,7 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ bi
     for (int k = 0; k < N; ++k) {
       acc_t<T> v = to_acc(xv.v[k]);
       if (bias) v += to_acc(bv.v[k]);
-      o.v[k] = from_acc<T>(gelu(v, tanh_approx));
+      o.v[k] = from_acc<T>(kernels::gelu::forward(v, tanh_approx));
     }
     *reinterpret_cast<P*>(out + e) = o;
   }
@@ -62,7 +44,7 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
     for (int64_t r = blockIdx.y * static_cast<int64_t>(kColTileY) + threadIdx.y; r < rows;
          r += static_cast<int64_t>(gridDim.y) * kColTileY) {
       const int64_t e = r * cols + c;
-      const A gx = to_acc(grad[e]) * gelu_grad(to_acc(x[e]) + b, tanh_approx);
+      const A gx = to_acc(grad[e]) * kernels::gelu::grad(to_acc(x[e]) + b, tanh_approx);
       grad_x[e] = from_acc<T>(gx);
       acc += gx;
     }
@@ -90,42 +72,39 @@ cudaError_t launch_forward(const T* x, const T* bias, T* out, int64_t n, int64_t
 
 }  // namespace
 
-cudaError_t bias_gelu_forward(const void* x, const void* bias, void* out, int64_t rows, int64_t cols, DType dtype,
-                              bool tanh, cudaStream_t stream) {
+cudaError_t bias_gelu_forward(const kernels::BiasGeluForward& p, cudaStream_t stream) {
   NvtxRange range("megacore.bias_gelu");
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
-    const T* xp = static_cast<const T*>(x);
-    const T* bp = static_cast<const T*>(bias);
-    T* op = static_cast<T*>(out);
-    const int64_t n = rows * cols;
-    switch (pack_width<T>(cols, {x, bias, out})) {
-      case 8: return launch_forward<T, 8>(xp, bp, op, n, cols, tanh, stream);
-      case 4: return launch_forward<T, 4>(xp, bp, op, n, cols, tanh, stream);
-      case 2: return launch_forward<T, 2>(xp, bp, op, n, cols, tanh, stream);
-      default: return launch_forward<T, 1>(xp, bp, op, n, cols, tanh, stream);
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
+    const T* xp = static_cast<const T*>(p.x);
+    const T* bp = static_cast<const T*>(p.bias);
+    T* op = static_cast<T*>(p.out);
+    const int64_t n = p.rows * p.cols;
+    switch (pack_width<T>(p.cols, {p.x, p.bias, p.out})) {
+      case 8: return launch_forward<T, 8>(xp, bp, op, n, p.cols, p.tanh, stream);
+      case 4: return launch_forward<T, 4>(xp, bp, op, n, p.cols, p.tanh, stream);
+      case 2: return launch_forward<T, 2>(xp, bp, op, n, p.cols, p.tanh, stream);
+      default: return launch_forward<T, 1>(xp, bp, op, n, p.cols, p.tanh, stream);
     }
   });
   return cudaSuccess;
 }
 
-cudaError_t bias_gelu_backward(const void* grad_out, const void* x, const void* bias, void* grad_x, void* grad_bias,
-                               void* partial, int64_t rows, int64_t cols, DType dtype, bool tanh,
-                               cudaStream_t stream) {
+cudaError_t bias_gelu_backward(const kernels::BiasGeluBackward& p, cudaStream_t stream) {
   NvtxRange range("megacore.bias_gelu_backward");
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
     using A = acc_t<T>;
-    const int64_t prows = column_partial_rows(rows);
+    const int64_t prows = column_partial_rows(p.rows);
     const dim3 block(kColTileX, kColTileY);
-    const dim3 grid(static_cast<unsigned>((cols + kColTileX - 1) / kColTileX), static_cast<unsigned>(prows));
-    A* part = grad_bias ? static_cast<A*>(partial) : nullptr;
-    backward_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(grad_out), static_cast<const T*>(x),
-                                                   static_cast<const T*>(bias), static_cast<T*>(grad_x), part, rows,
-                                                   cols, tanh);
+    const dim3 grid(static_cast<unsigned>((p.cols + kColTileX - 1) / kColTileX), static_cast<unsigned>(prows));
+    A* part = p.grad_bias ? static_cast<A*>(p.workspace) : nullptr;
+    backward_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(p.grad_out), static_cast<const T*>(p.x),
+                                                   static_cast<const T*>(p.bias), static_cast<T*>(p.grad_x), part,
+                                                   p.rows, p.cols, p.tanh);
     cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || !grad_bias) return err;
-    return finish_column_sum<T>(part, prows, cols, static_cast<T*>(grad_bias), stream);
+    if (err != cudaSuccess || !p.grad_bias) return err;
+    return finish_column_sum<T>(part, prows, p.cols, static_cast<T*>(p.grad_bias), stream);
   });
   return cudaSuccess;
 }
