@@ -23,22 +23,22 @@ def _config(**kw) -> ModelConfig:
 @pytest.mark.parametrize("kw", [dict(), dict(position_embedding_type="rope"),
                                 dict(attention_mask_type="sliding_window", window_size=4)],
                          ids=["learned", "rope", "sliding_window"])
-def test_future_tokens_never_change_past_logits(kw):
+def test_future_tokens_never_change_past_logits(kw, device):
     torch.manual_seed(0)
-    model = GPTModel(_config(**kw)).eval()
-    ids = torch.randint(0, 97, (2, 20))
+    model = GPTModel(_config(**kw)).eval().to(device)
+    ids = torch.randint(0, 97, (2, 20)).to(device)
     logits = model(ids)
     assert logits.shape == (2, 20, 97)
     for cut in (1, 7, 19):
         changed = ids.clone()
-        changed[:, cut:] = torch.randint(0, 97, changed[:, cut:].shape)
+        changed[:, cut:] = torch.randint(0, 97, changed[:, cut:].shape).to(device)
         torch.testing.assert_close(model(changed)[:, :cut], logits[:, :cut], atol=0, rtol=0)
 
 
-def test_loss_is_cross_entropy_of_the_logits_with_ignored_labels():
+def test_loss_is_cross_entropy_of_the_logits_with_ignored_labels(device):
     torch.manual_seed(0)
-    model = GPTModel(_config()).eval()
-    ids = torch.randint(0, 97, (3, 12))
+    model = GPTModel(_config()).eval().to(device)
+    ids = torch.randint(0, 97, (3, 12)).to(device)
     labels = torch.roll(ids, -1, 1)
     labels[:, -1] = -100
     loss = model(ids, labels=labels)
@@ -60,12 +60,13 @@ def test_word_embedding_is_tied_to_the_output():
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_activation_checkpointing_gives_the_same_gradients(recompute):
+def test_activation_checkpointing_gives_the_same_gradients(recompute, device):
     torch.manual_seed(0)
     plain = GPTModel(_config(hidden_dropout=0.1, attention_dropout=0.1))
     other = GPTModel(_config(hidden_dropout=0.1, attention_dropout=0.1, recompute=recompute))
     other.load_state_dict(plain.state_dict())
-    ids = torch.randint(0, 97, (2, 16))
+    plain, other = plain.to(device), other.to(device)
+    ids = torch.randint(0, 97, (2, 16)).to(device)
     grads = []
     for model in (plain, other):
         torch.manual_seed(5)  # the same dropout masks (seeds are drawn from the CPU generator)
@@ -78,11 +79,11 @@ def test_activation_checkpointing_gives_the_same_gradients(recompute):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_ids)
-def test_trains_in_each_dtype(dtype):
+def test_trains_in_each_dtype(dtype, device):
     """A few SGD steps on one batch lower the loss, in every dtype."""
     torch.manual_seed(0)
-    model = GPTModel(_config(params_dtype=dtype, position_embedding_type="rope"))
-    ids = torch.randint(0, 97, (4, 16))
+    model = GPTModel(_config(params_dtype=dtype, position_embedding_type="rope")).to(device)
+    ids = torch.randint(0, 97, (4, 16)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.5 if dtype == torch.float32 else 1.0)
     losses = []
     for _ in range(6):
