@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from tests.conftest import DEVICES
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # (atol, rtol) for a result of this dtype against a float64 reference computed from the same inputs:
