@@ -593,11 +593,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward(const Config& c, const a
   return {out, saved};
 }
 
-/// \brief g += other (other may be undefined: nothing to add).
-void accumulate(at::Tensor& g, const at::Tensor& other) {
-  if (other.defined()) g = g.defined() ? g.add(other) : other;
-}
-
 /// \brief The backward: [grad_hidden, then one gradient per parameter in the schema's order (empty for None)].
 std::vector<at::Tensor> backward(const Config& c, const at::Tensor& grad_out, const at::Tensor& x, const Params& p,
                                  const OptT& mask, const OptT& cos, const OptT& sin, const at::Tensor& seed,
