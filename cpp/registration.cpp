@@ -24,14 +24,6 @@ TORCH_LIBRARY_FRAGMENT(megacore, m) {
   // -> (grad_x, grad_weight); grad_weight empty when weight is None.
   megacore::ops::define_op(m, "rms_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
 
-  // ---- softmax(scale * scores) over the last dim with masking; fully masked rows give zeros ----------
-  // mask: bool, broadcastable to scores, True = exclude (Megatron's convention).
-  megacore::ops::define_op(m, "scaled_masked_softmax(Tensor scores, Tensor? mask, float scale) -> Tensor");
-  // scores [..., sq, sk]; query i sees keys j <= i + (sk - sq), and with a window w only j > i + (sk - sq) - w.
-  megacore::ops::define_op(m, "scaled_causal_softmax(Tensor scores, float scale, int? window=None) -> Tensor");
-  // grad_scores = scale * probs * (grad_out - sum(grad_out * probs)), for every mask kind.
-  megacore::ops::define_op(m, "scaled_softmax_backward(Tensor grad_out, Tensor probs, float scale) -> Tensor");
-
   // ---- rotary position embedding, rotate-half pairing, x [seq, ..., head_dim], cos/sin [seq, rot] ----
   megacore::ops::define_op(m, "apply_rotary_emb(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   megacore::ops::define_op(m, "apply_rotary_emb_backward(Tensor grad_out, Tensor cos, Tensor sin) -> Tensor");

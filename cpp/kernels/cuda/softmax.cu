@@ -1,14 +1,15 @@
 // Scaled softmax on CUDA: for rows of up to 1024 keys a warp per row with the row held in registers
 // (one read, one write); longer rows get a block each, with an online max/sum sweep and a write sweep.
 // Padding masks are read in place through a row layout (broadcast dims have stride 0); causal rows
-// compute their visible key range [lo, hi) and only exponentiate inside it.
+// compute their visible key range [lo, hi) and only exponentiate inside it. Which keys a row sees, the
+// excluded/empty-row rule and the per-element formulas are kernels/softmax.h's, shared with the CPU kernels.
 #include <algorithm>
 #include <cmath>
 
 #include <type_traits>
 
-#include "common.cuh"
-#include "softmax.h"
+#include "kernels/cuda/common.cuh"
+#include "kernels/softmax.h"
 
 namespace megacore::cuda {
 namespace {
@@ -17,10 +18,8 @@ constexpr int kWarpRowsPerBlock = 4;     // rows (warps) per block of the warp k
 constexpr int64_t kMaxWarpCols = 1024;   // longest row held in a warp's registers (32 values per lane)
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid cap; the kernels stride over the remaining rows
 
-template <typename A>
-__device__ __forceinline__ A neg_inf() {
-  return -static_cast<A>(INFINITY);
-}
+using kernels::MaskRows;
+using namespace kernels::softmax;
 
 /// \brief The keys one row sees: [lo, hi) minus those whose mask byte is set.
 struct RowView {
@@ -29,33 +28,25 @@ struct RowView {
   int64_t mask_stride;
 
   __device__ __forceinline__ bool visible(int64_t c) const {
-    return c >= lo && c < hi && !(mask != nullptr && mask[c * mask_stride]);
+    return c >= lo && c < hi && !key_excluded(mask, mask_stride, c);
   }
 };
 
-/// \brief How rows are masked: by a bool tensor (mask not null), causally, or not at all.
+/// \brief How rows are masked: by a bool tensor (mask.data not null), causally, or not at all.
 struct RowRule {
-  const bool* mask;
-  MaskLayout layout;
+  MaskRows mask;
   int64_t sq, window;
   bool causal;
 
   __device__ __forceinline__ RowView view(int64_t row, int64_t sk) const {
     RowView v{0, sk, nullptr, 0};
     if (causal) {
-      v.hi = row % sq + (sk - sq) + 1;  // >= 1 since sq <= sk
-      if (window > 0) v.lo = max(int64_t(0), v.hi - window);
-    } else if (mask != nullptr) {
-      int64_t off = 0, r = row;
-#pragma unroll
-      for (int d = kMaxMaskDims - 1; d >= 0; --d) {
-        if (d < layout.ndim) {
-          off += (r % layout.sizes[d]) * layout.strides[d];
-          r /= layout.sizes[d];
-        }
-      }
-      v.mask = mask + off;
-      v.mask_stride = layout.col_stride;
+      const KeyRange keys = causal_keys(row, sq, sk, window);  // never empty since sq <= sk
+      v.lo = keys.lo;
+      v.hi = keys.hi;
+    } else if (mask.data != nullptr) {
+      v.mask = mask.data + mask_row_offset(mask, row);
+      v.mask_stride = mask.col_stride;
     }
     return v;
   }
@@ -78,7 +69,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
     const RowView v = rule.view(row, sk);
     const T* xr = x + row * sk;
     A vals[ITEMS];
-    A mx = neg_inf<A>();
+    A mx = excluded_score<A>();
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
       const int64_t c0 = (int64_t(k) * 32 + lane) * N;
@@ -86,20 +77,20 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
       if (c0 < sk) p = *reinterpret_cast<const P*>(xr + c0);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        vals[k * N + j] = c0 < sk && v.visible(c0 + j) ? to_acc(p.v[j]) * scale : neg_inf<A>();
+        vals[k * N + j] = c0 < sk && v.visible(c0 + j) ? scaled_score(to_acc(p.v[j]), scale) : excluded_score<A>();
         mx = max(mx, vals[k * N + j]);
       }
     }
     mx = warp_max(mx);
-    const bool empty = mx == neg_inf<A>();  // no visible key: the row is zeros
+    const bool empty = row_is_empty(mx);  // no visible key: the row is zeros
     A sum = 0;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      vals[i] = empty ? A(0) : exp(vals[i] - mx);  // exp(-inf) = 0 for hidden keys
+      vals[i] = empty ? A(0) : exp_shifted(vals[i], mx);  // 0 for hidden keys
       sum += vals[i];
     }
     sum = warp_sum(sum);
-    const A inv = empty ? A(0) : A(1) / sum;
+    const A inv = inv_sum(sum, empty);
     T* outr = out + row * sk;
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
@@ -107,7 +98,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
       if (c0 >= sk) continue;
       P o;
 #pragma unroll
-      for (int j = 0; j < N; ++j) o.v[j] = from_acc<T>(vals[k * N + j] * inv);
+      for (int j = 0; j < N; ++j) o.v[j] = from_acc<T>(normalized(vals[k * N + j], inv));
       *reinterpret_cast<P*>(outr + c0) = o;
     }
   }
@@ -125,26 +116,26 @@ __global__ void forward_block_kernel(const T* __restrict__ x, T* __restrict__ ou
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const RowView v = rule.view(row, sk);
     const T* xr = x + row * sk;
-    A m = neg_inf<A>(), s = 0;
+    A m = excluded_score<A>(), s = 0;
     for (int64_t c0 = (v.lo / N) * N + int64_t(threadIdx.x) * N; c0 < v.hi; c0 += step) {
       const P p = *reinterpret_cast<const P*>(xr + c0);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         if (!v.visible(c0 + j)) continue;
-        const A val = to_acc(p.v[j]) * scale;
-        if (val == neg_inf<A>()) continue;  // adds exp(-inf) = 0; skipping avoids -inf - -inf
+        const A val = scaled_score(to_acc(p.v[j]), scale);
+        if (val == excluded_score<A>()) continue;  // adds exp(-inf) = 0; skipping avoids -inf - -inf
         if (val > m) {
-          s = s * exp(m - val) + A(1);
+          s = s * exp_shifted(m, val) + A(1);
           m = val;
         } else {
-          s += exp(val - m);
+          s += exp_shifted(val, m);
         }
       }
     }
-    const A mx = block_max(m, shared, neg_inf<A>());
-    const bool empty = mx == neg_inf<A>();
-    const A sum = block_sum(m == neg_inf<A>() ? A(0) : s * exp(m - mx), shared);
-    const A inv = empty ? A(0) : A(1) / sum;
+    const A mx = block_max(m, shared, excluded_score<A>());
+    const bool empty = row_is_empty(mx);
+    const A sum = block_sum(m == excluded_score<A>() ? A(0) : s * exp_shifted(m, mx), shared);
+    const A inv = inv_sum(sum, empty);
     T* outr = out + row * sk;
     for (int64_t c0 = int64_t(threadIdx.x) * N; c0 < sk; c0 += step) {
       P p{};
@@ -152,7 +143,8 @@ __global__ void forward_block_kernel(const T* __restrict__ x, T* __restrict__ ou
       P o;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const A e = !empty && v.visible(c0 + j) ? exp(to_acc(p.v[j]) * scale - mx) * inv : A(0);
+        const A e =
+            !empty && v.visible(c0 + j) ? normalized(exp_shifted(scaled_score(to_acc(p.v[j]), scale), mx), inv) : A(0);
         o.v[j] = from_acc<T>(e);
       }
       *reinterpret_cast<P*>(outr + c0) = o;
@@ -251,7 +243,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
       if (c0 >= sk) continue;
       P o;
 #pragma unroll
-      for (int j = 0; j < N; ++j) o.v[j] = from_acc<T>(scale * p[k * N + j] * (g[k * N + j] - dot));
+      for (int j = 0; j < N; ++j) o.v[j] = from_acc<T>(grad_score(g[k * N + j], p[k * N + j], dot, scale));
       *reinterpret_cast<P*>(grad_scores + row * sk + c0) = o;
     }
   }
@@ -280,7 +272,7 @@ __global__ void backward_block_kernel(const T* __restrict__ grad, const T* __res
       const P gp = *reinterpret_cast<const P*>(gr + c0), pp = *reinterpret_cast<const P*>(pr + c0);
       P o;
 #pragma unroll
-      for (int j = 0; j < N; ++j) o.v[j] = from_acc<T>(scale * to_acc(pp.v[j]) * (to_acc(gp.v[j]) - dot));
+      for (int j = 0; j < N; ++j) o.v[j] = from_acc<T>(grad_score(to_acc(gp.v[j]), to_acc(pp.v[j]), dot, scale));
       *reinterpret_cast<P*>(outr + c0) = o;
     }
   }
@@ -323,38 +315,35 @@ cudaError_t launch_backward(const T* grad, const T* probs, T* out, int64_t rows,
 
 }  // namespace
 
-cudaError_t scaled_masked_softmax_forward(const void* scores, const bool* mask, const MaskLayout& layout, void* out,
-                                          int64_t rows, int64_t sk, double scale, DType dtype, cudaStream_t stream) {
+cudaError_t scaled_masked_softmax_forward(const kernels::ScaledMaskedSoftmaxForward& p, cudaStream_t stream) {
   NvtxRange range("megacore.scaled_masked_softmax");
-  if (rows == 0 || sk == 0) return cudaSuccess;
-  const RowRule rule{mask, layout, 1, 0, false};
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
-    return launch_forward<T>(static_cast<const T*>(scores), static_cast<T*>(out), rows, sk,
-                             static_cast<acc_t<T>>(scale), rule, stream);
+  if (p.rows == 0 || p.sk == 0) return cudaSuccess;
+  const RowRule rule{p.mask, 1, 0, false};
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
+    return launch_forward<T>(static_cast<const T*>(p.scores), static_cast<T*>(p.out), p.rows, p.sk,
+                             static_cast<acc_t<T>>(p.scale), rule, stream);
   });
   return cudaSuccess;
 }
 
-cudaError_t scaled_causal_softmax_forward(const void* scores, void* out, int64_t rows, int64_t sq, int64_t sk,
-                                          int64_t window, double scale, DType dtype, cudaStream_t stream) {
+cudaError_t scaled_causal_softmax_forward(const kernels::ScaledCausalSoftmaxForward& p, cudaStream_t stream) {
   NvtxRange range("megacore.scaled_causal_softmax");
-  if (rows == 0 || sk == 0) return cudaSuccess;
-  if (sq <= 0 || sq > sk) return cudaErrorInvalidValue;
-  const RowRule rule{nullptr, MaskLayout{}, sq, window, true};
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
-    return launch_forward<T>(static_cast<const T*>(scores), static_cast<T*>(out), rows, sk,
-                             static_cast<acc_t<T>>(scale), rule, stream);
+  if (p.rows == 0 || p.sk == 0) return cudaSuccess;
+  if (p.sq <= 0 || p.sq > p.sk) return cudaErrorInvalidValue;
+  const RowRule rule{MaskRows{}, p.sq, p.window, true};
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
+    return launch_forward<T>(static_cast<const T*>(p.scores), static_cast<T*>(p.out), p.rows, p.sk,
+                             static_cast<acc_t<T>>(p.scale), rule, stream);
   });
   return cudaSuccess;
 }
 
-cudaError_t scaled_softmax_backward(const void* grad_out, const void* probs, void* grad_scores, int64_t rows,
-                                    int64_t sk, double scale, DType dtype, cudaStream_t stream) {
+cudaError_t scaled_softmax_backward(const kernels::ScaledSoftmaxBackward& p, cudaStream_t stream) {
   NvtxRange range("megacore.scaled_softmax_backward");
-  if (rows == 0 || sk == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
-    return launch_backward<T>(static_cast<const T*>(grad_out), static_cast<const T*>(probs),
-                              static_cast<T*>(grad_scores), rows, sk, static_cast<acc_t<T>>(scale), stream);
+  if (p.rows == 0 || p.sk == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
+    return launch_backward<T>(static_cast<const T*>(p.grad_out), static_cast<const T*>(p.probs),
+                              static_cast<T*>(p.grad_scores), p.rows, p.sk, static_cast<acc_t<T>>(p.scale), stream);
   });
   return cudaSuccess;
 }
