@@ -131,10 +131,11 @@ def test_generator_loss_is_hf_masked_lm_loss_and_total_is_generator_plus_lambda_
 # ---- sampling and labels --------------------------------------------------------------------------------------
 
 
-def test_discriminator_labels_are_exactly_token_differs_from_original():
+def test_discriminator_labels_are_exactly_token_differs_from_original(device):
+    # the samples come from the device's generator: not the CPU's tokens on CUDA, but the same rules
     torch.manual_seed(0)
-    model = ElectraModel(_config())
-    ids, attention, types, labels, original = _batch()
+    model = ElectraModel(_config()).to(device)
+    ids, attention, types, labels, original = _batch(device=device)
     masked = labels != -100
     out = model(ids, attention, types, mlm_labels=labels)
     assert out.sampled_ids.dtype == torch.long and not out.sampled_ids.requires_grad
@@ -175,10 +176,10 @@ def test_sampling_follows_the_generator_distribution():
     assert set(out.sampled_ids.unique().tolist()) == {10, 11} and abs(share - 0.75) < 0.06
 
 
-def test_generator_gets_no_gradient_from_the_discriminator_loss():
+def test_generator_gets_no_gradient_from_the_discriminator_loss(device):
     torch.manual_seed(0)
-    model = ElectraModel(_config(hidden_dropout=0.1, attention_dropout=0.1)).train()
-    ids, attention, types, labels, _ = _batch()
+    model = ElectraModel(_config(hidden_dropout=0.1, attention_dropout=0.1)).train().to(device)
+    ids, attention, types, labels, _ = _batch(device=device)
     out = model(ids, attention, types, mlm_labels=labels)
     generator_only = dict(model.generator.named_parameters())
     shared = dict(model.embedding.named_parameters())
@@ -209,17 +210,17 @@ def test_discriminator_loss_ignores_padding():
 # ---- the discriminator alone ---------------------------------------------------------------------------------
 
 
-def test_discriminator_model_shares_parameters_and_stands_alone():
+def test_discriminator_model_shares_parameters_and_stands_alone(device):
     torch.manual_seed(0)
-    model = ElectraModel(_config())
+    model = ElectraModel(_config()).to(device)
     alone = model.discriminator_model()
     ours = dict(alone.named_parameters())
     full = dict(model.named_parameters())
     assert set(ours) == {k for k in full if not k.startswith("generator.")}
     assert all(p is full[name] for name, p in ours.items())
-    fresh = ElectraDiscriminatorModel(_config())
+    fresh = ElectraDiscriminatorModel(_config()).to(device)
     fresh.load_state_dict(alone.state_dict())
-    ids, attention, types, _, _ = _batch()
+    ids, attention, types, _, _ = _batch(device=device)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(ids, attention, types).logits, alone.eval()(ids, attention, types).logits)
         assert alone(ids, attention, types).hidden.shape == (B, S, 32)
