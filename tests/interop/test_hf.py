@@ -6,6 +6,10 @@ generator, ElectraForMaskedLM) <-> ElectraDiscriminatorModel / ElectraModel.
 Every HF model here is built locally from a small random config with odd sizes (vocab 101: not a
 multiple of the tensor-parallel size 2; hidden 48, FFN 80), in fp32 and eval mode unless a test says
 otherwise. Logits agree within 1e-4; weights after a round trip are bit-identical.
+
+The logits and loss equalities run on every device present (the ``device`` fixture): megacore's model is
+built there (``from_hf(..., device=device)``) and compared with Hugging Face's on the CPU; the conversions,
+round trips and files stay on the CPU.
 """
 
 import json
@@ -59,6 +63,17 @@ def input_ids(batch=3, seq=17, seed=1):
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_close_on_cpu(actual: torch.Tensor, expected: torch.Tensor, device: str):
+    """``actual`` (computed on ``device``) against ``expected``, on the CPU: within ATOL; on CUDA also within 1e-4
+    relative (its fp32 GEMMs sum in another order than the CPU's)."""
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=ATOL, rtol=0 if device == "cpu" else 1e-4)
+
+
+def on(device, *tensors):
+    """``tensors`` moved to ``device`` (None stays None)."""
+    return [None if t is None else t.to(device) for t in tensors]
+
+
 def assert_same_weights(expected: dict, actual: dict):
     assert expected.keys() == actual.keys()
     for k in expected:
@@ -82,22 +97,23 @@ def megacore_gpt(**kw):
 
 
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
-def test_gpt2_from_hf_logits_equal_transformers(activation):
+def test_gpt2_from_hf_logits_equal_transformers(activation, device):
     hf = make_gpt2(activation_function=activation)
-    model = interop.from_hf(hf)
+    model = interop.from_hf(hf, device=device)
     assert isinstance(model, GPTModel) and not model.training
     ids = input_ids()
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=ATOL, rtol=0)
+        assert_close_on_cpu(model(ids.to(device)), hf(ids).logits, device)
 
 
-def test_gpt2_from_hf_loss_equals_transformers_shifted_loss():
+def test_gpt2_from_hf_loss_equals_transformers_shifted_loss(device):
     # HF shifts the labels inside; megacore takes each position's target as given.
     hf, ids = make_gpt2(), input_ids()
-    model = interop.from_hf(hf)
+    model = interop.from_hf(hf, device=device)
     with torch.no_grad():
-        loss = model(ids[:, :-1], labels=ids[:, 1:])
-        torch.testing.assert_close(loss.mean(), hf(ids, labels=ids).loss, atol=ATOL, rtol=0)
+        on_device = ids.to(device)
+        loss = model(on_device[:, :-1], labels=on_device[:, 1:])
+        assert_close_on_cpu(loss.mean(), hf(ids, labels=ids).loss, device)
 
 
 def test_gpt2_from_hf_config_maps_every_field():
@@ -184,12 +200,14 @@ def test_gpt2_round_trip_to_hf_from_hf_reproduces_weights_exactly():
         assert getattr(back.config, key) == getattr(hf.config, key), key
 
 
-def test_megacore_gpt_to_hf_logits_equal_and_round_trip_exact():
-    model = megacore_gpt()
+def test_megacore_gpt_to_hf_logits_equal_and_round_trip_exact(device):
+    # Built on the CPU from the seed, then moved: to_hf gives the HF model on the model's device, and
+    # from_hf keeps the HF model's device, so the round trip compares tensors on ``device``.
+    model = megacore_gpt().to(device)
     hf = interop.to_hf(model)
-    ids = input_ids()
+    ids = input_ids().to(device)
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids), atol=ATOL, rtol=0)
+        assert_close_on_cpu(hf(ids).logits, model(ids), device)
     assert_same_weights(model.state_dict(), interop.from_hf(hf).state_dict())
 
 
@@ -460,20 +478,21 @@ def encoder_inputs(architecture, batch=3, seq=13):
 
 
 @pytest.mark.parametrize("architecture", list(ENCODERS))
-def test_encoder_from_hf_logits_equal_transformers(architecture):
+def test_encoder_from_hf_logits_equal_transformers(architecture, device):
     from megacore.models.bert import BertModel
 
     hf = make_encoder(architecture)
-    model = interop.from_hf(hf)
+    model = interop.from_hf(hf, device=device)
     assert isinstance(model, BertModel)
     ids, mask, types = encoder_inputs(architecture)
     with torch.no_grad():
         expected = hf(ids, attention_mask=mask, token_type_ids=types)
-        out = model(ids, attention_mask=mask, token_type_ids=types)
+        d_ids, d_mask, d_types = on(device, ids, mask, types)
+        out = model(d_ids, attention_mask=d_mask, token_type_ids=d_types)
     mlm = expected.prediction_logits if architecture == "BertForPreTraining" else expected.logits
-    torch.testing.assert_close(out.mlm, mlm, atol=ATOL, rtol=0)
+    assert_close_on_cpu(out.mlm, mlm, device)
     if architecture == "BertForPreTraining":
-        torch.testing.assert_close(out.binary_logits, expected.seq_relationship_logits, atol=ATOL, rtol=0)
+        assert_close_on_cpu(out.binary_logits, expected.seq_relationship_logits, device)
     else:
         assert model.pooler is None and model.binary_head is None
 
@@ -489,28 +508,29 @@ def test_encoder_round_trip_reproduces_weights_exactly(architecture):
         assert getattr(back.config, key) == getattr(hf.config, key), key
 
 
-def test_roberta_positions_follow_its_padding_id():
+def test_roberta_positions_follow_its_padding_id(device):
     hf = make_encoder("RobertaForMaskedLM", pad_token_id=4)
-    model = interop.from_hf(hf)
+    model = interop.from_hf(hf, device=device)
     assert model.position_offset_padding_idx == 4
     ids, mask, _ = encoder_inputs("RobertaForMaskedLM")
     ids = ids.masked_fill(mask == 0, 4).masked_fill((ids == 4) & (mask == 1), 5)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, attention_mask=mask).mlm, hf(ids, attention_mask=mask).logits,
-                                   atol=ATOL, rtol=0)
+        d_ids, d_mask = on(device, ids, mask)
+        assert_close_on_cpu(model(d_ids, attention_mask=d_mask).mlm, hf(ids, attention_mask=mask).logits, device)
 
 
-def test_bert_pretraining_mlm_and_nsp_loss_equal_transformers():
+def test_bert_pretraining_mlm_and_nsp_loss_equal_transformers(device):
     hf = make_encoder("BertForPreTraining")
-    model = interop.from_hf(hf)
+    model = interop.from_hf(hf, device=device)
     ids, mask, types = encoder_inputs("BertForPreTraining")
     labels = torch.full_like(ids, -100)
     labels[:, 1:4] = ids[:, 1:4]
     nsp = torch.tensor([0, 1, 1])
     with torch.no_grad():
         expected = hf(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp).loss
-        out = model(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
-    torch.testing.assert_close(out.loss, expected, atol=ATOL, rtol=0)
+        d_ids, d_mask, d_types, d_labels, d_nsp = on(device, ids, mask, types, labels, nsp)
+        out = model(d_ids, attention_mask=d_mask, token_type_ids=d_types, labels=d_labels, next_sentence_label=d_nsp)
+    assert_close_on_cpu(out.loss, expected, device)
 
 
 @pytest.mark.parametrize("build, message", [
@@ -599,33 +619,33 @@ def make_electra_pair(seed=0, discriminator_hidden=48, **kw):
     return discriminator, generator
 
 
-def test_electra_discriminator_from_hf_logits_equal_transformers():
+def test_electra_discriminator_from_hf_logits_equal_transformers(device):
     from megacore.models.electra import ElectraDiscriminatorModel
 
     discriminator, _ = make_electra_pair()
-    model = interop.from_hf(discriminator)
+    model = interop.from_hf(discriminator, device=device)
     assert isinstance(model, ElectraDiscriminatorModel)
     ids, mask, types = encoder_inputs("ElectraForPreTraining")
     with torch.no_grad():
         expected = discriminator(ids, attention_mask=mask, token_type_ids=types).logits
-        torch.testing.assert_close(model(ids, attention_mask=mask, token_type_ids=types).logits, expected,
-                                   atol=ATOL, rtol=0)
+        d_ids, d_mask, d_types = on(device, ids, mask, types)
+        assert_close_on_cpu(model(d_ids, attention_mask=d_mask, token_type_ids=d_types).logits, expected, device)
 
 
-def test_electra_pair_from_hf_is_one_model_whose_parts_equal_transformers():
+def test_electra_pair_from_hf_is_one_model_whose_parts_equal_transformers(device):
     from megacore.models.electra import ElectraModel
 
     discriminator, generator = make_electra_pair()
-    model = interop.from_hf(discriminator, generator=generator)
+    model = interop.from_hf(discriminator, device=device, generator=generator)
     assert isinstance(model, ElectraModel)
     assert model.generator_config.hidden_size == 24 and model.config.hidden_size == 48
     ids, mask, types = encoder_inputs("ElectraForPreTraining")
+    d_ids, d_mask, d_types = on(device, ids, mask, types)
     with torch.no_grad():
-        torch.testing.assert_close(model.generator_logits(ids, attention_mask=mask, token_type_ids=types),
-                                   generator(ids, attention_mask=mask, token_type_ids=types).logits, atol=ATOL, rtol=0)
-        torch.testing.assert_close(model.discriminator_model()(ids, attention_mask=mask, token_type_ids=types).logits,
-                                   discriminator(ids, attention_mask=mask, token_type_ids=types).logits,
-                                   atol=ATOL, rtol=0)
+        assert_close_on_cpu(model.generator_logits(d_ids, attention_mask=d_mask, token_type_ids=d_types),
+                            generator(ids, attention_mask=mask, token_type_ids=types).logits, device)
+        assert_close_on_cpu(model.discriminator_model()(d_ids, attention_mask=d_mask, token_type_ids=d_types).logits,
+                            discriminator(ids, attention_mask=mask, token_type_ids=types).logits, device)
 
 
 def test_electra_round_trips_reproduce_both_models_exactly():

@@ -42,7 +42,8 @@ def _from_hf_bert(model: BertModel, hf) -> None:
     load_exactly(model, state)
 
 
-def _inputs(seed: int = 0, pad=(0, 3, 7)):
+def _inputs(seed: int = 0, pad=(0, 3, 7), device="cpu"):
+    """(ids, attention mask, token types, MLM labels), drawn on the CPU from ``seed`` and moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, V, (B, S), generator=g)
     mask = torch.ones(B, S, dtype=torch.long)
@@ -51,36 +52,39 @@ def _inputs(seed: int = 0, pad=(0, 3, 7)):
             mask[i, S - p:] = 0
     types = (torch.arange(S) >= S // 2).long().expand(B, S).clone()
     labels = torch.where(torch.rand(B, S, generator=g) < 0.3, ids, torch.full_like(ids, -100)) * mask + (mask - 1) * 100
-    return ids, mask, types, labels
+    return tuple(t.to(device) for t in (ids, mask, types, labels))
 
 
 # ---- against Hugging Face -------------------------------------------------------------------------------
 
 
-def test_bert_matches_hf_bert_for_pretraining_logits_pooler_and_loss():
+def test_bert_matches_hf_bert_for_pretraining_logits_pooler_and_loss(device):
+    """Hugging Face's model stays on the CPU (the reference); megacore's runs on ``device``."""
     torch.manual_seed(0)
     config = encoder_config()
     hf = _hf_bert(config)
     model = BertModel(config).eval()
     _from_hf_bert(model, hf)
+    model = model.to(device)
     ids, mask, types, labels = _inputs()
     nsp = torch.tensor([0, 1, 1])
+    on_device = [t.to(device) for t in (ids, mask, types)]
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
-        out = model(ids, mask, types)
+        out = model(*on_device)
         ref_loss = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
                       next_sentence_label=nsp).loss
-        out_loss = model(ids, mask, types, labels=labels, next_sentence_label=nsp)
-    torch.testing.assert_close(out.mlm, ref.prediction_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.binary_logits, ref.seq_relationship_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.hidden, ref.hidden_states[-1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out_loss.loss, ref_loss, atol=1e-4, rtol=1e-4)
+        out_loss = model(*on_device, labels=labels.to(device), next_sentence_label=nsp.to(device))
+    torch.testing.assert_close(out.mlm.cpu(), ref.prediction_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.binary_logits.cpu(), ref.seq_relationship_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.hidden.cpu(), ref.hidden_states[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_loss.loss.cpu(), ref_loss, atol=1e-4, rtol=1e-4)
     # the per-token MLM loss is the cross-entropy of the logits at labelled tokens, 0 elsewhere
     ce = F.cross_entropy(ref.prediction_logits.transpose(1, 2), labels, reduction="none")
-    torch.testing.assert_close(out_loss.mlm, ce, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_loss.mlm.cpu(), ce, atol=1e-4, rtol=1e-4)
 
 
-def test_roberta_matches_hf_roberta_for_masked_lm_with_offset_positions():
+def test_roberta_matches_hf_roberta_for_masked_lm_with_offset_positions(device):
     torch.manual_seed(0)
     pad_id = 1
     config = encoder_config(type_vocab_size=1, max_position_embeddings=S + pad_id + 1, norm_epsilon=1e-5)
@@ -96,13 +100,14 @@ def test_roberta_matches_hf_roberta_for_masked_lm_with_offset_positions():
                          "mlm_head.dense.bias": sd["lm_head.dense.bias"],
                          "mlm_head.norm.weight": sd["lm_head.layer_norm.weight"],
                          "mlm_head.norm.bias": sd["lm_head.layer_norm.bias"], "mlm_head.bias": sd["lm_head.bias"]})
+    model = model.to(device)  # Hugging Face's stays on the CPU
     ids, mask, _, _ = _inputs()
     ids = ids.masked_fill(mask == 0, pad_id)  # RoBERTa's positions come from the padding id
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
-        out = model(ids, mask)
+        out = model(ids.to(device), mask.to(device))
     assert out.binary_logits is None and out.pooled is None
-    torch.testing.assert_close(out.mlm, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.mlm.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_roberta_position_ids_count_real_tokens_from_padding_idx_plus_one():
@@ -114,7 +119,7 @@ def test_roberta_position_ids_count_real_tokens_from_padding_idx_plus_one():
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
-def test_padding_never_changes_outputs_at_real_positions(kind):
+def test_padding_never_changes_outputs_at_real_positions(kind, device):
     torch.manual_seed(0)
     pad_id = 1
     if kind == "bert":
@@ -122,16 +127,18 @@ def test_padding_never_changes_outputs_at_real_positions(kind):
     else:
         model = BertModel(encoder_config(type_vocab_size=1, max_position_embeddings=S + 8), add_pooler=False,
                           head=None, position_offset_padding_idx=pad_id).eval()
+    model = model.to(device)
     real = 7
-    ids = torch.randint(2, V, (2, real), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(2, V, (2, real), generator=torch.Generator().manual_seed(1)).to(device)
     types = torch.zeros_like(ids)
     with torch.no_grad():
         base = model(ids, torch.ones_like(ids), types)
         for extra, fill in ((5, "pad"), (5, "random"), (1, "random"), (9, "random")):
-            pad = torch.full((2, extra), pad_id) if fill == "pad" else torch.randint(2, V, (2, extra))
+            # drawn on the CPU (the default generator, as before), then moved
+            pad = (torch.full((2, extra), pad_id) if fill == "pad" else torch.randint(2, V, (2, extra))).to(device)
             padded = torch.cat([ids, pad], 1)
             mask = torch.cat([torch.ones_like(ids), torch.zeros_like(pad)], 1)
-            t = torch.cat([types, torch.randint(0, 2 if kind == "bert" else 1, (2, extra))], 1)
+            t = torch.cat([types, torch.randint(0, 2 if kind == "bert" else 1, (2, extra)).to(device)], 1)
             if kind == "roberta" and fill == "random":
                 continue  # RoBERTa's padding is its padding id (positions are counted from it)
             out = model(padded, mask, t)
@@ -142,11 +149,11 @@ def test_padding_never_changes_outputs_at_real_positions(kind):
                 torch.testing.assert_close(out.binary_logits, base.binary_logits, atol=1e-5, rtol=1e-5, msg=what)
 
 
-def test_padded_token_contents_are_bitwise_irrelevant_at_the_same_length():
+def test_padded_token_contents_are_bitwise_irrelevant_at_the_same_length(device):
     torch.manual_seed(0)
-    model = BertModel(encoder_config()).eval()
-    ids, mask, types, _ = _inputs()
-    other = torch.where(mask.bool(), ids, torch.randint(2, V, ids.shape))
+    model = BertModel(encoder_config()).eval().to(device)
+    ids, mask, types, _ = _inputs(device=device)
+    other = torch.where(mask.bool(), ids, torch.randint(2, V, ids.shape).to(device))
     other_types = torch.where(mask.bool(), types, 1 - types)
     with torch.no_grad():
         a, b = model(ids, mask, types), model(other, mask, other_types)
@@ -232,11 +239,11 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_forward_backward_in_every_dtype(dtype):
+def test_forward_backward_in_every_dtype(dtype, device):
     torch.manual_seed(0)
-    model = BertModel(encoder_config(params_dtype=dtype, hidden_dropout=0.1, attention_dropout=0.1)).train()
-    ids, mask, types, labels = _inputs()
-    out = model(ids, mask, types, labels=labels, next_sentence_label=torch.tensor([0, 1, 0]))
+    model = BertModel(encoder_config(params_dtype=dtype, hidden_dropout=0.1, attention_dropout=0.1)).train().to(device)
+    ids, mask, types, labels = _inputs(device=device)
+    out = model(ids, mask, types, labels=labels, next_sentence_label=torch.tensor([0, 1, 0], device=device))
     assert out.loss.dtype == torch.float32 and out.mlm.dtype == torch.float32
     assert out.hidden.dtype == dtype and out.binary_logits.dtype == dtype
     assert torch.isfinite(out.loss) and 3.0 < out.loss.item() < 8.0  # ~ln(101) + ln(2) at init
@@ -248,14 +255,14 @@ def test_forward_backward_in_every_dtype(dtype):
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_activation_checkpointing_gives_the_same_gradients(recompute):
-    ids, mask, types, labels = _inputs()
-    nsp = torch.tensor([1, 0, 1])
+def test_activation_checkpointing_gives_the_same_gradients(recompute, device):
+    ids, mask, types, labels = _inputs(device=device)
+    nsp = torch.tensor([1, 0, 1], device=device)
     grads = {}
     for mode in ("none", recompute):
         torch.manual_seed(0)
-        model = BertModel(encoder_config(recompute=mode, hidden_dropout=0.1, attention_dropout=0.1)).train()
-        torch.manual_seed(1)  # the same dropout masks in both runs
+        model = BertModel(encoder_config(recompute=mode, hidden_dropout=0.1, attention_dropout=0.1)).train().to(device)
+        torch.manual_seed(1)  # the same dropout masks in both runs (and the same CUDA generator state)
         model(ids, mask, types, labels=labels, next_sentence_label=nsp).loss.backward()
         grads[mode] = {n: p.grad for n, p in model.named_parameters()}
     for name, g in grads["none"].items():

@@ -1,4 +1,6 @@
-"""megacore.training.checkpoint: atomic, resumable checkpoints that load at any tensor-parallel size."""
+"""megacore.training.checkpoint: atomic, resumable checkpoints that load at any tensor-parallel size. The round
+trip, the bit-exact resume (with the CPU and, on a GPU, CUDA RNG states) and the fp32 masters run on every
+device present (the ``device`` fixture)."""
 
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ VOCAB = 101  # not a multiple of 2 or 4: the TP-padded vocab rows must be cut on
 SEQ, BATCH = 8, 2
 
 
-def tiny_gpt(seed: int = 0, dropout: float = 0.1, **overrides) -> GPTModel:
+def tiny_gpt(seed: int = 0, dropout: float = 0.1, device="cpu", **overrides) -> GPTModel:
+    """Built on the CPU from ``seed``, then moved to ``device``."""
     torch.manual_seed(seed)
     fields = dict(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_attention_heads=4, ffn_hidden_size=64,
                   max_position_embeddings=SEQ, hidden_dropout=dropout, attention_dropout=dropout)
-    return GPTModel(ModelConfig(**{**fields, **overrides}))
+    return GPTModel(ModelConfig(**{**fields, **overrides})).to(device)
 
 
 def adamw(model) -> torch.optim.AdamW:
@@ -42,17 +45,20 @@ def adamw(model) -> torch.optim.AdamW:
                              lr=1e-2, foreach=True)
 
 
-def batch(step: int):
-    """The data at ``step``: the data position is the step, so resuming at a step resumes the data."""
+def batch(step: int, device="cpu"):
+    """The data at ``step``: the data position is the step, so resuming at a step resumes the data (drawn on the
+    CPU, then moved to ``device``)."""
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-    return ids[:, :-1], ids[:, 1:]
+    return ids[:, :-1].to(device), ids[:, 1:].to(device)
 
 
 def train(model, optimizer, start: int, steps: int) -> list[float]:
+    """Steps ``start, ..., start + steps - 1`` on the model's device; their losses."""
+    device = next(model.parameters()).device
     losses = []
     for step in range(start, start + steps):
-        x, y = batch(step)
+        x, y = batch(step, device)
         loss = model(x, labels=y).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -68,8 +74,8 @@ def optimizer_moments(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
 # ------------------------------------------------------------------------------------------------ TP = 1
 
 
-def test_round_trip_is_bit_exact(tmp_path):
-    model = tiny_gpt(seed=0)
+def test_round_trip_is_bit_exact(tmp_path, device):
+    model = tiny_gpt(seed=0, device=device)
     opt = adamw(model)
     train(model, opt, 0, 2)
     path = save_checkpoint(tmp_path, 2, model, opt, extra={"consumed_samples": 4, "scheduler": {"last_epoch": 2}})
@@ -77,7 +83,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert sorted(os.listdir(path)) == ["extra.pt", "meta.json", "model.safetensors", "optimizer.pt", "rng_rank0.pt"]
     assert open(tmp_path / "latest").read().strip() == "step_00000002"
 
-    other = tiny_gpt(seed=1)
+    other = tiny_gpt(seed=1, device=device)
     other_opt = adamw(other)
     extra = load_checkpoint(tmp_path, other, other_opt)
     assert extra == {"consumed_samples": 4, "scheduler": {"last_epoch": 2}, "step": 2}
@@ -90,18 +96,22 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert [g["weight_decay"] for g in other_opt.param_groups] == [0.1, 0.0]
 
 
-def test_resume_reproduces_the_loss_curve_bit_for_bit(tmp_path):
-    # dropout on: the restored RNG state matters
-    model = tiny_gpt(seed=0, dropout=0.1)
+def test_resume_reproduces_the_loss_curve_bit_for_bit(tmp_path, device):
+    # dropout on: the restored RNG state matters. The layers' dropout seeds come from the CPU generator; on
+    # CUDA the embedding's dropout (F.dropout) draws from the CUDA generator, whose state must be restored too.
+    model = tiny_gpt(seed=0, dropout=0.1, device=device)
     opt = adamw(model)
     train(model, opt, 0, 3)
     save_checkpoint(tmp_path, 3, model, opt, extra={"next_step": 3})
+    cuda_rng = torch.cuda.get_rng_state() if device == "cuda" else None
     uninterrupted = train(model, opt, 3, 4)
 
-    resumed_model = tiny_gpt(seed=7, dropout=0.1)
+    resumed_model = tiny_gpt(seed=7, dropout=0.1, device=device)
     resumed_opt = adamw(resumed_model)
-    torch.manual_seed(12345)  # a fresh process's RNG: the checkpoint must restore it
+    torch.manual_seed(12345)  # a fresh process's RNG (it reseeds CUDA's too): the checkpoint must restore it
     extra = load_checkpoint(tmp_path, resumed_model, resumed_opt)
+    if device == "cuda":
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_rng), "the CUDA RNG state was not restored"
     resumed = train(resumed_model, resumed_opt, extra["next_step"], 4)
     assert resumed == uninterrupted
 
@@ -134,18 +144,18 @@ def test_stale_latest_falls_back_to_the_newest_complete_step(tmp_path):
     assert resolve_checkpoint(tmp_path / "step_00000005").endswith("step_00000005")
 
 
-def test_fp32_master_weights_of_half_precision_parameters_are_saved_and_restored(tmp_path):
-    model = tiny_gpt(dropout=0.0, params_dtype=torch.bfloat16)
+def test_fp32_master_weights_of_half_precision_parameters_are_saved_and_restored(tmp_path, device):
+    model = tiny_gpt(dropout=0.0, params_dtype=torch.bfloat16, device=device)
     masters = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
     opt = torch.optim.AdamW(masters, lr=1e-2)
     for p in masters:
-        p.grad = torch.randn_like(p)
+        p.grad = torch.randn(p.shape).to(device)  # drawn on the CPU (randn_like's values there)
     opt.step()
     save_checkpoint(tmp_path, 1, model, opt)
     assert load_file(os.path.join(tmp_path, step_directory_name(1), "model.safetensors"))["embedding.word.weight"].dtype \
         == torch.bfloat16
 
-    other = tiny_gpt(seed=3, dropout=0.0, params_dtype=torch.bfloat16)
+    other = tiny_gpt(seed=3, dropout=0.0, params_dtype=torch.bfloat16, device=device)
     other_masters = [p.detach().float().clone().requires_grad_() for p in other.parameters()]
     other_opt = torch.optim.AdamW(other_masters, lr=1e-2)
     load_checkpoint(tmp_path, other, other_opt)

@@ -1,6 +1,9 @@
 """megacore.training.generate: decoding with a KV cache gives the full forward's logits at every position
 (learned positions, RoPE, sliding window, post-LN/RMSNorm), greedy decoding is the repeated argmax of the full
-forward, sampling is seeded and restricted by top-k / top-p, and tensor-parallel 2 generates what size 1 does."""
+forward, sampling is seeded and restricted by top-k / top-p, and tensor-parallel 2 generates what size 1 does.
+The single-process tests run on every device present (the ``device`` fixture); sampling draws from a CPU
+generator whatever the device (generate moves the probabilities to the CPU), so a seed fixes the tokens on
+each device."""
 
 import pytest
 import torch
@@ -12,10 +15,11 @@ from tests.parallel.utils import run_distributed
 VOCAB = 97
 
 
-def _model(**overrides) -> GPTModel:
+def _model(device="cpu", **overrides) -> GPTModel:
+    """Built on the CPU from seed 0, then moved to ``device``."""
     torch.manual_seed(0)
     fields = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_attention_heads=4, max_position_embeddings=32)
-    return GPTModel(ModelConfig(**{**fields, **overrides})).eval()
+    return GPTModel(ModelConfig(**{**fields, **overrides})).eval().to(device)
 
 
 VARIANTS = {
@@ -30,9 +34,9 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_cached_step_logits_equal_full_forward_at_each_position(variant):
-    model = _model(**VARIANTS[variant])
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+def test_cached_step_logits_equal_full_forward_at_each_position(variant, device):
+    model = _model(device, **VARIANTS[variant])
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         full = model(ids)  # [2, 12, vocab]
     cache = new_cache(model, 2, 12)
@@ -44,29 +48,29 @@ def test_cached_step_logits_equal_full_forward_at_each_position(variant):
     assert cache.length == 12
 
 
-def test_greedy_equals_repeated_argmax_of_full_forward():
+def test_greedy_equals_repeated_argmax_of_full_forward(device):
     for variant in ("learned_positions", "rope_sliding_window"):
-        model = _model(**VARIANTS[variant])
+        model = _model(device, **VARIANTS[variant])
         prompt = [5, 17, 3, 42]
         got = generate(model, prompt, max_new_tokens=10, greedy=True)
         seq = list(prompt)
         with torch.no_grad():
             for _ in range(10):
-                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+                seq.append(int(model(torch.tensor([seq], device=device))[0, -1].argmax()))
         assert got == seq[len(prompt):], variant
 
 
-def test_batch_greedy_equals_each_prompt_alone():
-    model = _model(position_embedding_type="rope")
-    prompts = torch.tensor([[1, 2, 3], [40, 50, 60]])
+def test_batch_greedy_equals_each_prompt_alone(device):
+    model = _model(device, position_embedding_type="rope")
+    prompts = torch.tensor([[1, 2, 3], [40, 50, 60]], device=device)
     batch = generate(model, prompts, max_new_tokens=6, greedy=True)
     assert batch.shape == (2, 6)
     for row, prompt in zip(batch, prompts):
         assert row.tolist() == generate(model, prompt.tolist(), max_new_tokens=6, greedy=True)
 
 
-def test_sampling_is_deterministic_for_a_seed_and_streams_each_token():
-    model = _model()
+def test_sampling_is_deterministic_for_a_seed_and_streams_each_token(device):
+    model = _model(device)
     streamed = []
     a = generate(model, [1, 2, 3], 12, temperature=1.5, seed=7, stream=streamed.append)
     b = generate(model, [1, 2, 3], 12, temperature=1.5, seed=7)
@@ -75,8 +79,8 @@ def test_sampling_is_deterministic_for_a_seed_and_streams_each_token():
     assert a != c
 
 
-def test_top_k_and_top_p_restrict_the_support():
-    logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+def test_top_k_and_top_p_restrict_the_support(device):
+    logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]], device=device))
     keep_k = torch.isfinite(filter_logits(logits, top_k=2))[0].tolist()
     assert keep_k == [False, True, False, True, False]
     # nucleus 0.75: 0.4 + 0.3 = 0.7 < 0.75, so 0.15 joins; 0.85 >= 0.75 stops there
@@ -85,26 +89,27 @@ def test_top_k_and_top_p_restrict_the_support():
     keep_tiny_p = torch.isfinite(filter_logits(logits, top_p=0.01))[0].tolist()
     assert keep_tiny_p == [False, True, False, False, False]  # the most likely token always stays
 
-    model = _model()
+    model = _model(device)
     with torch.no_grad():
         cache = new_cache(model, 1, 4)
-        top3 = set(forward_with_cache(model, torch.tensor([[1, 2, 3]]), cache)[0].topk(3).indices.tolist())
+        last = forward_with_cache(model, torch.tensor([[1, 2, 3]], device=device), cache)  # [1, vocab]
+        top3 = set(last[0].topk(3).indices.tolist())
     first = {generate(model, [1, 2, 3], 1, top_k=3, temperature=5.0, seed=s)[0] for s in range(40)}
     assert first <= top3 and len(first) > 1
     assert {generate(model, [1, 2, 3], 1, top_p=1e-6, seed=s)[0] for s in range(5)} == {
         generate(model, [1, 2, 3], 1, greedy=True)[0]}
 
 
-def test_eos_stops_generation_and_pads_finished_rows():
-    model = _model()
+def test_eos_stops_generation_and_pads_finished_rows(device):
+    model = _model(device)
     greedy = generate(model, [5, 17, 3, 42], 8, greedy=True)
     eos = greedy[2]
     stop = greedy.index(eos)
     assert generate(model, [5, 17, 3, 42], 8, greedy=True, eos_id=eos) == greedy[:stop + 1]
 
 
-def test_dropout_is_off_even_in_training_mode():
-    model = _model(hidden_dropout=0.5, attention_dropout=0.5)
+def test_dropout_is_off_even_in_training_mode(device):
+    model = _model(device, hidden_dropout=0.5, attention_dropout=0.5)
     expected = generate(model, [1, 2, 3], 6, greedy=True)
     model.train()
     assert generate(model, [1, 2, 3], 6, greedy=True) == expected

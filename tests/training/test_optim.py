@@ -93,23 +93,24 @@ def test_schedule_rejects_bad_arguments():
         LRSchedule(opt, 1.0, warmup_steps=20, total_steps=10)
 
 
-def test_clip_grad_norm_matches_torch_and_reads_main_grad():
+def test_clip_grad_norm_matches_torch_and_reads_main_grad(device):
+    # drawn on the CPU (the values randn_like gave there), then moved to the device
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    params = [torch.nn.Parameter(torch.randn(5, 3).to(device)) for _ in range(3)]
     for p in params:
-        p.grad = torch.randn_like(p) * 3
+        p.grad = (torch.randn(p.shape) * 3).to(device)
     ref = [p.grad.clone() for p in params]
     expected = torch.nn.utils.clip_grad_norm_([torch.nn.Parameter(g.clone()) for g in ref], 1.0)
     expected_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in ref]))
     norm = clip_grad_norm(params, 1.0)
     assert norm.dtype == torch.float32 and torch.allclose(norm, expected_norm)
     clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
-    assert clipped == pytest.approx(1.0, rel=1e-5)
+    assert clipped.item() == pytest.approx(1.0, rel=1e-5)  # a number: approx cannot read a CUDA tensor
     del expected
     # main_grad wins over grad; below the threshold nothing changes
-    q = torch.nn.Parameter(torch.zeros(4))
-    q.grad = torch.full((4,), 100.0)
-    q.main_grad = torch.full((4,), 0.5)
+    q = torch.nn.Parameter(torch.zeros(4, device=device))
+    q.grad = torch.full((4,), 100.0, device=device)
+    q.main_grad = torch.full((4,), 0.5, device=device)
     assert clip_grad_norm([q], 10.0).item() == pytest.approx(1.0)
     assert (q.main_grad == 0.5).all() and (q.grad == 100.0).all()
 
