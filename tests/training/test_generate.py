@@ -64,9 +64,12 @@ def test_batch_greedy_equals_each_prompt_alone(device):
     model = _model(device, position_embedding_type="rope")
     prompts = torch.tensor([[1, 2, 3], [40, 50, 60]], device=device)
     batch = generate(model, prompts, max_new_tokens=6, greedy=True)
-    assert batch.shape == (2, 6)
+    assert batch.shape == (2, 6) and batch.device == prompts.device
     for row, prompt in zip(batch, prompts):
         assert row.tolist() == generate(model, prompt.tolist(), max_new_tokens=6, greedy=True)
+    from_cpu = generate(model, prompts.cpu(), max_new_tokens=6, greedy=True)  # tokens come back where the prompt was
+    assert from_cpu.device.type == "cpu" and torch.equal(from_cpu, batch.cpu())
+    assert generate(model, prompts.cpu(), max_new_tokens=0).device.type == "cpu"
 
 
 def test_sampling_is_deterministic_for_a_seed_and_streams_each_token(device):

@@ -260,12 +260,14 @@ def generate(
         raise ValueError(f"{_NAME}: eos_id={eos_id!r} must be None or an id in [0, {word.vocab_size})")
     device = word.weight.device
     ids, single = _prompt_tensor(prompt_ids, word.vocab_size, device)
+    # a batch comes back where its prompt was (a CPU prompt for a CUDA model gives CPU tokens)
+    out_device = prompt_ids.device if isinstance(prompt_ids, torch.Tensor) else device
     b, s = ids.shape
     if model.embedding.position is not None and s + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"{_NAME}: prompt of {s} tokens + max_new_tokens={max_new_tokens} exceeds "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     if max_new_tokens == 0:
-        return [] if single else ids.new_empty((b, 0))
+        return [] if single else ids.new_empty((b, 0), device=out_device)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     group = word.group
     src = dist.get_global_rank(group, 0) if group is not None else None
@@ -291,7 +293,7 @@ def generate(
             break
         logits = forward_with_cache(model, token[:, None], cache)
     tokens = torch.stack(out, dim=1)  # [b, n]
-    return tokens[0].tolist() if single else tokens
+    return tokens[0].tolist() if single else tokens.to(out_device)
 
 
 __all__ = ["KVCache", "filter_logits", "forward_with_cache", "generate", "new_cache"]
