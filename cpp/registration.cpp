@@ -5,13 +5,6 @@
 
 TORCH_LIBRARY_FRAGMENT(megacore, m) {
 
-  // ---- residual + dropout(x + bias); the keep mask is a function of (seed, element index) ------------
-  // seed: int64 CPU tensor of one element.
-  megacore::ops::define_op(m, "bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, float p, Tensor seed) -> Tensor");
-  // -> (grad_x, grad_bias); grad_x = grad_out * mask / (1 - p), grad_bias = grad_x summed over rows
-  //    (empty when has_bias is false). The residual's gradient is grad_out itself.
-  megacore::ops::define_op(m, "bias_dropout_add_backward(Tensor grad_out, float p, Tensor seed, bool has_bias) -> (Tensor, Tensor)");
-
   // ---- normalization over the last dim, statistics in fp32 (fp64 for fp64 input) ---------------------
   // -> (out, mean, rstd); mean and rstd have the input's leading shape.
   megacore::ops::define_op(m, "layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
