@@ -5,13 +5,6 @@
 
 TORCH_LIBRARY_FRAGMENT(megacore, m) {
 
-  // ---- residual + dropout(x + bias); the keep mask is a function of (seed, element index) ------------
-  // seed: int64 CPU tensor of one element.
-  megacore::ops::define_op(m, "bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, float p, Tensor seed) -> Tensor");
-  // -> (grad_x, grad_bias); grad_x = grad_out * mask / (1 - p), grad_bias = grad_x summed over rows
-  //    (empty when has_bias is false). The residual's gradient is grad_out itself.
-  megacore::ops::define_op(m, "bias_dropout_add_backward(Tensor grad_out, float p, Tensor seed, bool has_bias) -> (Tensor, Tensor)");
-
   // ---- normalization over the last dim, statistics in fp32 (fp64 for fp64 input) ---------------------
   // -> (out, mean, rstd); mean and rstd have the input's leading shape.
   megacore::ops::define_op(m, "layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
@@ -27,20 +20,4 @@ TORCH_LIBRARY_FRAGMENT(megacore, m) {
   // ---- rotary position embedding, rotate-half pairing, x [seq, ..., head_dim], cos/sin [seq, rot] ----
   megacore::ops::define_op(m, "apply_rotary_emb(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   megacore::ops::define_op(m, "apply_rotary_emb_backward(Tensor grad_out, Tensor cos, Tensor sin) -> Tensor");
-
-  // ---- softmax cross-entropy over [tokens, vocab] ----------------------------------------------------
-  // -> (loss, lse), both [tokens] in fp32 (fp64 for fp64 logits); lse = logsumexp of each row, kept for
-  //    backward instead of the softmax.
-  megacore::ops::define_op(m, "cross_entropy(Tensor logits, Tensor target, int ignore_index=-100) -> (Tensor, Tensor)");
-  // grad_logits = grad_loss * (softmax - onehot(target - vocab_start)); rows whose target is ignore_index
-  // get 0. With vocab_start != 0 and the global lse, this is the backward of the vocab-parallel loss too.
-  megacore::ops::define_op(m,
-      "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, int vocab_start,"
-      " int ignore_index) -> Tensor");
-  // One pass over a vocab shard [tokens, vocab_local] -> (local max, sum of exp(logit - local max),
-  // logit of the target if it falls in [vocab_start, vocab_start + vocab_local), else 0); all [tokens], fp32.
-  megacore::ops::define_op(m,
-      "vocab_parallel_cross_entropy_stats(Tensor logits, Tensor target, int vocab_start, int ignore_index)"
-      " -> (Tensor, Tensor, Tensor)");
-
 }

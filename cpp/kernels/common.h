@@ -43,6 +43,7 @@ struct Math<float> {
   static MEGACORE_HD float exp(float x) { return ::expf(x); }
   static MEGACORE_HD float fast_exp(float x) { return ::expf(x); }
   static MEGACORE_HD float erf(float x) { return ::erff(x); }
+  static MEGACORE_HD float log(float x) { return ::logf(x); }
 };
 
 template <>
@@ -51,6 +52,7 @@ struct Math<double> {
   static MEGACORE_HD double exp(double x) { return ::exp(x); }
   static MEGACORE_HD double fast_exp(double x) { return ::exp(x); }
   static MEGACORE_HD double erf(double x) { return ::erf(x); }
+  static MEGACORE_HD double log(double x) { return ::log(x); }
 };
 
 /// \brief V filled with the constant c, rounded once to V's scalar type.

@@ -35,6 +35,7 @@ struct Math<at::vec::Vectorized<A>> {
   static V exp(const V& x) { return x.exp(); }
   static V fast_exp(const V& x) { return x.exp_u20(); }  // exact for double
   static V erf(const V& x) { return x.erf(); }
+  static V log(const V& x) { return x.log(); }
 };
 
 }  // namespace megacore::kernels

@@ -1,14 +1,18 @@
 // Softmax cross-entropy on CUDA, one block per row (vocabularies are large: 32k-256k). Each thread keeps
 // an online (max, sum of exp relative to that max) over its 16-byte packs of the row, rescaling its sum
 // when its max grows; the block then reduces the max and the rescaled sums. Rows are read once, with
-// 16-byte loads from the first 16-byte boundary of each row (a row of odd length starts anywhere).
+// 16-byte loads from the first 16-byte boundary of each row (a row of odd length starts anywhere). The
+// per-element formulas (exp terms, rescaling, lse, loss, gradient) are kernels/cross_entropy.h's, shared
+// with the CPU kernels.
 #include <cmath>
 
-#include "common.cuh"
-#include "cross_entropy.h"
+#include "kernels/cross_entropy.h"
+#include "kernels/cuda/common.cuh"
 
 namespace megacore::cuda {
 namespace {
+
+namespace ce = kernels::cross_entropy;
 
 constexpr int kMaxThreads = 1024;
 
@@ -29,16 +33,16 @@ struct Online {
 #pragma unroll
     for (int k = 1; k < n; ++k) pm = (v[k] > pm || v[k] != v[k]) ? v[k] : pm;  // a NaN sticks
     if (pm > m || pm != pm) {  // the max grows: rescale the sum so far (exp(-inf) = 0 at the start)
-      s *= exp(m - pm);
+      s *= ce::rescale(m, pm);
       m = pm;
     }
     if (m == A(-INFINITY)) return;  // everything so far is -inf and adds 0 (exp(-inf - -inf) is NaN)
 #pragma unroll
-    for (int k = 0; k < n; ++k) s += exp(v[k] - m);
+    for (int k = 0; k < n; ++k) s += ce::exp_term(v[k], m);
   }
 
   /// \brief This thread's sum relative to the row max M (>= m).
-  __device__ __forceinline__ A sum_at(A M) const { return s == A(0) ? A(0) : s * exp(m - M); }
+  __device__ __forceinline__ A sum_at(A M) const { return s == A(0) ? A(0) : s * ce::rescale(m, M); }
 };
 
 /// \brief Elements of the row at p before its first (N * sizeof(T))-byte boundary (p is aligned to T).
@@ -90,16 +94,16 @@ __global__ void forward_kernel(const T* __restrict__ x, const I* __restrict__ ta
     if (threadIdx.x != 0) continue;
     const int64_t t = target[r];
     if constexpr (kStats) {
-      const int64_t local = t - vocab_start;
+      const int64_t local = ce::local_target(t, vocab_start, V, ignore_index);
       out0[r] = M;
       out1[r] = S;
-      out2[r] = t != ignore_index && local >= 0 && local < V ? to_acc(xr[local]) : A(0);
+      out2[r] = local >= 0 ? to_acc(xr[local]) : A(0);
     } else {
-      const A lse = M + log(S);
+      const A lse = ce::lse(M, S);
       A loss = A(0);
       if (t != ignore_index) {
         if (t >= 0 && t < V) {
-          loss = lse - to_acc(xr[t]);
+          loss = ce::loss(lse, to_acc(xr[t]));
         } else {
           atomicMin(reinterpret_cast<unsigned long long*>(bad_row), static_cast<unsigned long long>(r));
         }
@@ -124,10 +128,10 @@ __global__ void backward_kernel(const acc_t<T>* __restrict__ grad_loss, const T*
     // Ignored rows skip the logits and write 0: g = 0 and l = 0 on zero inputs give 0 * (1 - 0).
     const bool ignored = t == ignore_index;
     const A g = ignored ? A(0) : grad_loss[r], l = ignored ? A(0) : lse[r];
-    const int64_t local = ignored ? -1 : t - vocab_start;  // the one-hot column, maybe outside [0, V)
+    const int64_t local = ce::local_target(t, vocab_start, V, ignore_index);  // the one-hot column, or -1
     auto value = [&](T xv, int64_t c) {
       const A v = ignored ? A(0) : to_acc(xv);
-      return from_acc<T>(g * (exp(v - l) - (c == local ? A(1) : A(0))));
+      return from_acc<T>(ce::grad(g, v, l, c == local ? A(1) : A(0)));
     };
     const int64_t head = head_len<T, N>(xr, V), packs = (V - head) / N;
     if (tid < head) gr[tid] = value(ignored ? T() : xr[tid], tid);
@@ -187,45 +191,40 @@ cudaError_t launch_backward(const void* grad_loss, const void* x, const void* ta
 
 }  // namespace
 
-cudaError_t cross_entropy_forward(const void* logits, const void* target, bool target_int32, void* loss, void* lse,
-                                  int64_t* bad_row, int64_t rows, int64_t vocab, int64_t ignore_index, DType dtype,
-                                  cudaStream_t stream) {
+cudaError_t cross_entropy_forward(const kernels::CrossEntropyForward& p, cudaStream_t stream) {
   NvtxRange range("megacore.cross_entropy");
-  if (rows == 0 || vocab == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
-    return target_int32 ? launch_forward<T, int32_t, false>(logits, target, loss, lse, nullptr, bad_row, rows, vocab,
-                                                            0, ignore_index, stream)
-                        : launch_forward<T, int64_t, false>(logits, target, loss, lse, nullptr, bad_row, rows, vocab,
-                                                            0, ignore_index, stream);
+  if (p.rows == 0 || p.vocab == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
+    return p.target_int32 ? launch_forward<T, int32_t, false>(p.logits, p.target, p.loss, p.lse, nullptr, p.bad_row,
+                                                              p.rows, p.vocab, 0, p.ignore_index, stream)
+                          : launch_forward<T, int64_t, false>(p.logits, p.target, p.loss, p.lse, nullptr, p.bad_row,
+                                                              p.rows, p.vocab, 0, p.ignore_index, stream);
   });
   return cudaSuccess;
 }
 
-cudaError_t cross_entropy_backward(const void* grad_loss, const void* logits, const void* target, bool target_int32,
-                                   const void* lse, void* grad_logits, int64_t rows, int64_t vocab, int64_t vocab_start,
-                                   int64_t ignore_index, DType dtype, cudaStream_t stream) {
+cudaError_t cross_entropy_backward(const kernels::CrossEntropyBackward& p, cudaStream_t stream) {
   NvtxRange range("megacore.cross_entropy_backward");
-  if (rows == 0 || vocab == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
-    return target_int32 ? launch_backward<T, int32_t>(grad_loss, logits, target, lse, grad_logits, rows, vocab,
-                                                      vocab_start, ignore_index, stream)
-                        : launch_backward<T, int64_t>(grad_loss, logits, target, lse, grad_logits, rows, vocab,
-                                                      vocab_start, ignore_index, stream);
+  if (p.rows == 0 || p.vocab == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
+    return p.target_int32 ? launch_backward<T, int32_t>(p.grad_loss, p.logits, p.target, p.lse, p.grad_logits, p.rows,
+                                                        p.vocab, p.vocab_start, p.ignore_index, stream)
+                          : launch_backward<T, int64_t>(p.grad_loss, p.logits, p.target, p.lse, p.grad_logits, p.rows,
+                                                        p.vocab, p.vocab_start, p.ignore_index, stream);
   });
   return cudaSuccess;
 }
 
-cudaError_t vocab_parallel_cross_entropy_stats(const void* logits, const void* target, bool target_int32, void* max,
-                                               void* sum_exp, void* target_logit, int64_t rows, int64_t vocab,
-                                               int64_t vocab_start, int64_t ignore_index, DType dtype,
-                                               cudaStream_t stream) {
+cudaError_t vocab_parallel_cross_entropy_stats(const kernels::VocabParallelCrossEntropyStats& p, cudaStream_t stream) {
   NvtxRange range("megacore.vocab_parallel_cross_entropy_stats");
-  if (rows == 0 || vocab == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
-    return target_int32 ? launch_forward<T, int32_t, true>(logits, target, max, sum_exp, target_logit, nullptr, rows,
-                                                           vocab, vocab_start, ignore_index, stream)
-                        : launch_forward<T, int64_t, true>(logits, target, max, sum_exp, target_logit, nullptr, rows,
-                                                           vocab, vocab_start, ignore_index, stream);
+  if (p.rows == 0 || p.vocab == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
+    return p.target_int32 ? launch_forward<T, int32_t, true>(p.logits, p.target, p.max, p.sum_exp, p.target_logit,
+                                                             nullptr, p.rows, p.vocab, p.vocab_start, p.ignore_index,
+                                                             stream)
+                          : launch_forward<T, int64_t, true>(p.logits, p.target, p.max, p.sum_exp, p.target_logit,
+                                                             nullptr, p.rows, p.vocab, p.vocab_start, p.ignore_index,
+                                                             stream);
   });
   return cudaSuccess;
 }

@@ -1,35 +1,25 @@
 // Softmax cross-entropy on CPU, parallel over rows. Forward/stats read each row from memory once: the
 // row goes in L1-sized chunks, each chunk's max is taken first, the running sum of exponentials is
 // rescaled when the max grows, then the chunk's exponentials (relative to the running max) are added
-// while it is still in L1. Backward is one pass per row recomputing the softmax from the saved lse.
-#include "cpu/cross_entropy.h"
-
-#include <ATen/Dispatch.h>
+// while it is still in L1. Backward is one pass per row recomputing the softmax from the saved lse. The
+// per-element formulas (exp terms, rescaling, lse, loss, gradient) are kernels/cross_entropy.h's, shared
+// with the CUDA kernels.
+#include "kernels/cross_entropy.h"
 
 #include <cmath>
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
-#include "cpu/vec.h"
+#include "kernels/cpu/vec.h"
 
 namespace megacore::cpu::CPU_CAPABILITY {
 namespace {
 
+namespace ce = kernels::cross_entropy;
+
 // Elements per chunk (a multiple of every vector width): 8 KiB of fp32, well inside L1.
 constexpr int64_t kChunk = 2048;
-
-/// \brief exp in the accumulation type: the fast polynomial (about 2 ulp on [-87, 0], 0 below) for fp32,
-///        the accurate one for fp64 (gradcheck). Arguments here are always <= 0 or -inf.
-template <typename A>
-inline Vectorized<A> fast_exp(const Vectorized<A>& x) {
-  if constexpr (std::is_same_v<A, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
 
 template <typename A>
 inline A vec_max_all(const Vectorized<A>& v) {
@@ -87,7 +77,7 @@ RowStats<acc_t<T>> row_stats(const T* x, int64_t V) {
     const A cm = vec_max_all(at::vec::maximum(m0, m1));
     if (std::isnan(cm)) return {cm, cm};
     if (cm > m) {  // the running max grows: rescale the sum so far (exp(-inf) = 0 on the first chunk)
-      const A scale = std::exp(m - cm);
+      const A scale = ce::rescale(m, cm);
       s0 = s0 * Vec(scale);
       s1 = s1 * Vec(scale);
       total *= scale;
@@ -103,18 +93,18 @@ RowStats<acc_t<T>> row_stats(const T* x, int64_t V) {
         __builtin_prefetch(reinterpret_cast<const char*>(p + n + i) + b);
       }
       if constexpr (kReduced<T>) {
-        s0 += fast_exp(Vec::loadu(buf + i) - mv);
-        s1 += fast_exp(Vec::loadu(buf + i + S) - mv);
+        s0 += ce::exp_term(Vec::loadu(buf + i), mv);
+        s1 += ce::exp_term(Vec::loadu(buf + i + S), mv);
       } else {
-        s0 += fast_exp(load_vec(p + i) - mv);
-        s1 += fast_exp(load_vec(p + i + S) - mv);
+        s0 += ce::exp_term(load_vec(p + i), mv);
+        s1 += ce::exp_term(load_vec(p + i + S), mv);
       }
     }
     for (; i < n; i += S) {
       if constexpr (kReduced<T>) {
-        s0 += fast_exp(Vec::loadu(buf + i) - mv);
+        s0 += ce::exp_term(Vec::loadu(buf + i), mv);
       } else {
-        s0 += fast_exp(load(p, i, n) - mv);
+        s0 += ce::exp_term(load(p, i, n), mv);
       }
     }
     if ((c0 + n) % kSumBlock == 0 && c0 + n < V) {  // a block ends: hand its sum to the total
@@ -127,11 +117,11 @@ RowStats<acc_t<T>> row_stats(const T* x, int64_t V) {
 
 /// \brief Calls f(const I* target) with the target's index type (int32 or int64).
 template <typename F>
-void with_target(const at::Tensor& target, const F& f) {
-  if (target.scalar_type() == at::kInt) {
-    f(target.const_data_ptr<int32_t>());
+void with_target(const void* target, bool target_int32, const F& f) {
+  if (target_int32) {
+    f(static_cast<const int32_t*>(target));
   } else {
-    f(target.const_data_ptr<int64_t>());
+    f(static_cast<const int64_t*>(target));
   }
 }
 
@@ -143,10 +133,10 @@ void forward_impl(const T* x, const I* target, acc_t<T>* loss, acc_t<T>* lse, in
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * V;
       const RowStats<A> st = row_stats(xr, V);
-      const A l = st.max + std::log(st.sum);
+      const A l = ce::lse(st.max, st.sum);
       const int64_t t = target[r];
       lse[r] = l;
-      loss[r] = t == ignore_index ? A(0) : l - static_cast<A>(xr[t]);
+      loss[r] = t == ignore_index ? A(0) : ce::loss(l, static_cast<A>(xr[t]));
     }
   });
 }
@@ -161,8 +151,8 @@ void stats_impl(const T* x, const I* target, acc_t<T>* max, acc_t<T>* sum_exp, a
       const RowStats<A> st = row_stats(xr, V);
       max[r] = st.max;
       sum_exp[r] = st.sum;
-      const int64_t t = target[r], local = t - vocab_start;
-      target_logit[r] = t != ignore_index && local >= 0 && local < V ? static_cast<A>(xr[local]) : A(0);
+      const int64_t local = ce::local_target(target[r], vocab_start, V, ignore_index);
+      target_logit[r] = local >= 0 ? static_cast<A>(xr[local]) : A(0);
     }
   });
 }
@@ -187,76 +177,64 @@ void backward_impl(const acc_t<T>* grad_loss, const T* x, const I* target, const
         std::fill(gr, gr + V, static_cast<T>(std::numeric_limits<A>::quiet_NaN()));
         continue;
       }
-      const Vec gv(g), lv(l);
+      // Every element without the one-hot term first (onehot = 0)...
+      const Vec gv(g), lv(l), zero(A(0));
       int64_t i = 0;
       for (; i + 2 * S <= V; i += 2 * S) {
-        const Vec a = fast_exp(load_vec(xr + i) - lv), b = fast_exp(load_vec(xr + i + S) - lv);
-        store_vec(gr + i, a * gv);
-        store_vec(gr + i + S, b * gv);
+        const Vec a = ce::grad(gv, load_vec(xr + i), lv, zero), b = ce::grad(gv, load_vec(xr + i + S), lv, zero);
+        store_vec(gr + i, a);
+        store_vec(gr + i + S, b);
       }
       for (; i < V; i += S) {
         const int64_t n = std::min(S, V - i);
-        const Vec a = fast_exp(load_vec(xr + i, n) - lv) * gv;
+        const Vec a = ce::grad(gv, load_vec(xr + i, n), lv, zero);
         if (n == S) {
           store_vec(gr + i, a);
         } else {
           store_vec(gr + i, a, n);
         }
       }
-      // The one-hot term, on the target's element only, rounded once.
-      const int64_t local = t - vocab_start;
-      if (local >= 0 && local < V) gr[local] = static_cast<T>(g * (std::exp(static_cast<A>(xr[local]) - l) - A(1)));
+      // ...then the target's element again with it (onehot = 1), rounded once.
+      const int64_t local = ce::local_target(t, vocab_start, V, ignore_index);
+      if (local >= 0) gr[local] = static_cast<T>(ce::grad(g, static_cast<A>(xr[local]), l, A(1)));
     }
   });
 }
 
-int64_t rows_of(const at::Tensor& logits) { return logits.numel() / logits.size(-1); }
-
 }  // namespace
 
-void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& loss,
-                           const at::Tensor& lse, int64_t ignore_index) {
-  const int64_t V = logits.size(-1), rows = rows_of(logits);
-  if (rows == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "megacore.cross_entropy", [&] {
-    using A = acc_t<scalar_t>;
-    with_target(target, [&](const auto* tp) {
-      forward_impl<scalar_t>(logits.const_data_ptr<scalar_t>(), tp, loss.mutable_data_ptr<A>(),
-                             lse.mutable_data_ptr<A>(), rows, V, ignore_index);
+void cross_entropy_forward(const kernels::CrossEntropyForward& p) {
+  if (p.rows == 0 || p.vocab == 0) return;
+  MEGACORE_CPU_DISPATCH(p.dtype, T, {
+    using A = acc_t<T>;
+    with_target(p.target, p.target_int32, [&](const auto* tp) {
+      forward_impl<T>(static_cast<const T*>(p.logits), tp, static_cast<A*>(p.loss), static_cast<A*>(p.lse), p.rows,
+                      p.vocab, p.ignore_index);
     });
   });
 }
 
-void cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                            const at::Tensor& lse, const at::Tensor& grad_logits, int64_t vocab_start,
-                            int64_t ignore_index) {
-  const int64_t V = logits.size(-1), rows = rows_of(logits);
-  if (rows == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, logits.scalar_type(), "megacore.cross_entropy_backward", [&] {
-        using A = acc_t<scalar_t>;
-        with_target(target, [&](const auto* tp) {
-          backward_impl<scalar_t>(grad_loss.const_data_ptr<A>(), logits.const_data_ptr<scalar_t>(), tp,
-                                  lse.const_data_ptr<A>(), grad_logits.mutable_data_ptr<scalar_t>(), rows, V,
-                                  vocab_start, ignore_index);
-        });
-      });
+void cross_entropy_backward(const kernels::CrossEntropyBackward& p) {
+  if (p.rows == 0 || p.vocab == 0) return;
+  MEGACORE_CPU_DISPATCH(p.dtype, T, {
+    using A = acc_t<T>;
+    with_target(p.target, p.target_int32, [&](const auto* tp) {
+      backward_impl<T>(static_cast<const A*>(p.grad_loss), static_cast<const T*>(p.logits), tp,
+                       static_cast<const A*>(p.lse), static_cast<T*>(p.grad_logits), p.rows, p.vocab, p.vocab_start,
+                       p.ignore_index);
+    });
+  });
 }
 
-void vocab_parallel_cross_entropy_stats(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& max,
-                                        const at::Tensor& sum_exp, const at::Tensor& target_logit,
-                                        int64_t vocab_start, int64_t ignore_index) {
-  const int64_t V = logits.size(-1), rows = rows_of(logits);
-  if (rows == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, logits.scalar_type(), "megacore.vocab_parallel_cross_entropy_stats", [&] {
-        using A = acc_t<scalar_t>;
-        with_target(target, [&](const auto* tp) {
-          stats_impl<scalar_t>(logits.const_data_ptr<scalar_t>(), tp, max.mutable_data_ptr<A>(),
-                               sum_exp.mutable_data_ptr<A>(), target_logit.mutable_data_ptr<A>(), rows, V,
-                               vocab_start, ignore_index);
-        });
-      });
+void vocab_parallel_cross_entropy_stats(const kernels::VocabParallelCrossEntropyStats& p) {
+  if (p.rows == 0 || p.vocab == 0) return;
+  MEGACORE_CPU_DISPATCH(p.dtype, T, {
+    using A = acc_t<T>;
+    with_target(p.target, p.target_int32, [&](const auto* tp) {
+      stats_impl<T>(static_cast<const T*>(p.logits), tp, static_cast<A*>(p.max), static_cast<A*>(p.sum_exp),
+                    static_cast<A*>(p.target_logit), p.rows, p.vocab, p.vocab_start, p.ignore_index);
+    });
+  });
 }
 
 }  // namespace megacore::cpu::CPU_CAPABILITY

@@ -1,9 +1,10 @@
 // bias_dropout_add on CUDA. Forward: one thread per Philox counter, i.e. per 4 consecutive elements (one
 // aligned pack when cols % 4 == 0). Backward with a bias: column tiles whose threads own 4 consecutive
-// columns, writing grad_x and, in the same pass, per-block column partial sums for the bias gradient.
-#include "common.cuh"
-#include "dropout.h"
-#include "philox.h"
+// columns, writing grad_x and, in the same pass, per-block column partial sums for the bias gradient. The
+// keep decision and the multiplier are kernels/dropout.h's, shared with the CPU kernels.
+#include "kernels/cuda/common.cuh"
+#include "kernels/dropout.h"
+#include "kernels/philox.h"
 
 namespace megacore::cuda {
 namespace {
@@ -43,7 +44,7 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ bi
       for (int k = 0; k < 4; ++k) {
         A y = to_acc(xv.v[k]);
         if (bias) y += to_acc(bv.v[k]);
-        if constexpr (Drop) y *= u[k] >= threshold ? scale : A(0);
+        if constexpr (Drop) y *= kernels::dropout::multiplier(u[k], threshold, scale);
         if (res) y += to_acc(rv.v[k]);
         o.v[k] = from_acc<T>(y);
       }
@@ -55,7 +56,7 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ bi
         if (e >= n) break;
         A y = to_acc(x[e]);
         if (bias) y += to_acc(bias[e % cols]);
-        if constexpr (Drop) y *= u[k] >= threshold ? scale : A(0);
+        if constexpr (Drop) y *= kernels::dropout::multiplier(u[k], threshold, scale);
         if (res) y += to_acc(res[e]);
         out[e] = from_acc<T>(y);
       }
@@ -77,19 +78,20 @@ __global__ void backward_bias_kernel(const T* __restrict__ grad, T* __restrict__
          r += static_cast<int64_t>(gridDim.y) * kColTileY) {
       const int64_t e0 = r * cols + c0;
       // Elements e0..e0+3 may straddle two counters: words off..off+3 of counters q, q + 1.
-      const int off = static_cast<int>(e0 % 4);
+      const int off = kernels::dropout::word_of(e0);
+      const uint64_t q = kernels::dropout::counter_of(e0);
       uint32_t u[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       if constexpr (Drop) {
         uint32_t* lo = u;
         uint32_t* hi = u + 4;
-        philox::philox4x32_10(static_cast<uint64_t>(e0 / 4), seed, lo);
-        if (off != 0 && c0 + (4 - off) < cols) philox::philox4x32_10(static_cast<uint64_t>(e0 / 4 + 1), seed, hi);
+        philox::philox4x32_10(q, seed, lo);
+        if (off != 0 && c0 + (4 - off) < cols) philox::philox4x32_10(q + 1, seed, hi);
       }
 #pragma unroll
       for (int k = 0; k < kColsPerThread; ++k) {
         if (c0 + k >= cols) break;
         A gx = to_acc(grad[e0 + k]);
-        if constexpr (Drop) gx *= pick_word(u, off + k) >= threshold ? scale : A(0);
+        if constexpr (Drop) gx *= kernels::dropout::multiplier(pick_word(u, off + k), threshold, scale);
         grad_x[e0 + k] = from_acc<T>(gx);
         acc[k] += gx;
       }
@@ -122,8 +124,8 @@ cudaError_t launch_forward(const T* x, const T* bias, const T* res, T* out, int6
   const bool vec4 = cols % 4 == 0 && aligned(x, 4 * sizeof(T)) && aligned(bias, 4 * sizeof(T)) &&
                     aligned(res, 4 * sizeof(T)) && aligned(out, 4 * sizeof(T));
   const uint64_t s = static_cast<uint64_t>(seed);
-  const uint32_t t = philox::keep_threshold(p);
-  const A scale = static_cast<A>(1.0 / (1.0 - p));
+  const uint32_t t = kernels::dropout::threshold(p);
+  const A scale = kernels::dropout::scale<A>(p);
   if (p > 0) {
     if (vec4) forward_kernel<T, true, true><<<blocks, kThreads, 0, stream>>>(x, bias, res, out, n, cols, s, t, scale);
     else forward_kernel<T, false, true><<<blocks, kThreads, 0, stream>>>(x, bias, res, out, n, cols, s, t, scale);
@@ -136,41 +138,40 @@ cudaError_t launch_forward(const T* x, const T* bias, const T* res, T* out, int6
 
 }  // namespace
 
-cudaError_t bias_dropout_add_forward(const void* x, const void* bias, const void* residual, void* out, int64_t rows,
-                                     int64_t cols, double p, int64_t seed, DType dtype, cudaStream_t stream) {
+cudaError_t bias_dropout_add_forward(const kernels::BiasDropoutAddForward& p, cudaStream_t stream) {
   NvtxRange range("megacore.bias_dropout_add");
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
-    return launch_forward<T>(static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<const T*>(residual),
-                             static_cast<T*>(out), rows * cols, cols, p, seed, stream);
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
+    return launch_forward<T>(static_cast<const T*>(p.x), static_cast<const T*>(p.bias),
+                             static_cast<const T*>(p.residual), static_cast<T*>(p.out), p.rows * p.cols, p.cols, p.p,
+                             p.seed, stream);
   });
   return cudaSuccess;
 }
 
-cudaError_t bias_dropout_add_backward(const void* grad_out, void* grad_x, void* grad_bias, void* partial,
-                                      int64_t rows, int64_t cols, double p, int64_t seed, DType dtype,
-                                      cudaStream_t stream) {
+cudaError_t bias_dropout_add_backward(const kernels::BiasDropoutAddBackward& p, cudaStream_t stream) {
   NvtxRange range("megacore.bias_dropout_add_backward");
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
     using A = acc_t<T>;
-    const T* g = static_cast<const T*>(grad_out);
-    T* gx = static_cast<T*>(grad_x);
+    const int64_t rows = p.rows, cols = p.cols;
+    const T* g = static_cast<const T*>(p.grad_out);
+    T* gx = static_cast<T*>(p.grad_x);
     // Without a bias, grad_x = m * grad is the forward with no bias and no residual.
-    if (!grad_bias) return launch_forward<T>(g, nullptr, nullptr, gx, rows * cols, cols, p, seed, stream);
+    if (!p.grad_bias) return launch_forward<T>(g, nullptr, nullptr, gx, rows * cols, cols, p.p, p.seed, stream);
     const int64_t prows = column_partial_rows(rows);
     const dim3 block(kColTileX, kColTileY);
     const dim3 grid(static_cast<unsigned>((cols + kColTileX * kColsPerThread - 1) / (kColTileX * kColsPerThread)),
                     static_cast<unsigned>(prows));
-    A* part = static_cast<A*>(partial);
-    const uint64_t s = static_cast<uint64_t>(seed);
-    const uint32_t t = philox::keep_threshold(p);
-    const A scale = static_cast<A>(1.0 / (1.0 - p));
-    if (p > 0) backward_bias_kernel<T, true><<<grid, block, 0, stream>>>(g, gx, part, rows, cols, s, t, scale);
+    A* part = static_cast<A*>(p.workspace);
+    const uint64_t s = static_cast<uint64_t>(p.seed);
+    const uint32_t t = kernels::dropout::threshold(p.p);
+    const A scale = kernels::dropout::scale<A>(p.p);
+    if (p.p > 0) backward_bias_kernel<T, true><<<grid, block, 0, stream>>>(g, gx, part, rows, cols, s, t, scale);
     else backward_bias_kernel<T, false><<<grid, block, 0, stream>>>(g, gx, part, rows, cols, s, t, scale);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    return finish_column_sum<T>(part, prows, cols, static_cast<T*>(grad_bias), stream);
+    return finish_column_sum<T>(part, prows, cols, static_cast<T*>(p.grad_bias), stream);
   });
   return cudaSuccess;
 }

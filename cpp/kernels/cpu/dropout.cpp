@@ -1,19 +1,18 @@
 // bias_dropout_add forward/backward on CPU. The keep mask is made tile by tile: Philox-4x32-10 run on
 // kLanes counters side by side (AVX2/AVX512 intrinsics; plain loops over lanes for the DEFAULT build), turned into a tile of
 // multipliers (0 or 1 / (1 - p)) in the accumulation type, which the elementwise pass then reads as vectors.
-// The mask of element e depends on (seed, e) only, so any split of the work gives the same result.
-#include "cpu/dropout.h"
+// The mask of element e depends on (seed, e) only, so any split of the work gives the same result; the keep
+// decision and the multiplier are kernels/dropout.h's, shared with the CUDA kernels.
+#include "kernels/dropout.h"
 
-#include <ATen/Dispatch.h>
-
-#include <vector>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
-#include "cpu/vec.h"
-#include "philox.h"  // cuda/philox.h, shared with the CUDA kernels
+#include "kernels/cpu/vec.h"
+#include "kernels/philox.h"  // shared with the CUDA kernels
 
 namespace megacore::cpu::CPU_CAPABILITY {
 namespace {
@@ -50,7 +49,7 @@ inline void mulhilo(VecU a, VecU m, VecU& hi, VecU& lo) {
 }
 #endif
 
-/// w[j][l] = word j of Philox(counter q0 + l), l < kLanes: the rounds of cuda/philox.h on vectors. Several
+/// w[j][l] = word j of Philox(counter q0 + l), l < kLanes: the rounds of kernels/philox.h on vectors. Several
 /// independent vectors go through each round together: one alone would wait on the multiply latency.
 inline void philox_lanes(uint64_t q0, uint64_t seed, uint32_t (&w)[4][kLanes]) {
   constexpr int64_t N = kLanes / kVecLanes;
@@ -113,11 +112,11 @@ void mask_tile(const Mask<A>& mask, uint64_t q0, int64_t nq, A* m) {
   for (int64_t b = 0; b < nq; b += kLanes) {
     uint32_t w[4][kLanes];
     philox_lanes(q0 + static_cast<uint64_t>(b), mask.seed, w);
-    // Word j of counter q is element 4 * q + j.
+    // Word j of counter q is element 4 * q + j (kernels::dropout::counter_of, word_of).
     A* mb = m + 4 * b;
     const uint32_t t = mask.threshold;
     for (int64_t l = 0; l < kLanes; ++l) {
-      for (int j = 0; j < 4; ++j) mb[4 * l + j] = w[j][l] >= t ? mask.scale : A(0);
+      for (int j = 0; j < 4; ++j) mb[4 * l + j] = kernels::dropout::multiplier(w[j][l], t, mask.scale);
     }
   }
 }
@@ -130,10 +129,10 @@ void for_each_mask_tile(const Mask<A>& mask, int64_t begin, int64_t end, const F
   alignas(64) A m[kTile + 4 * kLanes];
   for (int64_t a = begin; a < end; a += kTile) {
     const int64_t b = std::min(end, a + kTile);
-    const int64_t q0 = a / 4, q1 = (b + 3) / 4;
+    const int64_t q0 = static_cast<int64_t>(kernels::dropout::counter_of(a)), q1 = (b + 3) / 4;
     const int64_t nq = (q1 - q0 + kLanes - 1) / kLanes * kLanes;
     mask_tile(mask, static_cast<uint64_t>(q0), nq, m);
-    f(a, b, m + (a - 4 * q0));
+    f(a, b, m + kernels::dropout::word_of(a));  // element a is word word_of(a) of counter q0
   }
 }
 
@@ -174,7 +173,7 @@ void forward_impl(const T* x, const T* bias, const T* res, T* out, int64_t rows,
 }
 
 template <typename T, bool Drop>
-void backward_impl(const T* grad, T* grad_x, acc_t<T>* grad_bias, int64_t rows, int64_t cols,
+void backward_impl(const T* grad, T* grad_x, T* grad_bias, int64_t rows, int64_t cols,
                    const Mask<acc_t<T>>& mask) {
   using A = acc_t<T>;
   using Vec = AccVec<T>;
@@ -212,49 +211,40 @@ void backward_impl(const T* grad, T* grad_x, acc_t<T>* grad_bias, int64_t rows, 
     at::parallel_for(0, rows * cols, 32768, [&](int64_t begin, int64_t end) { range(begin, end, nullptr); });
     return;
   }
-  column_sums_in_chunks<A, 1>(rows, cols, {grad_bias}, [&](int64_t r0, int64_t r1, std::array<A*, 1> part) {
+  column_sums_in_chunks<A, 1, T>(rows, cols, {grad_bias}, [&](int64_t r0, int64_t r1, std::array<A*, 1> part) {
     range(r0 * cols, r1 * cols, part[0]);
   });
 }
 
 template <typename A>
 Mask<A> make_mask(double p, int64_t seed) {
-  return {static_cast<uint64_t>(seed), philox::keep_threshold(p), static_cast<A>(1.0 / (1.0 - p))};
+  return {static_cast<uint64_t>(seed), kernels::dropout::threshold(p), kernels::dropout::scale<A>(p)};
 }
 
 }  // namespace
 
-void bias_dropout_add_forward(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual,
-                              const at::Tensor& out, double p, int64_t seed) {
-  const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
-  if (rows == 0 || cols == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megacore.bias_dropout_add", [&] {
-    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const auto mask = make_mask<acc_t<scalar_t>>(p, seed);
+void bias_dropout_add_forward(const kernels::BiasDropoutAddForward& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  MEGACORE_CPU_DISPATCH(p.dtype, T, {
+    const auto mask = make_mask<acc_t<T>>(p.p, p.seed);
     auto run = [&](auto drop) {
-      forward_impl<scalar_t, decltype(drop)::value>(x.const_data_ptr<scalar_t>(), b,
-                                                    residual.const_data_ptr<scalar_t>(),
-                                                    out.mutable_data_ptr<scalar_t>(), rows, cols, mask);
+      forward_impl<T, decltype(drop)::value>(static_cast<const T*>(p.x), static_cast<const T*>(p.bias),
+                                             static_cast<const T*>(p.residual), static_cast<T*>(p.out), p.rows,
+                                             p.cols, mask);
     };
-    if (p > 0) run(std::true_type{}); else run(std::false_type{});
+    if (p.p > 0) run(std::true_type{}); else run(std::false_type{});
   });
 }
 
-void bias_dropout_add_backward(const at::Tensor& grad_out, const at::Tensor& grad_x, const at::Tensor& grad_bias,
-                               double p, int64_t seed) {
-  const int64_t cols = grad_out.size(-1), rows = cols == 0 ? 0 : grad_out.numel() / cols;
-  if (grad_bias.defined()) grad_bias.zero_();
-  if (rows == 0 || cols == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(),
-                                  "megacore.bias_dropout_add_backward", [&] {
-    using A = acc_t<scalar_t>;
-    const auto mask = make_mask<A>(p, seed);
-    A* gb = grad_bias.defined() ? grad_bias.mutable_data_ptr<A>() : nullptr;
+void bias_dropout_add_backward(const kernels::BiasDropoutAddBackward& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  MEGACORE_CPU_DISPATCH(p.dtype, T, {
+    const auto mask = make_mask<acc_t<T>>(p.p, p.seed);
     auto run = [&](auto drop) {
-      backward_impl<scalar_t, decltype(drop)::value>(grad_out.const_data_ptr<scalar_t>(),
-                                                     grad_x.mutable_data_ptr<scalar_t>(), gb, rows, cols, mask);
+      backward_impl<T, decltype(drop)::value>(static_cast<const T*>(p.grad_out), static_cast<T*>(p.grad_x),
+                                              static_cast<T*>(p.grad_bias), p.rows, p.cols, mask);
     };
-    if (p > 0) run(std::true_type{}); else run(std::false_type{});
+    if (p.p > 0) run(std::true_type{}); else run(std::false_type{});
   });
 }
 
