@@ -12,18 +12,6 @@ TORCH_LIBRARY_FRAGMENT(megacore, m) {
   //    (empty when has_bias is false). The residual's gradient is grad_out itself.
   megacore::ops::define_op(m, "bias_dropout_add_backward(Tensor grad_out, float p, Tensor seed, bool has_bias) -> (Tensor, Tensor)");
 
-  // ---- normalization over the last dim, statistics in fp32 (fp64 for fp64 input) ---------------------
-  // -> (out, mean, rstd); mean and rstd have the input's leading shape.
-  megacore::ops::define_op(m, "layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
-  // -> (grad_x, grad_weight, grad_bias); grad_weight/grad_bias empty when weight/bias is None.
-  megacore::ops::define_op(m,
-      "layer_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool has_bias)"
-      " -> (Tensor, Tensor, Tensor)");
-  // -> (out, rstd)
-  megacore::ops::define_op(m, "rms_norm(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
-  // -> (grad_x, grad_weight); grad_weight empty when weight is None.
-  megacore::ops::define_op(m, "rms_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
-
   // ---- softmax(scale * scores) over the last dim with masking; fully masked rows give zeros ----------
   // mask: bool, broadcastable to scores, True = exclude (Megatron's convention).
   megacore::ops::define_op(m, "scaled_masked_softmax(Tensor scores, Tensor? mask, float scale) -> Tensor");
