@@ -20,10 +20,6 @@ TORCH_LIBRARY_FRAGMENT(megacore, m) {
   // grad_scores = scale * probs * (grad_out - sum(grad_out * probs)), for every mask kind.
   megacore::ops::define_op(m, "scaled_softmax_backward(Tensor grad_out, Tensor probs, float scale) -> Tensor");
 
-  // ---- rotary position embedding, rotate-half pairing, x [seq, ..., head_dim], cos/sin [seq, rot] ----
-  megacore::ops::define_op(m, "apply_rotary_emb(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-  megacore::ops::define_op(m, "apply_rotary_emb_backward(Tensor grad_out, Tensor cos, Tensor sin) -> Tensor");
-
   // ---- softmax cross-entropy over [tokens, vocab] ----------------------------------------------------
   // -> (loss, lse), both [tokens] in fp32 (fp64 for fp64 logits); lse = logsumexp of each row, kept for
   //    backward instead of the softmax.
