@@ -2,14 +2,17 @@
 // one block (long rows); its statistics are an exact two-pass mean/variance in fp32 (fp64 for fp64)
 // over the row, which the second and third passes re-read from L1/L2. The weight/bias gradients are a
 // separate column-tiled kernel writing per-block partial sums, added in a fixed order by
-// finish_column_sum (deterministic).
+// finish_column_sum (deterministic). The per-element formulas (normalize and affine, grad_x from the row
+// sums) are kernels/norm.h's, shared with the CPU kernels.
 #include <type_traits>
 
-#include "common.cuh"
-#include "norm.h"
+#include "kernels/cuda/common.cuh"
+#include "kernels/norm.h"
 
 namespace megacore::cuda {
 namespace {
+
+namespace norm = kernels::norm;
 
 constexpr int64_t kWarpMaxCols = 1024;  // rows up to this length get one warp each
 constexpr int kRowsPerBlock = 4;        // warps (rows) per block in warp-per-row mode
@@ -73,10 +76,8 @@ __global__ void __launch_bounds__(1024)
       if (b) bv = b[i];
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        A y = (to_acc(v.v[k]) - mu) * rs;
-        if (w) y *= to_acc(wv.v[k]);
-        if (b) y += to_acc(bv.v[k]);
-        o.v[k] = from_acc<T>(y);
+        o.v[k] = from_acc<T>(norm::forward(to_acc(v.v[k]), mu, rs, w != nullptr, w ? to_acc(wv.v[k]) : A(0),
+                                           b != nullptr, b ? to_acc(bv.v[k]) : A(0)));
       }
       outr[i] = o;
     }
@@ -108,9 +109,9 @@ __global__ void __launch_bounds__(1024)
       if (w) wv = w[i];
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const A g = w ? to_acc(dv.v[k]) * to_acc(wv.v[k]) : to_acc(dv.v[k]);
+        const A g = norm::grad_xhat(to_acc(dv.v[k]), w != nullptr, w ? to_acc(wv.v[k]) : A(0));
         sg += g;
-        sgx += g * (to_acc(xv.v[k]) - mu) * rs;
+        sgx += g * norm::normalize(to_acc(xv.v[k]), mu, rs);
       }
     }
     const A a = mean ? row_sum<kWarp>(sg, red) / static_cast<A>(cols) : A(0);
@@ -121,9 +122,8 @@ __global__ void __launch_bounds__(1024)
       if (w) wv = w[i];
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const A g = w ? to_acc(dv.v[k]) * to_acc(wv.v[k]) : to_acc(dv.v[k]);
-        const A xh = (to_acc(xv.v[k]) - mu) * rs;
-        o.v[k] = from_acc<T>((g - a - xh * c) * rs);
+        const A g = norm::grad_xhat(to_acc(dv.v[k]), w != nullptr, w ? to_acc(wv.v[k]) : A(0));
+        o.v[k] = from_acc<T>(norm::grad_x(g, norm::normalize(to_acc(xv.v[k]), mu, rs), rs, a, c));
       }
       gxr[i] = o;
     }
@@ -148,7 +148,7 @@ __global__ void param_grad_kernel(const T* __restrict__ grad, const T* __restric
          r += static_cast<int64_t>(gridDim.y) * kColTileY) {
       const int64_t e = r * cols + c;
       const A dy = to_acc(grad[e]);
-      if (part_w) aw += dy * (to_acc(x[e]) - (mean ? mean[r] : A(0))) * rstd[r];
+      if (part_w) aw += dy * norm::normalize(to_acc(x[e]), mean ? mean[r] : A(0), rstd[r]);
       ab += dy;
     }
   }
@@ -195,19 +195,19 @@ cudaError_t with_row_layout(int64_t rows, int64_t cols, int n, const F& f) {
 
 }  // namespace
 
-cudaError_t norm_forward(const void* x, const void* weight, const void* bias, void* out, void* mean, void* rstd,
-                         int64_t rows, int64_t cols, double eps, DType dtype, cudaStream_t stream) {
-  NvtxRange range(mean ? "megacore.layer_norm" : "megacore.rms_norm");
-  if (rows == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
+cudaError_t norm_forward(const kernels::NormForward& p, cudaStream_t stream) {
+  NvtxRange range(p.mean ? "megacore.layer_norm" : "megacore.rms_norm");
+  if (p.rows == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
     using A = acc_t<T>;
-    const int n = pack_width<T>(cols, {x, weight, bias, out});
+    const int n = pack_width<T>(p.cols, {p.x, p.weight, p.bias, p.out});
     return with_pack(n, [&](auto np) {
       constexpr int N = decltype(np)::value;
-      return with_row_layout(rows, cols, N, [&](auto warp, dim3 grid, dim3 block) {
+      return with_row_layout(p.rows, p.cols, N, [&](auto warp, dim3 grid, dim3 block) {
         forward_kernel<T, N, decltype(warp)::value><<<grid, block, 0, stream>>>(
-            static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<T*>(out),
-            static_cast<A*>(mean), static_cast<A*>(rstd), rows, cols, static_cast<A>(eps));
+            static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
+            static_cast<T*>(p.out), static_cast<A*>(p.mean), static_cast<A*>(p.rstd), p.rows, p.cols,
+            static_cast<A>(p.eps));
         return cudaGetLastError();
       });
     });
@@ -215,38 +215,37 @@ cudaError_t norm_forward(const void* x, const void* weight, const void* bias, vo
   return cudaSuccess;
 }
 
-cudaError_t norm_backward(const void* grad_out, const void* x, const void* weight, const void* mean,
-                          const void* rstd, void* grad_x, void* grad_weight, void* grad_bias, void* partial,
-                          int64_t rows, int64_t cols, DType dtype, cudaStream_t stream) {
-  NvtxRange range(mean ? "megacore.layer_norm_backward" : "megacore.rms_norm_backward");
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  MEGACORE_DISPATCH_FLOAT(dtype, T, {
+cudaError_t norm_backward(const kernels::NormBackward& p, cudaStream_t stream) {
+  NvtxRange range(p.mean ? "megacore.layer_norm_backward" : "megacore.rms_norm_backward");
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  MEGACORE_DISPATCH_FLOAT(p.dtype, T, {
     using A = acc_t<T>;
-    const A* mp = static_cast<const A*>(mean);
-    const A* rp = static_cast<const A*>(rstd);
-    const int n = pack_width<T>(cols, {grad_out, x, weight, grad_x});
+    const int64_t rows = p.rows, cols = p.cols;
+    const A* mp = static_cast<const A*>(p.mean);
+    const A* rp = static_cast<const A*>(p.rstd);
+    const int n = pack_width<T>(cols, {p.grad_out, p.x, p.weight, p.grad_x});
     cudaError_t err = with_pack(n, [&](auto np) {
       constexpr int N = decltype(np)::value;
       return with_row_layout(rows, cols, N, [&](auto warp, dim3 grid, dim3 block) {
         backward_x_kernel<T, N, decltype(warp)::value><<<grid, block, 0, stream>>>(
-            static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const T*>(weight), mp, rp,
-            static_cast<T*>(grad_x), rows, cols);
+            static_cast<const T*>(p.grad_out), static_cast<const T*>(p.x), static_cast<const T*>(p.weight), mp, rp,
+            static_cast<T*>(p.grad_x), rows, cols);
         return cudaGetLastError();
       });
     });
-    if (err != cudaSuccess || (!grad_weight && !grad_bias)) return err;
+    if (err != cudaSuccess || (!p.grad_weight && !p.grad_bias)) return err;
 
     const int64_t prows = column_partial_rows(rows);
-    A* part_w = grad_weight ? static_cast<A*>(partial) : nullptr;
-    A* part_b = grad_bias ? static_cast<A*>(partial) + prows * cols : nullptr;
+    A* part_w = p.grad_weight ? static_cast<A*>(p.workspace) : nullptr;
+    A* part_b = p.grad_bias ? static_cast<A*>(p.workspace) + prows * cols : nullptr;
     const dim3 grid(static_cast<unsigned>((cols + kColTileX - 1) / kColTileX), static_cast<unsigned>(prows));
-    param_grad_kernel<T><<<grid, dim3(kColTileX, kColTileY), 0, stream>>>(static_cast<const T*>(grad_out),
-                                                                        static_cast<const T*>(x), mp, rp, part_w,
+    param_grad_kernel<T><<<grid, dim3(kColTileX, kColTileY), 0, stream>>>(static_cast<const T*>(p.grad_out),
+                                                                        static_cast<const T*>(p.x), mp, rp, part_w,
                                                                         part_b, rows, cols);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    if (part_w) err = finish_column_sum<T>(part_w, prows, cols, static_cast<T*>(grad_weight), stream);
+    if (part_w) err = finish_column_sum<T>(part_w, prows, cols, static_cast<T*>(p.grad_weight), stream);
     if (err != cudaSuccess) return err;
-    if (part_b) return finish_column_sum<T>(part_b, prows, cols, static_cast<T*>(grad_bias), stream);
+    if (part_b) return finish_column_sum<T>(part_b, prows, cols, static_cast<T*>(p.grad_bias), stream);
     return cudaSuccess;
   });
   return cudaSuccess;

@@ -1,18 +1,17 @@
 // apply_rotary_emb forward/backward on CPU: one pass over x, parallel over (seq, inner) rows, each row's two
-// rotary halves read as vectors of the accumulation type; the features past rotary_dim are copied.
-#include "cpu/rotary.h"
-
-#include <ATen/Dispatch.h>
+// rotary halves read as vectors of the accumulation type; the features past rotary_dim are copied. The
+// rotation itself is kernels/rotary.h's, shared with the CUDA kernel.
+#include "kernels/rotary.h"
 
 #include <cstring>
+#include <type_traits>
 
-#include "cpu/vec.h"
+#include "kernels/cpu/vec.h"
 
 namespace megacore::cpu::CPU_CAPABILITY {
 namespace {
 
-// Forward, halves 1 = [:h], 2 = [h:r]:  o1 = x1 c1 - x2 s1,  o2 = x2 c2 + x1 s2.
-// Backward (the transpose):             o1 = x1 c1 + x2 s2,  o2 = x2 c2 - x1 s1.
+// Halves 1 = [:h], 2 = [h:r] of each row, rotated pairwise by kernels::rotary::rotate.
 template <typename T, bool Backward>
 void rotary_impl(const T* x, const acc_t<T>* cos, const acc_t<T>* sin, T* out, int64_t seq, int64_t inner,
                  int64_t d, int64_t r) {
@@ -29,13 +28,7 @@ void rotary_impl(const T* x, const acc_t<T>* cos, const acc_t<T>* sin, T* out, i
     const Vec s1 = full ? Vec::loadu(s + k) : Vec::loadu(s + k, n);
     const Vec s2 = full ? Vec::loadu(s + h + k) : Vec::loadu(s + h + k, n);
     Vec o1, o2;
-    if constexpr (Backward) {
-      o1 = x1 * c1 + x2 * s2;
-      o2 = x2 * c2 - x1 * s1;
-    } else {
-      o1 = x1 * c1 - x2 * s1;
-      o2 = x2 * c2 + x1 * s2;
-    }
+    kernels::rotary::rotate<Backward>(x1, x2, c1, c2, s1, s2, o1, o2);
     if (full) {
       store_vec(outr + k, o1);
       store_vec(outr + h + k, o2);
@@ -61,20 +54,16 @@ void rotary_impl(const T* x, const acc_t<T>* cos, const acc_t<T>* sin, T* out, i
 
 }  // namespace
 
-void rotary_emb(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out,
-                bool backward) {
-  // x [seq, ..., d] -> [seq, inner, d]
-  const int64_t seq = x.size(0), d = x.size(-1), r = cos.size(1);
-  const int64_t inner = seq * d == 0 ? 0 : x.numel() / (seq * d);
-  if (seq == 0 || inner == 0 || d == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megacore.apply_rotary_emb", [&] {
-    using A = acc_t<scalar_t>;
+void rotary_emb(const kernels::RotaryEmb& p) {
+  if (p.seq == 0 || p.inner == 0 || p.head_dim == 0) return;
+  MEGACORE_CPU_DISPATCH(p.dtype, T, {
+    using A = acc_t<T>;
     auto run = [&](auto bwd) {
-      rotary_impl<scalar_t, decltype(bwd)::value>(x.const_data_ptr<scalar_t>(), cos.const_data_ptr<A>(),
-                                                  sin.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(), seq,
-                                                  inner, d, r);
+      rotary_impl<T, decltype(bwd)::value>(static_cast<const T*>(p.x), static_cast<const A*>(p.cos),
+                                           static_cast<const A*>(p.sin), static_cast<T*>(p.out), p.seq, p.inner,
+                                           p.head_dim, p.rotary_dim);
     };
-    if (backward) run(std::true_type{}); else run(std::false_type{});
+    if (p.backward) run(std::true_type{}); else run(std::false_type{});
   });
 }
 

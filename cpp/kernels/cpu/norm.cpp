@@ -1,18 +1,20 @@
 // LayerNorm / RMSNorm forward and backward on CPU. Parallel over rows; each row is reduced with vectors
 // of the accumulation type while it sits in L1 (an exact two-pass mean/variance, then the output pass).
 // The weight/bias gradients are column sums over rows: per-chunk partial rows added in a fixed order.
-#include "cpu/norm.h"
-
-#include <ATen/Dispatch.h>
+// The per-element formulas (normalize and affine, grad_x from the row sums) are kernels/norm.h's, shared
+// with the CUDA kernels.
+#include "kernels/norm.h"
 
 #include <cmath>
 #include <utility>
 #include <vector>
 
-#include "cpu/vec.h"
+#include "kernels/cpu/vec.h"
 
 namespace megacore::cpu::CPU_CAPABILITY {
 namespace {
+
+namespace norm = kernels::norm;
 
 /// Loads n <= kStep<T> elements (zeros past n); n == kStep<T> is the plain full-width load.
 template <typename T>
@@ -133,10 +135,8 @@ void forward_impl(const T* x, const T* weight_t, const T* bias_t, T* out, acc_t<
       rstd[r] = rs;
       const Vec m(mu), s(rs);
       row_for_each<S>(cols, [&](int64_t c, int64_t n) {
-        Vec y = (load_n(xr + c, n) - m) * s;
-        if (w) y = y * load_n(w + c, n);
-        if (b) y = y + load_n(b + c, n);
-        store_n(outr + c, y, n);
+        const Vec wv = w ? load_n(w + c, n) : Vec(), bv = b ? load_n(b + c, n) : Vec();
+        store_n(outr + c, norm::forward(load_n(xr + c, n), m, s, w != nullptr, wv, b != nullptr, bv), n);
       });
     }
   });
@@ -144,7 +144,7 @@ void forward_impl(const T* x, const T* weight_t, const T* bias_t, T* out, acc_t<
 
 template <typename T>
 void backward_impl(const T* grad, const T* x, const T* weight_t, const acc_t<T>* mean, const acc_t<T>* rstd,
-                   T* grad_x, acc_t<T>* grad_weight, acc_t<T>* grad_bias, int64_t rows, int64_t cols) {
+                   T* grad_x, T* grad_weight, T* grad_bias, int64_t rows, int64_t cols) {
   using A = acc_t<T>;
   using Vec = AccVec<T>;
   constexpr int64_t S = kStep<T>;
@@ -161,18 +161,17 @@ void backward_impl(const T* grad, const T* x, const T* weight_t, const acc_t<T>*
     const auto [sum_g, sum_gx] = row_sum2<A>(cols, [&](int64_t c, int64_t n) {
       // Lanes past the row: dy = 0, so g, g * xhat and the partial updates are 0 there.
       const Vec dy = load_n(gr + c, n);
-      const Vec xh = (load_n(xr + c, n) - m) * s;
+      const Vec xh = norm::normalize(load_n(xr + c, n), m, s);
       if (pw) store_n(pw + c, load_n(pw + c, n) + dy * xh, n);
       if (pb) store_n(pb + c, load_n(pb + c, n) + dy, n);
-      const Vec g = w ? dy * load_n(w + c, n) : dy;
+      const Vec g = norm::grad_xhat(dy, w != nullptr, w ? load_n(w + c, n) : Vec());
       return std::pair{g, g * xh};
     });
     const Vec a(mean ? sum_g / A(cols) : A(0)), bcoef(sum_gx / A(cols));
     row_for_each<S>(cols, [&](int64_t c, int64_t n) {
-      const Vec dy = load_n(gr + c, n);
-      const Vec xh = (load_n(xr + c, n) - m) * s;
-      const Vec g = w ? dy * load_n(w + c, n) : dy;
-      store_n(gxr + c, (g - a - xh * bcoef) * s, n);
+      const Vec xh = norm::normalize(load_n(xr + c, n), m, s);
+      const Vec g = norm::grad_xhat(load_n(gr + c, n), w != nullptr, w ? load_n(w + c, n) : Vec());
+      store_n(gxr + c, norm::grad_x(g, xh, s, a, bcoef), n);
     });
   };
   if (!grad_weight && !grad_bias) {
@@ -181,48 +180,30 @@ void backward_impl(const T* grad, const T* x, const T* weight_t, const acc_t<T>*
     });
     return;
   }
-  column_sums_in_chunks<A, 2>(rows, cols, {grad_weight, grad_bias},
-                              [&](int64_t r0, int64_t r1, std::array<A*, 2> part) {
-                                for (int64_t r = r0; r < r1; ++r) row_op(r, part[0], part[1]);
-                              });
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-template <typename T>
-T* mutable_ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+  column_sums_in_chunks<A, 2, T>(rows, cols, {grad_weight, grad_bias},
+                                 [&](int64_t r0, int64_t r1, std::array<A*, 2> part) {
+                                   for (int64_t r = r0; r < r1; ++r) row_op(r, part[0], part[1]);
+                                 });
 }
 
 }  // namespace
 
-void norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& out,
-                  const at::Tensor& mean, const at::Tensor& rstd, double eps) {
-  const int64_t cols = x.size(-1), rows = rstd.numel();
-  if (rows == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megacore.norm_forward", [&] {
-    using A = acc_t<scalar_t>;
-    forward_impl<scalar_t>(x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias),
-                           out.mutable_data_ptr<scalar_t>(), mutable_ptr_or_null<A>(mean), rstd.mutable_data_ptr<A>(),
-                           rows, cols, eps);
+void norm_forward(const kernels::NormForward& p) {
+  if (p.rows == 0) return;
+  MEGACORE_CPU_DISPATCH(p.dtype, T, {
+    using A = acc_t<T>;
+    forward_impl<T>(static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
+                    static_cast<T*>(p.out), static_cast<A*>(p.mean), static_cast<A*>(p.rstd), p.rows, p.cols, p.eps);
   });
 }
 
-void norm_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
-                   const at::Tensor& rstd, const at::Tensor& grad_x, const at::Tensor& grad_weight,
-                   const at::Tensor& grad_bias) {
-  const int64_t cols = x.size(-1), rows = rstd.numel();
-  if (grad_weight.defined()) grad_weight.zero_();
-  if (grad_bias.defined()) grad_bias.zero_();
-  if (rows == 0 || cols == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megacore.norm_backward", [&] {
-    using A = acc_t<scalar_t>;
-    backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                            ptr_or_null<scalar_t>(weight), ptr_or_null<A>(mean), rstd.const_data_ptr<A>(),
-                            grad_x.mutable_data_ptr<scalar_t>(), mutable_ptr_or_null<A>(grad_weight),
-                            mutable_ptr_or_null<A>(grad_bias), rows, cols);
+void norm_backward(const kernels::NormBackward& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  MEGACORE_CPU_DISPATCH(p.dtype, T, {
+    using A = acc_t<T>;
+    backward_impl<T>(static_cast<const T*>(p.grad_out), static_cast<const T*>(p.x), static_cast<const T*>(p.weight),
+                     static_cast<const A*>(p.mean), static_cast<const A*>(p.rstd), static_cast<T*>(p.grad_x),
+                     static_cast<T*>(p.grad_weight), static_cast<T*>(p.grad_bias), p.rows, p.cols);
   });
 }
 
