@@ -16,7 +16,6 @@ from megacore._profiling import PROFILE_STEPS_ENV, ProfileWindow
 ROOT = Path(__file__).resolve().parents[1]
 
 _LAUNCHER_DECL = re.compile(r"^MEGACORE_KERNEL\(\s*(\w+)\s*,", re.M)
-_OLD_LAUNCHER_DECL = re.compile(r"^cudaError_t\s+(\w+)\s*\(", re.M)  # cuda/<family>.h, until every family moves
 _RANGE = re.compile(r"\bNvtxRange\s+\w+\s*\(([^;]*)\)\s*;")
 _LITERAL = re.compile(r'"([^"]*)"')
 
@@ -24,7 +23,7 @@ _LITERAL = re.compile(r'"([^"]*)"')
 def launchers(header_text: str) -> list[str]:
     """The kernels a cpp/kernels/<family>.h declares with MEGACORE_KERNEL(name, Params): each has a CUDA
     launcher `cudaError_t name(const Params&, cudaStream_t)` in kernels/cuda/<family>.cu."""
-    return _LAUNCHER_DECL.findall(header_text) + _OLD_LAUNCHER_DECL.findall(header_text)
+    return _LAUNCHER_DECL.findall(header_text)
 
 
 def _body(source: str, name: str):
@@ -76,7 +75,7 @@ def _read(*patterns: str) -> dict[str, str]:
 
 
 def _cuda_sources() -> dict[str, str]:
-    return _read("cpp/kernels/cuda/*.cu", "cuda/*.cu")
+    return _read("cpp/kernels/cuda/*.cu")
 
 
 def nvtx_range_names() -> set[str]:
@@ -85,7 +84,7 @@ def nvtx_range_names() -> set[str]:
 
 
 def test_every_cuda_launcher_opens_an_nvtx_range_named_after_its_op():
-    headers = {f: t for f, t in _read("cpp/kernels/*.h", "cuda/*.h").items()
+    headers = {f: t for f, t in _read("cpp/kernels/*.h").items()
                if Path(f).name not in ("common.h", "philox.h")}
     sources = _cuda_sources()
     families = {Path(f).stem for f in sources if Path(f).stem != "common"}

@@ -2,7 +2,7 @@
 
 One meta tensor among CPU ones used to select the op's Meta (fake) kernel, which returned uninitialized
 CPU memory; a CPU TransformerLayer with one parameter left on meta returned NaN. The check runs in C++
-before a kernel is chosen (cpp/registration.cpp), for every op; the ops covered here are read from the
+before a kernel is chosen (ops::define_op, cpp/common/library.cpp), for every op; the ops covered here are read from the
 dispatcher, so a new op with two or more tensor arguments fails test_every_op_has_an_example until it
 gets one. The collectives (all_reduce, tp_copy, ...) take one tensor and a group name: nothing to mix.
 """

@@ -3,7 +3,7 @@
 A row of 2^31 + a few elements used to come out wrong without an error: the CPU kernels summed a row in
 the fp32 lanes of a few vectors, and an fp32 lane stops growing at 2^24 when it adds values near 1, so
 cross_entropy's logsumexp and rms_norm's mean square lost most of the row. Long rows are now summed in
-blocks of kSumBlock = 2^16 elements (cpp/cpu/vec.h) whose sums are added in double; indices are int64
+blocks of kSumBlock = 2^16 elements (cpp/kernels/cpu/vec.h) whose sums are added in double; indices are int64
 throughout. The fast tests cross block boundaries at moderate sizes against float64 references; the slow
 ones run rows of 2^31 + 5 bf16 elements (4 GiB a tensor, at most two alive) against closed forms.
 """
@@ -20,7 +20,7 @@ import megacore
 from megacore.ops import reference
 from tests.ops.utils import assert_close
 
-BLOCK = 1 << 16  # kSumBlock in cpp/cpu/vec.h
+BLOCK = 1 << 16  # kSumBlock in cpp/kernels/cpu/vec.h
 MODERATE = 3 * BLOCK + 5  # three whole blocks and a tail shorter than a vector
 HUGE = 2**31 + 5  # past int32: an index kept in 32 bits wraps before the row's end
 
