@@ -209,7 +209,10 @@ def test_each_forced_cpu_isa_matches_the_references(capability, tmp_path):
     of the kernels is exercised (the native one, AVX512 here, runs in the main session)."""
     if capability.upper() not in megacore.build_info()["cpu_isas"]:
         pytest.skip(f"{capability} kernels not built on this platform")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, CUDA_VISIBLE_DEVICES="")
+    # Inductor's on-disk cache is not keyed by ATEN_CPU_CAPABILITY: kernels compiled for the native width
+    # would be reused at another width and read and write past their buffers. A cache of its own per level.
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, CUDA_VISIBLE_DEVICES="",
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     probe = subprocess.run(
         [sys.executable, "-c", "import megacore; print(megacore.build_info()['cpu_isa_active'])"],
         env=env, capture_output=True, text=True, check=True,
