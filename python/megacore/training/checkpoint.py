@@ -27,19 +27,16 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from megacore._files import PathLike, atomic_write_text, umask
 from megacore.parallel import state
-from megacore.parallel.collectives import all_gather
-from megacore.parallel.layers import VocabParallelEmbedding, merge_weights, split_weight
+from megacore.parallel.sharding import ParamShard, gather_full, param_shards, shard_of
 from megacore.parallel.timeouts import barrier
 
 FORMAT = "megacore-checkpoint"
@@ -62,14 +59,6 @@ def step_directory_name(step: int) -> str:
 # Parameters: names, sharding and vocab padding
 
 
-@dataclass
-class _Param:
-    name: str
-    param: nn.Parameter
-    partition_dim: Optional[int]  # None: this rank holds the whole tensor
-    vocab_size: Optional[int]  # rows kept on disk of a vocab-dim (dim 0) table; None: not a vocab table
-
-
 def _tensor_parallel(fn: str) -> tuple[Optional[dist.ProcessGroup], int, int, int]:
     """(TP group, TP rank, TP size, DP rank) of this process; (None, 0, 1, 0) without model parallelism."""
     if not state.model_parallel_is_initialized():
@@ -81,66 +70,20 @@ def _tensor_parallel(fn: str) -> tuple[Optional[dist.ProcessGroup], int, int, in
     return s.tensor_parallel_group, s.tensor_parallel_rank, s.tensor_parallel_size, s.data_parallel_rank
 
 
-def _vocab_tables(model: nn.Module) -> dict[int, int]:
-    """id(parameter) -> vocab size, for the parameters whose dim 0 is the (TP-padded) vocabulary: every
-    VocabParallelEmbedding's table and the output biases tied to one (BERT's ``mlm_head.bias``)."""
-    from megacore.models.common import MaskedLMHead  # models import training-free modules only
-
-    out = {}
-    for module in model.modules():
-        if isinstance(module, VocabParallelEmbedding):
-            out[id(module.weight)] = module.num_embeddings
-        elif isinstance(module, MaskedLMHead):
-            out[id(module.bias)] = module.config.vocab_size
-    return out
+def _gather(info: ParamShard, t: torch.Tensor, group) -> torch.Tensor:
+    """The full, unpadded tensor of ``t`` (this rank's piece of ``info``'s parameter, or a tensor of its
+    shape: an optimizer moment) as a CPU copy. A collective over the TP group for a sharded parameter."""
+    return gather_full(info, t, group).to("cpu", copy=True).contiguous()
 
 
-def _params(model: nn.Module, world: int) -> list[_Param]:
-    vocab = _vocab_tables(model)
-    out = []
-    for name, p in model.named_parameters():  # a tied parameter once, under its first name
-        sharded = world > 1 and getattr(p, "tensor_parallel", False) and getattr(p, "partition_dim", None) is not None
-        out.append(_Param(name, p, p.partition_dim if sharded else None, vocab.get(id(p))))
-    return out
-
-
-def _full_shape(info: _Param, world: int) -> list[int]:
-    """The parameter's shape on disk: shards merged, vocab padding cut."""
-    shape = list(info.param.shape)
-    if info.partition_dim is not None:
-        shape[info.partition_dim] *= world
-    if info.vocab_size is not None:
-        shape[0] = info.vocab_size
-    return shape
-
-
-def _gather(info: _Param, t: torch.Tensor, group, world: int) -> torch.Tensor:
-    """The full, unpadded tensor (CPU) of ``t``, this rank's shard of ``info``'s parameter (or a tensor of its
-    shape: an optimizer moment). A collective over the TP group for a sharded parameter."""
-    t = t.detach()
-    if info.partition_dim is not None:
-        gathered = all_gather(t.unsqueeze(0).contiguous(), 0, group)  # [world, *shard]
-        t = merge_weights(gathered.unbind(0), info.partition_dim)
-    if info.vocab_size is not None:
-        t = t[: info.vocab_size]
-    return t.to("cpu", copy=True).contiguous()
-
-
-def _shard(info: _Param, full: torch.Tensor, rank: int, world: int, what: str, fn: str) -> torch.Tensor:
-    """This rank's piece of a full, unpadded tensor: padded with zero rows to the padded vocab for a vocab
-    table, then split along the partition dim. ValueError naming ``what`` when the shapes disagree."""
-    local = list(info.param.shape)
-    t = full
-    if info.vocab_size is not None:
-        padded = local[0] * (world if info.partition_dim == 0 else 1)
-        if t.dim() == len(local) and t.shape[0] <= padded:
-            t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, padded - t.shape[0]))
-    if info.partition_dim is not None and t.dim() == len(local) and t.shape[info.partition_dim] == local[info.partition_dim] * world:
-        t = split_weight(t, info.partition_dim, rank, world)
-    if list(t.shape) != local:
+def _shard(info: ParamShard, full: torch.Tensor, rank: int, what: str, fn: str) -> torch.Tensor:
+    """This rank's piece of a full, unpadded tensor read from a checkpoint; ValueError naming ``what`` when
+    its shape is not the parameter's full shape."""
+    t = shard_of(info, full, rank)
+    if t is None:
         raise ValueError(f"megacore.training.{fn}: {what} has shape {list(full.shape)} in the checkpoint; the model's "
-                         f"parameter is {_full_shape(info, world)} (this rank's shard {local} of tensor-parallel "
-                         f"size {world})")
+                         f"parameter is {info.full_shape()} (this rank's shard {list(info.param.shape)} of "
+                         f"tensor-parallel size {info.world})")
     return t
 
 
@@ -148,7 +91,7 @@ def _shard(info: _Param, full: torch.Tensor, rank: int, world: int, what: str, f
 # Optimizer: which optimizer parameter is which model parameter
 
 
-def _optimizer_params(optimizer: torch.optim.Optimizer, params: list[_Param], fn: str) -> list[list[tuple[_Param, torch.Tensor]]]:
+def _optimizer_params(optimizer: torch.optim.Optimizer, params: list[ParamShard], fn: str) -> list[list[tuple[ParamShard, torch.Tensor]]]:
     """Per param group, (model parameter, optimizer parameter) pairs. The optimizer's parameters are the
     model's own; or fp32 master weights that name their model parameter (``master.model_param``, as
     ``MixedPrecision`` sets it); or one copy per model parameter of the same shape, in
@@ -169,7 +112,7 @@ def _optimizer_params(optimizer: torch.optim.Optimizer, params: list[_Param], fn
     return [[(match[id(p)], p) for p in group["params"]] for group in optimizer.param_groups]
 
 
-def _optimizer_full_state(optimizer, params, group, world: int, fn: str) -> dict:
+def _optimizer_full_state(optimizer, params, group, fn: str) -> dict:
     pairs = _optimizer_params(optimizer, params, fn)
     groups, states, masters = [], {}, {}
     for g, members in zip(optimizer.param_groups, pairs):
@@ -178,17 +121,17 @@ def _optimizer_full_state(optimizer, params, group, world: int, fn: str) -> dict
             entry = {}
             for key, value in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0:
-                    entry[key] = _gather(info, value, group, world)  # a moment: sharded like the parameter
+                    entry[key] = _gather(info, value, group)  # a moment: sharded like the parameter
                 else:
                     entry[key] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
             states[info.name] = entry
             if p is not info.param:  # an fp32 master copy: its values are not the (half precision) model's
-                masters[info.name] = _gather(info, p, group, world)
+                masters[info.name] = _gather(info, p, group)
     return {"format": FORMAT, "optimizer_class": type(optimizer).__name__, "param_groups": groups, "state": states,
             "master_params": masters}
 
 
-def _load_optimizer(optimizer, params, saved: dict, rank: int, world: int, path: str, fn: str) -> None:
+def _load_optimizer(optimizer, params, saved: dict, rank: int, path: str, fn: str) -> None:
     pairs = _optimizer_params(optimizer, params, fn)
     if len(saved["param_groups"]) != len(pairs):
         raise ValueError(f"megacore.training.{fn}: {path} has {len(saved['param_groups'])} parameter groups, the "
@@ -206,13 +149,13 @@ def _load_optimizer(optimizer, params, saved: dict, rank: int, world: int, path:
             entry = {}
             for key, value in saved["state"].get(info.name, {}).items():
                 if torch.is_tensor(value) and value.dim() > 0:
-                    value = _shard(info, value, rank, world, f"optimizer state {key!r} of {info.name}", fn)
+                    value = _shard(info, value, rank, f"optimizer state {key!r} of {info.name}", fn)
                 entry[key] = value
             if entry:
                 state_dict["state"][index] = entry
             if p is not info.param and info.name in saved["master_params"]:
                 with torch.no_grad():
-                    p.copy_(_shard(info, saved["master_params"][info.name], rank, world, f"master weight {info.name}", fn))
+                    p.copy_(_shard(info, saved["master_params"][info.name], rank, f"master weight {info.name}", fn))
             index += 1
     optimizer.load_state_dict(state_dict)
 
@@ -436,7 +379,7 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     group, tp_rank, tp, dp_rank = _tensor_parallel(fn)
-    params = _params(model, tp)
+    params = param_shards(model, tp)
     name = step_directory_name(step)
     final, tmp = os.path.join(root, name), os.path.join(root, TMP_PREFIX + name)
     if not overwrite and os.path.isfile(os.path.join(final, META_NAME)):
@@ -445,9 +388,9 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
 
     weights = optimizer_state = None
     if dp_rank == 0:  # one replica gathers (a collective within each of its TP groups)
-        weights = {info.name: _gather(info, info.param, group, tp) for info in params}
+        weights = {info.name: _gather(info, info.param, group) for info in params}
         if optimizer is not None:
-            optimizer_state = _optimizer_full_state(optimizer, params, group, tp, fn)
+            optimizer_state = _optimizer_full_state(optimizer, params, group, fn)
     problem: Optional[BaseException] = None
     if rank == 0:
         try:
@@ -499,7 +442,7 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
                 "format": FORMAT, "version": FORMAT_VERSION, "step": step, "world_size": world_size,
                 "tensor_parallel_size": tp, "data_parallel_size": world_size // tp, "model": type(model).__name__,
                 "optimizer": type(optimizer).__name__ if optimizer is not None else None,
-                "parameters": {info.name: {"shape": _full_shape(info, tp),
+                "parameters": {info.name: {"shape": info.full_shape(),
                                            "dtype": str(info.param.dtype).replace("torch.", ""),
                                            "partition_dim": getattr(info.param, "partition_dim", None),
                                            "vocab_size": info.vocab_size} for info in params},
@@ -616,7 +559,7 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[t
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     group, tp_rank, tp, _ = _tensor_parallel(fn)
-    params = _params(model, tp)
+    params = param_shards(model, tp)
 
     weights = _read(os.path.join(path, WEIGHTS_NAME), "weights file", fn, load_file)
     names = {info.name for info in params}
@@ -626,7 +569,7 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[t
                          f"missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
         for info in params:
-            t = _shard(info, weights[info.name], tp_rank, tp, f"parameter {info.name}", fn)
+            t = _shard(info, weights[info.name], tp_rank, f"parameter {info.name}", fn)
             info.param.copy_(t)
 
     if optimizer is not None:
@@ -635,7 +578,7 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[t
             raise FileNotFoundError(f"megacore.training.{fn}: an optimizer was given but {path} was saved without "
                                     f"one (no {OPTIMIZER_NAME})")
         saved = _read(opt_path, "optimizer state", fn, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-        _load_optimizer(optimizer, params, saved, tp_rank, tp, path, fn)
+        _load_optimizer(optimizer, params, saved, tp_rank, path, fn)
 
     extra = _read(os.path.join(path, EXTRA_NAME), "extra state", fn,
                   lambda p: torch.load(p, map_location="cpu", weights_only=True))

@@ -67,7 +67,7 @@ def _build(family: Family, parts: list[tuple[str, dict, dict]], overrides: dict,
     # Built on the meta device (no random init, nothing allocated), then given the loaded shards.
     with torch.device("meta"):
         model = family.build(configs[0], architecture, hf_config, "meta", configs[1] if len(parts) > 1 else None)
-    return load_full_state(model, full, family.vocab_params, device, fn)
+    return load_full_state(model, full, device, fn)
 
 
 def _first_dtype(tensors) -> torch.dtype:
@@ -118,7 +118,7 @@ def _hf_export(model: nn.Module, architecture: Optional[str], fn: str, include_t
     family = family_of_model(model, fn)
     architecture = _architecture(family, model, architecture, fn)
     hf_config = family.config_to_hf(model, architecture)
-    state = full_state(model, family.vocab_params, model.config.vocab_size)
+    state = full_state(model)
     config = family.model_config(model, architecture)
     return architecture, hf_config, family.state_to_hf(state, config, architecture, include_tied)
 

@@ -205,7 +205,6 @@ BERT = register(Family(
     tied=lambda architecture: {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
                                "cls.predictions.decoder.bias": "cls.predictions.bias"},
     ignored=_BUFFERS,
-    vocab_params=("embedding.word.weight", "mlm_head.bias"),
     architecture_of=bert_architecture,
 ))
 
@@ -247,6 +246,5 @@ ROBERTA = register(Family(
     tied=lambda architecture: {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
                                "lm_head.decoder.bias": "lm_head.bias"},
     ignored=_BUFFERS + ("roberta.pooler.dense.weight", "roberta.pooler.dense.bias"),
-    vocab_params=("embedding.word.weight", "mlm_head.bias"),
     architecture_of=lambda model: "RobertaForMaskedLM" if model.position_offset_padding_idx is not None else None,
 ))

@@ -110,7 +110,6 @@ ELECTRA = register(Family(
     tied=lambda architecture: ({"generator_lm_head.weight": "electra.embeddings.word_embeddings.weight"}
                                if architecture == GENERATOR else {}),
     ignored=_BUFFERS,
-    vocab_params=("embedding.word.weight", "generator.mlm_head.bias"),
     generator_architecture=GENERATOR,
     config_of=config_of,
 ))

@@ -71,8 +71,6 @@ class Family:
         ignored: HF key suffixes that are buffers, not weights (GPT-2's old causal-mask ``attn.bias``).
         normalize_keys: ``(hf_state, architecture) -> hf_state`` with this family's canonical names (e.g.
             adds the base-model prefix that checkpoints of the bare base model lack).
-        vocab_params: megacore names whose dim 0 is the vocabulary (padded to a multiple of the
-            tensor-parallel size in the model, unpadded here).
         architecture_of: ``(megacore model) -> HF class name``, the class ``to_hf`` builds by default, or
             None when the model is not of this family (families can share a megacore class: BERT and
             RoBERTa are both ``BertModel``). None: every ``model_classes`` model, first architecture.
@@ -88,7 +86,6 @@ class Family:
     tied: Callable[[str], dict[str, str]] = lambda architecture: {}
     ignored: tuple[str, ...] = ()
     normalize_keys: Callable[[StateDict, str], StateDict] = lambda state, architecture: state
-    vocab_params: tuple[str, ...] = ("embedding.word.weight",)
     architecture_of: Optional[Callable[[nn.Module], Optional[str]]] = None
     generator_architecture: Optional[str] = None
     config_of: Optional[Callable[[nn.Module, str], ModelConfig]] = None
