@@ -111,15 +111,11 @@ def tensor_parallel_world(config: ModelConfig, model: str) -> tuple[Optional[obj
     ``tensor_parallel=True`` before initialize_model_parallel; ValueError when a size does not divide."""
     if not config.tensor_parallel:
         return None, 0, 1
-    if not state.model_parallel_is_initialized():
-        raise RuntimeError(f"megacore.models.{model}: tensor_parallel=True but model parallel is not initialized; "
-                           "call megacore.parallel.initialize_model_parallel first")
-    s = state.get_parallel_state()
+    s = state.require_tensor_parallel(f"megacore.models.{model}",
+                                      {field: getattr(config, field)
+                                       for field in ("hidden_size", "num_attention_heads", "ffn_hidden_size")},
+                                      config_flag=True)
     tp = s.tensor_parallel_size
-    for field in ("hidden_size", "num_attention_heads", "ffn_hidden_size"):
-        value = getattr(config, field)
-        if value % tp:
-            raise ValueError(f"megacore.models.{model}: {field}={value} is not divisible by the tensor-parallel size {tp}")
     return s.tensor_parallel_group, s.tensor_parallel_rank, tp
 
 

@@ -54,6 +54,7 @@ from megacore.parallel.state import (
     initialize_model_parallel,
     model_parallel_is_initialized,
     rank_layout,
+    require_tensor_parallel,
 )
 from megacore.parallel.timeouts import (
     StalledRanksError,
@@ -100,6 +101,7 @@ __all__ = [
     "initialize_model_parallel",
     "model_parallel_is_initialized",
     "rank_layout",
+    "require_tensor_parallel",
     "StalledRanksError",
     "default_timeout_minutes",
     "init_distributed",

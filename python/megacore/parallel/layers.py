@@ -53,23 +53,11 @@ def merge_weights(shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat(list(shards), dim)
 
 
-def _tp(layer: str):
-    """(group, rank, world_size), or a RuntimeError naming the layer before initialize_model_parallel."""
-    if not state.model_parallel_is_initialized():
-        raise RuntimeError(
-            f"megacore.parallel.{layer}: model parallel is not initialized; "
-            "call megacore.parallel.initialize_model_parallel first"
-        )
-    s = state.get_parallel_state()
+def _tp(layer: str, **divisible: int):
+    """(group, rank, world_size) of the tensor-parallel group for a layer; the errors of
+    state.require_tensor_parallel, naming the layer."""
+    s = state.require_tensor_parallel(f"megacore.parallel.{layer}", divisible)
     return s.tensor_parallel_group, s.tensor_parallel_rank, s.tensor_parallel_size
-
-
-def _check_divisible(layer: str, name: str, value: int, world_size: int) -> int:
-    if value % world_size:
-        raise ValueError(
-            f"megacore.parallel.{layer}: {name}={value} is not divisible by the tensor-parallel size {world_size}"
-        )
-    return _C.divide(value, world_size)
 
 
 def _master_normal(*shape: int) -> torch.Tensor:
@@ -96,9 +84,9 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        self.group, rank, world = _tp("ColumnParallelLinear")
+        self.group, rank, world = _tp("ColumnParallelLinear", out_features=out_features)
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
-        self.out_features_per_partition = _check_divisible("ColumnParallelLinear", "out_features", out_features, world)
+        self.out_features_per_partition = _C.divide(out_features, world)
         self.weight = _param(split_weight(_master_normal(out_features, in_features), 0, rank, world), dtype, device, 0)
         if bias:
             self.bias = _param(torch.zeros(self.out_features_per_partition), dtype, device, 0)
@@ -126,9 +114,9 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        self.group, rank, world = _tp("RowParallelLinear")
+        self.group, rank, world = _tp("RowParallelLinear", in_features=in_features)
         self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, input_is_parallel
-        self.in_features_per_partition = _check_divisible("RowParallelLinear", "in_features", in_features, world)
+        self.in_features_per_partition = _C.divide(in_features, world)
         self.weight = _param(split_weight(_master_normal(out_features, in_features), 1, rank, world), dtype, device, 1)
         if bias:
             self.bias = _param(torch.zeros(out_features), dtype, device, None)

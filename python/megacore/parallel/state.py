@@ -190,6 +190,25 @@ def _require(fn: str) -> ParallelState:
     return _STATE
 
 
+def require_tensor_parallel(who: str, divisible: Optional[dict[str, int]] = None, config_flag: bool = False
+                            ) -> ParallelState:
+    """The parallel state, for ``who`` (``"megacore.parallel.ColumnParallelLinear"``), which shards over the
+    tensor-parallel group. Raises RuntimeError naming ``who`` before ``initialize_model_parallel`` (with
+    ``config_flag``, as asked for by a ``tensor_parallel=True`` config, which can be turned off instead), and
+    ValueError naming ``who`` and the field for each ``divisible`` size the tensor-parallel size does not
+    divide. The one place that checks this: the layers, the transformer layer and the models call it."""
+    if _STATE is None:
+        if config_flag:
+            raise RuntimeError(f"{who}: tensor_parallel=True but model parallel is not initialized; call "
+                               f"{_PREFIX}.initialize_model_parallel first (or set tensor_parallel=False)")
+        raise RuntimeError(f"{who}: model parallel is not initialized; call {_PREFIX}.initialize_model_parallel first")
+    tp = _STATE.tensor_parallel_size
+    for field, value in (divisible or {}).items():
+        if value % tp:
+            raise ValueError(f"{who}: {field}={value} is not divisible by the tensor-parallel size {tp}")
+    return _STATE
+
+
 def get_tensor_parallel_group() -> dist.ProcessGroup:
     """Returns this rank's tensor-parallel ProcessGroup. Raises RuntimeError before ``initialize_model_parallel``."""
     return _require("get_tensor_parallel_group").tensor_parallel_group

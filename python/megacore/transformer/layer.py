@@ -244,16 +244,9 @@ def _tensor_parallel(config: TransformerConfig) -> tuple[str, int, int]:
     """(group_name, rank, world_size) of the layer's tensor-parallel group; ("", 0, 1) without one."""
     if not config.tensor_parallel:
         return "", 0, 1
-    if not state.model_parallel_is_initialized():
-        raise RuntimeError(
-            "megacore.transformer.TransformerLayer: tensor_parallel=True but model parallel is not initialized; "
-            "call megacore.parallel.initialize_model_parallel first (or set tensor_parallel=False)"
-        )
-    s = state.get_parallel_state()
-    for name, value in (("num_attention_heads", config.num_attention_heads), ("ffn_hidden_size", config.ffn_hidden_size)):
-        if value % s.tensor_parallel_size:
-            raise ValueError(f"megacore.transformer.TransformerLayer: {name}={value} is not divisible by the "
-                             f"tensor-parallel size {s.tensor_parallel_size}")
+    s = state.require_tensor_parallel("megacore.transformer.TransformerLayer",
+                                      {"num_attention_heads": config.num_attention_heads,
+                                       "ffn_hidden_size": config.ffn_hidden_size}, config_flag=True)
     return s.tensor_parallel_group_name, s.tensor_parallel_rank, s.tensor_parallel_size
 
 
