@@ -68,7 +68,7 @@ def test_rerunning_a_finished_run_resumes_at_its_last_step_and_changes_nothing(t
     (["--model", "gpt5"], "unknown --model 'gpt5'"),
     (["--dtype", "float8"], "--dtype=float8: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
     (["--seq-len", "0"], "--seq-len=0: Input should be greater than or equal to 1"),
-    (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 needs that many processes: torchrun"),
+    (["--tensor-parallel-size", "2"], "megacore train: --tensor-parallel-size 2 needs 2 processes: torchrun --nproc-per-node 2"),
     (["--config", "/nonexistent.json"], "config file /nonexistent.json does not exist"),
 ])
 def test_bad_arguments_give_clear_messages(argv, message, capsys, tmp_path):

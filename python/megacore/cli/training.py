@@ -133,21 +133,13 @@ def _add_generate(sub) -> None:
 
 
 def _init_tensor_parallel_from_torchrun() -> bool:
-    """Under torchrun (WORLD_SIZE > 1): initializes torch.distributed (gloo on CPU, NCCL on CUDA) and
-    tensor parallelism over all the processes; returns whether this process should print."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return True
+    """Under torchrun (WORLD_SIZE > 1): torch.distributed and tensor parallelism over all the processes
+    (megacore.parallel.launch); returns whether this process should print."""
     import torch.distributed as dist
 
-    from megacore import parallel
+    from megacore.parallel.launch import init_from_torchrun
 
-    parallel.init_distributed(None)
-    if not parallel.model_parallel_is_initialized():
-        parallel.initialize_model_parallel(world)
-    return dist.get_rank() == 0
+    return init_from_torchrun(None, who="megacore generate") is None or dist.get_rank() == 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -45,24 +45,11 @@ _FN = "megacore train"
 
 
 def _init_distributed(config: TrainConfig):
-    """Initializes torch.distributed under torchrun (gloo on CPU, NCCL on CUDA) and megacore's model
-    parallelism; returns the ParallelState, or None for a single process with tensor_parallel_size 1."""
-    from megacore import parallel
+    """torch.distributed and megacore's grid under torchrun (megacore.parallel.launch); the ParallelState, or
+    None for a single process with tensor_parallel_size 1."""
+    from megacore.parallel.launch import init_from_torchrun
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and config.tensor_parallel_size == 1:
-        return None
-    if world == 1:
-        raise ValueError(f"{_FN}: --tensor-parallel-size {config.tensor_parallel_size} needs that many processes: "
-                         f"torchrun --nproc-per-node {config.tensor_parallel_size} -m megacore train ...")
-    if world % config.tensor_parallel_size:
-        raise ValueError(f"{_FN}: --tensor-parallel-size {config.tensor_parallel_size} does not divide the "
-                         f"{world} processes (torchrun --nproc-per-node); data-parallel size = processes / "
-                         "tensor-parallel size must be a whole number")
-    parallel.init_distributed(config.distributed_timeout_minutes)
-    if parallel.model_parallel_is_initialized():
-        parallel.destroy_model_parallel()
-    return parallel.initialize_model_parallel(config.tensor_parallel_size)
+    return init_from_torchrun(config.tensor_parallel_size, 1, config.distributed_timeout_minutes, _FN)
 
 
 def _train_device() -> torch.device:
