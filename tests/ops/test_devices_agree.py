@@ -105,3 +105,32 @@ def test_each_device_computes_what_the_cpu_computes(case, dtype, device):
         assert torch.equal(x_grad_dev == 0, x_grad_cpu == 0), "the dropout masks differ between devices"
     if case == "scaled_masked_softmax":
         assert (got[0][0, 0, 4] == 0).all(), "a fully masked row must give zeros"
+
+
+def _nan_cases():
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(1, 2, 3, 7, generator=g)
+    scores[0, 1, 1, 3] = float("nan")  # one NaN score in one row
+    logits = torch.randn(3, 11, generator=g)
+    logits[1, 4] = float("nan")
+    x = torch.randn(3, 9, generator=g)
+    x[2, 0] = float("nan")
+    return {
+        "scaled_masked_softmax": (scores, lambda s: ops.scaled_masked_softmax(s, None, 1.0)),
+        "scaled_causal_softmax": (scores, lambda s: ops.scaled_causal_softmax(s, 1.0)),
+        "cross_entropy": (logits, lambda z: ops.cross_entropy(z, torch.tensor([1, 2, 3], device=z.device))),
+        "layer_norm": (x, lambda t: ops.layer_norm(t, None, None, 1e-5)),
+        "rms_norm": (x, lambda t: ops.rms_norm(t, None, 1e-6)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_nan_cases()))
+def test_a_nan_input_poisons_the_same_elements_on_each_device(case, device):
+    """A NaN spreads through its row's reductions (max, sum, mean) on every device alike: the same elements
+    come out NaN, the others agree. (A max that skipped NaN on one device would give that row numbers.)"""
+    t, fn = _nan_cases()[case]
+    expected, got = fn(t), fn(t.to(device)).cpu()
+    assert torch.isnan(expected).any(), "the case must produce a NaN"
+    assert torch.equal(torch.isnan(got), torch.isnan(expected)), f"{case}: NaN elements differ on {device}"
+    keep = ~torch.isnan(expected)
+    torch.testing.assert_close(got[keep], expected[keep], atol=2e-5, rtol=2e-5)
