@@ -1,5 +1,5 @@
 #pragma once
-// \brief Argument checks shared by the CPU and CUDA glue. Every message names the op and the argument:
+// \brief Argument checks of the op families (cpp/ops/) and the layer. Every message names the op and the argument:
 //        "megacore.layer_norm: weight has shape [511], expected [512] (the input's last dim)".
 #include <ATen/core/Tensor.h>
 #include <ATen/core/function_schema.h>

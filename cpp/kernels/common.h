@@ -31,6 +31,36 @@ namespace megacore::kernels {
 ///        fp32 for fp32/fp16/bf16 and in fp64 for fp64.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+/// Runs the statement list with `T` bound to the C++ type of `dtype`: float, double, and the 16-bit types
+/// the caller names (c10::Half / c10::BFloat16 in the CPU kernels, __half / __nv_bfloat16 in the CUDA
+/// ones); `otherwise` runs for a value outside the enum. The one DType -> type table: the CPU and CUDA
+/// dispatch macros (MEGACORE_CPU_DISPATCH, MEGACORE_DISPATCH_FLOAT) are this with their types filled in.
+#define MEGACORE_DISPATCH_DTYPE(dtype, T, HalfType, BFloat16Type, otherwise, ...) \
+  switch (dtype) {                                                               \
+    case ::megacore::kernels::DType::kFloat32: {                                 \
+      using T = float;                                                           \
+      __VA_ARGS__;                                                               \
+      break;                                                                     \
+    }                                                                            \
+    case ::megacore::kernels::DType::kFloat64: {                                 \
+      using T = double;                                                          \
+      __VA_ARGS__;                                                               \
+      break;                                                                     \
+    }                                                                            \
+    case ::megacore::kernels::DType::kFloat16: {                                 \
+      using T = HalfType;                                                        \
+      __VA_ARGS__;                                                               \
+      break;                                                                     \
+    }                                                                            \
+    case ::megacore::kernels::DType::kBFloat16: {                                \
+      using T = BFloat16Type;                                                    \
+      __VA_ARGS__;                                                               \
+      break;                                                                     \
+    }                                                                            \
+    default:                                                                     \
+      otherwise;                                                                 \
+  }
+
 /// \brief Transcendental functions of V for the shared math. Scalars here (host and device); the CPU
 ///        kernels add Vectorized<float/double> in kernels/cpu/vec.h. `fast_exp` may be off by up to
 ///        20 ULP (ATen's exp_u20 on CPU; nvcc's --use_fast_math __expf on GPU).

@@ -42,31 +42,11 @@ struct Math<at::vec::Vectorized<A>> {
 
 /// Runs the statement list with `T` bound to the C++ type of a kernels::DType (c10::Half and
 /// c10::BFloat16 for the 16-bit types); an unknown dtype is an internal error.
-#define MEGACORE_CPU_DISPATCH(dtype, T, ...)                                        \
-  switch (dtype) {                                                                  \
-    case ::megacore::kernels::DType::kFloat32: {                                    \
-      using T = float;                                                              \
-      __VA_ARGS__;                                                                  \
-      break;                                                                        \
-    }                                                                               \
-    case ::megacore::kernels::DType::kFloat64: {                                    \
-      using T = double;                                                             \
-      __VA_ARGS__;                                                                  \
-      break;                                                                        \
-    }                                                                               \
-    case ::megacore::kernels::DType::kFloat16: {                                    \
-      using T = c10::Half;                                                          \
-      __VA_ARGS__;                                                                  \
-      break;                                                                        \
-    }                                                                               \
-    case ::megacore::kernels::DType::kBFloat16: {                                   \
-      using T = c10::BFloat16;                                                      \
-      __VA_ARGS__;                                                                  \
-      break;                                                                        \
-    }                                                                               \
-    default:                                                                        \
-      TORCH_INTERNAL_ASSERT(false, "megacore: unknown kernels::DType ", static_cast<int>(dtype)); \
-  }
+#define MEGACORE_CPU_DISPATCH(dtype, T, ...)                                                        \
+  MEGACORE_DISPATCH_DTYPE(                                                                          \
+      dtype, T, c10::Half, c10::BFloat16,                                                           \
+      TORCH_INTERNAL_ASSERT(false, "megacore: unknown kernels::DType ", static_cast<int>(dtype)), \
+      __VA_ARGS__)
 
 namespace megacore::cpu::CPU_CAPABILITY {
 

@@ -58,31 +58,8 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
 
 /// Runs the statement list with `T` bound to the C++ type of `dtype`; an unknown dtype returns
 /// cudaErrorInvalidValue from the enclosing launcher.
-#define MEGACORE_DISPATCH_FLOAT(dtype, T, ...)                 \
-  switch (dtype) {                                             \
-    case ::megacore::kernels::DType::kFloat32: {                  \
-      using T = float;                                         \
-      __VA_ARGS__;                                             \
-      break;                                                   \
-    }                                                          \
-    case ::megacore::kernels::DType::kFloat64: {                  \
-      using T = double;                                        \
-      __VA_ARGS__;                                             \
-      break;                                                   \
-    }                                                          \
-    case ::megacore::kernels::DType::kFloat16: {                  \
-      using T = __half;                                        \
-      __VA_ARGS__;                                             \
-      break;                                                   \
-    }                                                          \
-    case ::megacore::kernels::DType::kBFloat16: {                 \
-      using T = __nv_bfloat16;                                 \
-      __VA_ARGS__;                                             \
-      break;                                                   \
-    }                                                          \
-    default:                                                   \
-      return cudaErrorInvalidValue;                            \
-  }
+#define MEGACORE_DISPATCH_FLOAT(dtype, T, ...) \
+  MEGACORE_DISPATCH_DTYPE(dtype, T, __half, __nv_bfloat16, return cudaErrorInvalidValue, __VA_ARGS__)
 
 /// \brief `N` elements loaded or stored as one aligned access (16 bytes for N * sizeof(T) == 16).
 template <typename T, int N>

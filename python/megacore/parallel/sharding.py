@@ -22,6 +22,19 @@ from megacore.parallel.collectives import all_gather
 from megacore.parallel.layers import VocabParallelEmbedding, merge_weights, split_weight
 
 
+# The attributes a layer tags its parameters with (megacore.parallel.layers, the transformer layer).
+LAYOUT_TAGS = ("tensor_parallel", "partition_dim", "sequence_parallel")
+
+
+def copy_layout_tags(src: nn.Parameter, dst: nn.Parameter) -> nn.Parameter:
+    """Gives ``dst`` (a new parameter standing for ``src``: a loaded shard, an fp32 master) ``src``'s
+    layout tags; returns ``dst``."""
+    for tag in LAYOUT_TAGS:
+        if hasattr(src, tag):
+            setattr(dst, tag, getattr(src, tag))
+    return dst
+
+
 @dataclass(frozen=True)
 class ParamShard:
     """One parameter of a model and its layout over a tensor-parallel group of ``world`` ranks."""
@@ -95,4 +108,4 @@ def shard_of(shard: ParamShard, full: torch.Tensor, rank: int) -> Optional[torch
     return t
 
 
-__all__ = ["ParamShard", "gather_full", "param_shards", "shard_of"]
+__all__ = ["LAYOUT_TAGS", "ParamShard", "copy_layout_tags", "gather_full", "param_shards", "shard_of"]

@@ -15,12 +15,10 @@ from torch import nn
 
 from megacore.parallel import state
 from megacore.parallel.collectives import all_reduce
+from megacore.parallel.sharding import copy_layout_tags
 from megacore.training.optim import grad_of
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Tags the tensor-parallel layers put on parameters; masters carry them so that clipping and checkpoint
-# resharding treat a master like its model parameter.
-_TAGS = ("tensor_parallel", "partition_dim", "sequence_parallel")
 
 
 class MixedPrecision:
@@ -51,10 +49,9 @@ class MixedPrecision:
         else:
             self._masters = []
             for _, p in self._named:
-                master = nn.Parameter(p.detach().to(torch.float32, copy=True))
-                for tag in _TAGS:
-                    if hasattr(p, tag):
-                        setattr(master, tag, getattr(p, tag))
+                # masters carry the layout tags, so clipping and checkpoint resharding treat a master like its
+                # model parameter
+                master = copy_layout_tags(p, nn.Parameter(p.detach().to(torch.float32, copy=True)))
                 master.model_param = p  # which model parameter this is the master of (checkpoints read it)
                 self._masters.append(master)
         model.to(dtype)  # in place: param.data is replaced, the Parameter objects (and tags) stay

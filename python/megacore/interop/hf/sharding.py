@@ -13,10 +13,7 @@ import torch
 from torch import nn
 
 from megacore.models.common import tensor_parallel_world
-from megacore.parallel.sharding import gather_full, param_shards, shard_of
-
-# The attributes megacore's parameters carry for checkpointing and gradient reduction.
-_PARAM_ATTRIBUTES = ("tensor_parallel", "partition_dim", "sequence_parallel")
+from megacore.parallel.sharding import copy_layout_tags, gather_full, param_shards, shard_of
 
 
 def load_full_state(model: nn.Module, full: dict[str, torch.Tensor], device, fn: str) -> nn.Module:
@@ -43,10 +40,8 @@ def load_full_state(model: nn.Module, full: dict[str, torch.Tensor], device, fn:
                 raise ValueError(f"megacore.interop.hf.{fn}: {shard.name} has shape {list(full[shard.name].shape)}, "
                                  f"the model expects {shard.full_shape()}"
                                  + (f" (this rank's shard {list(p.shape)} of {world})" if shard.dim is not None else ""))
-            new = nn.Parameter(t.to(device=device, dtype=p.dtype).clone(), requires_grad=p.requires_grad)
-            for attr in _PARAM_ATTRIBUTES:
-                if hasattr(p, attr):
-                    setattr(new, attr, getattr(p, attr))
+            new = copy_layout_tags(p, nn.Parameter(t.to(device=device, dtype=p.dtype).clone(),
+                                                   requires_grad=p.requires_grad))
             replaced[id(p)] = new
             setattr(module, name, new)
     return model
