@@ -26,6 +26,7 @@ from megacore.models.common import (
     Embedding,
     MaskedLMHead,
     ModelConfig,
+    StagedModel,
     TransformerStack,
     _normal,
     _param,
@@ -141,7 +142,7 @@ def check_encoder_config(config: ModelConfig, model: str) -> None:
         raise ValueError(f"{name}: embedding_norm=False; the encoder's embeddings end in a norm (set embedding_norm=True)")
 
 
-class BertModel(nn.Module):
+class BertModel(StagedModel):
     """BERT (and RoBERTa): embeddings with LayerNorm, a post-LN encoder with a padding mask, the masked-LM
     head, the pooler and a next-sentence / sentence-order head.
 
@@ -213,19 +214,35 @@ class BertModel(nn.Module):
                              f"{self.config.max_position_embeddings}")
         return position_ids_from_input_ids(input_ids, p)
 
+    pipeline_stack = "encoder"
+    first_stage_modules = ("embedding",)
+    last_stage_modules = ("mlm_head", "pooler", "binary_head")
+    tied_modules = ("embedding.word",)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
                 next_sentence_label: Optional[torch.Tensor] = None) -> BertOutput:
-        check_ids("BertModel", input_ids, token_type_ids=token_type_ids, position_ids=position_ids, labels=labels)
-        if next_sentence_label is not None and self.binary_head is None:
-            raise ValueError("megacore.models.BertModel: next_sentence_label given but the model has no binary head "
-                             "(head=None)")
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                 "position_ids": position_ids, "labels": labels, "next_sentence_label": next_sentence_label}
+        return self.run_stages(batch)[0]
+
+    def stage_input(self, batch: dict):
+        check_ids("BertModel", batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
+                  position_ids=batch.get("position_ids"), labels=batch.get("labels"))
+        input_ids, position_ids = batch["input_ids"], batch.get("position_ids")
         if position_ids is None:
             position_ids = self.position_ids(input_ids)
-        mask = encoder_mask(self.config, attention_mask, input_ids, "BertModel")
-        x = self.embedding(input_ids, token_type_ids, position_ids)  # [s(/tp), b, h]
-        x = self.encoder(x, mask)
+        return (self.embedding(input_ids, batch.get("token_type_ids"), position_ids),), None  # [s(/tp), b, h]
+
+    def stage_mask(self, batch: dict) -> Optional[torch.Tensor]:
+        return encoder_mask(self.config, batch.get("attention_mask"), batch["input_ids"], "BertModel")
+
+    def stage_output(self, acts: tuple, batch: dict) -> BertOutput:
+        if batch.get("next_sentence_label") is not None and self.binary_head is None:
+            raise ValueError("megacore.models.BertModel: next_sentence_label given but the model has no binary head "
+                             "(head=None)")
+        x, labels, next_sentence_label = acts[0], batch.get("labels"), batch.get("next_sentence_label")
         mlm = self.mlm_head(x, self.embedding.word, labels)  # loss [b, s] or logits [b, s, v]
         full = gather_sequence(x, self.group if self.config.sequence_parallel else None)  # [s, b, h]
         pooled = binary_logits = None

@@ -221,7 +221,11 @@ class Norm(nn.Module):
 
 class TransformerStack(nn.Module):
     """``num_layers`` C++ TransformerLayers; ``recompute='full'`` checkpoints each layer (its forward is
-    recomputed in backward with the same dropout seed: the CPU RNG state is restored)."""
+    recomputed in backward with the same dropout seed: the CPU RNG state is restored).
+
+    Under pipeline parallelism a stage keeps only its layers: ``layers`` is then an ``nn.ModuleDict`` keyed by
+    the global layer index (``megacore.parallel.pipeline.cut_stage``), so parameter names stay the full
+    model's (``decoder.layers.5.*``)."""
 
     def __init__(self, config: ModelConfig, device=None):
         super().__init__()
@@ -229,13 +233,82 @@ class TransformerStack(nn.Module):
         layer_config = config.layer_config()
         self.layers = nn.ModuleList(TransformerLayer(layer_config, device) for _ in range(config.num_layers))
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        for layer in self.layers:
+    def layer_indices(self) -> list[int]:
+        """The global indices of the layers this stack holds, in order."""
+        if isinstance(self.layers, nn.ModuleDict):
+            return [int(k) for k in self.layers.keys()]
+        return list(range(len(self.layers)))
+
+    def layer(self, index: int) -> nn.Module:
+        """Layer ``index`` (a global index)."""
+        return self.layers[str(index)] if isinstance(self.layers, nn.ModuleDict) else self.layers[index]
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                indices: Optional[list[int]] = None) -> torch.Tensor:
+        """Runs the layers ``indices`` (global indices, in order; None: every layer held) on ``x [s(/tp), b, h]``."""
+        for index in (self.layer_indices() if indices is None else indices):
+            layer = self.layer(index)
             if self.full_recompute and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, attention_mask, use_reentrant=False)
             else:
                 x = layer(x, attention_mask)
         return x
+
+
+class StagedModel(nn.Module):
+    """What pipeline parallelism needs of a model (``megacore.parallel.pipeline``): the model as
+    *input part -> the layers of one TransformerStack -> output part*, each part a method, so that one
+    process runs them back to back (``run_stages``) and a pipeline runs them on different ranks.
+
+    Class attributes (module paths, relative to the model):
+        pipeline_stack: the TransformerStack whose layers the pipeline divides among the stages.
+        first_stage_modules: modules ``stage_input`` uses (they live on the first stage).
+        last_stage_modules: modules ``stage_output`` uses (they live on the last stage).
+        tied_modules: modules ``stage_output`` shares with the first stage (the tied word embedding): the
+            last stage holds a copy whose gradient is summed with the first stage's after backward.
+
+    Methods, for a micro-batch ``batch`` (a dict of ``[b, s]`` tensors, the model's keyword arguments):
+        stage_input(batch) -> (acts, loss): what enters the first layer, ``acts`` a tuple whose first
+            tensor is the hidden state ``[s(/tp), b, h]`` (more tensors travel along with it, e.g. ELECTRA's
+            replaced-token labels), and a partial loss computed there (ELECTRA's generator) or None.
+        stage_mask(batch): the layers' attention mask (every stage computes it from the batch).
+        stage_output(acts, batch): the model's output from the last layer's ``acts`` (with the batch's
+            labels, its loss).
+        boundary_spec(batch): ``[(shape, dtype), ...]`` of ``acts``, so that a stage knows what it will receive
+            before it arrives.
+    """
+
+    pipeline_stack: str = ""
+    first_stage_modules: tuple[str, ...] = ()
+    last_stage_modules: tuple[str, ...] = ()
+    tied_modules: tuple[str, ...] = ()
+
+    def stage_input(self, batch: dict):
+        raise NotImplementedError
+
+    def stage_mask(self, batch: dict):
+        return None
+
+    def stage_output(self, acts: tuple, batch: dict):
+        raise NotImplementedError
+
+    def boundary_spec(self, batch: dict) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """The hidden state's ``[s(/tp), b, h]`` in the layers' dtype (after a MixedPrecision cast too); models
+        that send more override it."""
+        b, s = batch["input_ids"].shape
+        c = self.config
+        if c.sequence_parallel:
+            s //= state.get_tensor_parallel_world_size()
+        dtype = next(self.get_submodule(self.pipeline_stack).parameters()).dtype
+        return [((s, b, c.hidden_size), dtype)]
+
+    def run_stages(self, batch: dict):
+        """(output, input part's loss or None): the whole model on one process, input part -> every layer ->
+        output part, the computation a pipeline spreads over its stages."""
+        acts, input_loss = self.stage_input(batch)
+        stack = self.get_submodule(self.pipeline_stack)
+        acts = (stack(acts[0], self.stage_mask(batch)),) + tuple(acts[1:])
+        return self.stage_output(acts, batch), input_loss
 
 
 def lm_logits(x: torch.Tensor, word: WordEmbedding, sequence_parallel: bool,
@@ -316,5 +389,5 @@ def to_sequence_first_mask(padding_mask: Optional[torch.Tensor]) -> Optional[tor
     return (padding_mask == 0)[:, None, None, :]
 
 
-__all__ = ["Embedding", "MaskedLMHead", "ModelConfig", "Norm", "TransformerStack", "WordEmbedding", "lm_logits", "lm_output",
+__all__ = ["Embedding", "MaskedLMHead", "ModelConfig", "Norm", "StagedModel", "TransformerStack", "WordEmbedding", "lm_logits", "lm_output",
            "tensor_parallel_world", "to_sequence_first_mask"]

@@ -31,7 +31,8 @@ from megacore.models.bert import (
     gather_sequence,
     replicated_linear,
 )
-from megacore.models.common import Embedding, MaskedLMHead, ModelConfig, TransformerStack, lm_output, tensor_parallel_world
+from megacore.models.common import (Embedding, MaskedLMHead, ModelConfig, StagedModel, TransformerStack, lm_output,
+                                    tensor_parallel_world)
 from megacore.parallel.mappings import copy_to_tensor_parallel_region
 
 # Fields the generator and the discriminator must agree on: they share the embedding (and its norm).
@@ -110,16 +111,20 @@ class ElectraDiscriminator(_EncoderTrunk):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                 return_hidden: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        group = self.sequence_parallel_group
         x = self.encode(x, mask)  # [s(/tp), b, h]
+        hidden = gather_sequence(x, self.sequence_parallel_group).transpose(0, 1) if return_hidden else None
+        return self.head_logits(x), hidden
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head on the encoder's output ``[s(/tp), b, h]`` -> logits ``[b, s]`` (whole sequence, every rank)."""
+        group = self.sequence_parallel_group
         w, b = self.head.dense.weight, self.head.dense.bias
         if group is not None:  # replicated weights on a sequence shard (as replicated_linear): sum their gradients
             w, b = copy_to_tensor_parallel_region(w, group), copy_to_tensor_parallel_region(b, group)
         h = ops.bias_gelu(F.linear(x, w), b, "none" if self.config.activation == "gelu" else "tanh")
         logits = replicated_linear(h, self.head.dense_prediction, group)[..., 0]  # [s(/tp), b]
         # the loss is computed alike on every rank from the whole sequence
-        hidden = gather_sequence(x, group).transpose(0, 1) if return_hidden else None
-        return gather_sequence(logits, group).t(), hidden
+        return gather_sequence(logits, group).t()
 
 
 def replaced_token_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -191,7 +196,7 @@ class ElectraOutput(NamedTuple):
     discriminator_logits: torch.Tensor
 
 
-class ElectraModel(nn.Module):
+class ElectraModel(StagedModel):
     """ELECTRA pre-training: generator and discriminator sharing the embedding.
 
     Args:
@@ -266,9 +271,28 @@ class ElectraModel(nn.Module):
         logits = lm_output(rows[:, None], self.embedding.word, False, bias=self.generator.mlm_head.bias)  # [1, n, v]
         return torch.multinomial(logits[0].float().softmax(-1), 1)[:, 0]
 
+    # The pipeline divides the discriminator's layers; the generator (a fraction of the discriminator's size)
+    # runs whole on the first stage, whose stage_input gives the generator's loss.
+    pipeline_stack = "discriminator.encoder"
+    first_stage_modules = ("embedding", "generator", "discriminator.projection")
+    last_stage_modules = ("discriminator.head",)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, mlm_labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> ElectraOutput:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                 "mlm_labels": mlm_labels, "position_ids": position_ids}
+        generator_loss, sampled_ids, labels, x = self._generate(batch)
+        x = self.discriminator.encoder(x, self.stage_mask(batch))
+        out = self.stage_output((x, labels), batch)
+        return ElectraOutput(generator_loss + out.loss, generator_loss, out.discriminator_loss, sampled_ids, labels,
+                             out.logits)
+
+    def _generate(self, batch: dict):
+        """The first stage's work: (generator loss, sampled ids [b, s], replaced labels [b, s] bool, the
+        discriminator's projected embedding of the sampled ids [s(/tp), b, h])."""
+        input_ids, mlm_labels = batch["input_ids"], batch.get("mlm_labels")
+        token_type_ids, position_ids = batch.get("token_type_ids"), batch.get("position_ids")
         if mlm_labels is None:
             raise ValueError("megacore.models.ElectraModel: forward needs mlm_labels (the original tokens at masked "
                              "positions, -100 elsewhere); for the discriminator alone use discriminator_model()")
@@ -278,7 +302,7 @@ class ElectraModel(nn.Module):
         if masked.any() and not ((mlm_labels[masked] >= 0) & (mlm_labels[masked] < self.config.vocab_size)).all():
             raise ValueError(f"megacore.models.ElectraModel: mlm_labels hold ids outside [0, vocab_size="
                              f"{self.config.vocab_size}) (use -100 for positions that are not masked)")
-        mask = encoder_mask(self.config, attention_mask, input_ids, "ElectraModel")
+        mask = self.stage_mask(batch)
         word = self.embedding.word
 
         features = self.generator(self.embedding(input_ids, token_type_ids, position_ids), mask, self.embedding)
@@ -291,13 +315,39 @@ class ElectraModel(nn.Module):
         sampled_ids = input_ids.masked_scatter(masked, self._sample(features.detach(), masked))
         original = torch.where(masked, mlm_labels, input_ids)
         labels = sampled_ids != original
+        x = self.embedding(sampled_ids, token_type_ids, position_ids)
+        if self.discriminator.projection is not None:
+            x = replicated_linear(x, self.discriminator.projection, self.discriminator.sequence_parallel_group)
+        return generator_loss, sampled_ids, labels, x
 
-        logits, _ = self.discriminator(self.embedding(sampled_ids, token_type_ids, position_ids), mask,
-                                       return_hidden=False)
-        discriminator_loss = replaced_token_loss(logits, labels, attention_mask)
-        loss = generator_loss + self.discriminator_weight * discriminator_loss
-        return ElectraOutput(loss, generator_loss, discriminator_loss, sampled_ids, labels, logits)
+    def stage_input(self, batch: dict):
+        generator_loss, _, labels, x = self._generate(batch)
+        return (x, labels.to(torch.uint8)), generator_loss  # the labels travel with the hidden state
+
+    def stage_mask(self, batch: dict) -> Optional[torch.Tensor]:
+        return encoder_mask(self.config, batch.get("attention_mask"), batch["input_ids"], "ElectraModel")
+
+    def stage_output(self, acts: tuple, batch: dict) -> "ElectraStageOutput":
+        x, labels = acts
+        logits = self.discriminator.head_logits(x)
+        discriminator_loss = replaced_token_loss(logits, labels, batch.get("attention_mask"))
+        return ElectraStageOutput(self.discriminator_weight * discriminator_loss, discriminator_loss, logits,
+                                  labels.bool())
+
+    def boundary_spec(self, batch: dict):
+        return super().boundary_spec(batch) + [(tuple(batch["input_ids"].shape), torch.uint8)]
+
+
+class ElectraStageOutput(NamedTuple):
+    """``ElectraModel.stage_output``: the last stage's part of the loss (``discriminator_weight *
+    discriminator_loss``; the generator's part is ``stage_input``'s), the discriminator's loss, its logits
+    ``[b, s]`` and the replaced-token labels ``[b, s]`` bool."""
+
+    loss: torch.Tensor
+    discriminator_loss: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
 
 
 __all__ = ["ElectraDiscriminator", "ElectraDiscriminatorModel", "ElectraDiscriminatorOutput", "ElectraGenerator",
-           "ElectraModel", "ElectraOutput", "electra_generator_config", "replaced_token_loss"]
+           "ElectraModel", "ElectraOutput", "ElectraStageOutput", "electra_generator_config", "replaced_token_loss"]

@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
-from megacore.models.common import Embedding, ModelConfig, Norm, TransformerStack, lm_output, tensor_parallel_world
+from megacore.models.common import (Embedding, ModelConfig, Norm, StagedModel, TransformerStack, lm_output,
+                                    tensor_parallel_world)
 
 
-class GPTModel(nn.Module):
+class GPTModel(StagedModel):
     """A GPT-2 / GPT-NeoX-style causal LM.
 
     ``config.attention_mask_type`` must be ``"causal"`` or ``"sliding_window"``;
@@ -42,14 +42,27 @@ class GPTModel(nn.Module):
         self.decoder = TransformerStack(config, device)
         self.final_norm = Norm(config, config.hidden_size, device, sequence_parallel=config.sequence_parallel)
 
+    pipeline_stack = "decoder"
+    first_stage_modules = ("embedding",)
+    last_stage_modules = ("final_norm",)
+    tied_modules = ("embedding.word",)
+
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return self.run_stages(batch)[0]
+
+    def stage_input(self, batch: dict):
+        input_ids = batch["input_ids"]
         if input_ids.dim() != 2:
             raise ValueError(f"megacore.models.GPTModel: input_ids has shape {list(input_ids.shape)}, "
                              "expected [batch, seq]")
-        x = self.embedding(input_ids, position_ids=position_ids)  # [s, b, h]
-        x = self.final_norm(self.decoder(x))
-        return lm_output(x, self.embedding.word, self.config.sequence_parallel, labels)
+        return (self.embedding(input_ids, position_ids=batch.get("position_ids")),), None  # [s(/tp), b, h]
+
+    def stage_output(self, acts: tuple, batch: dict) -> torch.Tensor:
+        """The per-token loss ``[b, s]`` (fp32) when the batch has ``labels``, else the logits ``[b, s, v]``."""
+        x = self.final_norm(acts[0])
+        return lm_output(x, self.embedding.word, self.config.sequence_parallel, batch.get("labels"))
 
 
 __all__ = ["GPTModel"]

@@ -43,6 +43,14 @@ class ParallelState:
     tensor_parallel_group_name: str
     data_parallel_group_name: str
     pipeline_parallel_group_name: str
+    # Pipeline parallelism only (None when pipeline_parallel_size is 1): point-to-point traffic between
+    # neighbouring stages goes over two groups of the pipeline ranks, activations over one and gradients over
+    # the other, so the two directions never queue behind each other (NCCL orders a communicator's p2p
+    # operations per peer, whatever their tag); and the embedding group, the first and last stage (their
+    # tied word embedding's gradients are summed over it), None on the stages in between.
+    pipeline_activation_group: Optional[dist.ProcessGroup] = None
+    pipeline_gradient_group: Optional[dist.ProcessGroup] = None
+    embedding_group: Optional[dist.ProcessGroup] = None
 
 
 _STATE: Optional[ParallelState] = None
@@ -92,7 +100,7 @@ def _check_divides(fn: str, world_size: int, tp: int, pp: int) -> None:
         )
 
 
-def _new_groups(rank_lists: list[list[int]], rank: int, desc: str):
+def _new_groups(rank_lists: list[list[int]], rank: int, desc: str, member_only: bool = False):
     """Creates every group (every rank must call new_group for each, in the same order) and returns
     the one holding ``rank`` with its ranks. The groups get the default group's collective timeout
     (new_group alone would give gloo groups torch's 30 minutes, whatever init_process_group was given)."""
@@ -104,6 +112,8 @@ def _new_groups(rank_lists: list[list[int]], rank: int, desc: str):
         group = dist.new_group(ranks=ranks, timeout=timeout, group_desc=desc)  # desc: in torch's logs and dumps
         if rank in ranks:
             mine = (group, tuple(ranks))
+    if mine is None and member_only:  # a group only some ranks belong to (the embedding group)
+        return None, ()
     assert mine is not None, f"rank {rank} is in none of {rank_lists}"
     return mine
 
@@ -140,6 +150,13 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_s
     tensor_group, tensor_ranks = _new_groups(tensor_lists, rank, "megacore_tensor_parallel")
     data_group, data_ranks = _new_groups(data_lists, rank, "megacore_data_parallel")
     pipeline_group, pipeline_ranks = _new_groups(pipeline_lists, rank, "megacore_pipeline_parallel")
+    activation_group = gradient_group = embedding_group = None
+    if pp > 1:
+        activation_group, _ = _new_groups(pipeline_lists, rank, "megacore_pipeline_activations")
+        gradient_group, _ = _new_groups(pipeline_lists, rank, "megacore_pipeline_gradients")
+        embedding_lists = [[ranks[0], ranks[-1]] for ranks in pipeline_lists]
+        group, ranks = _new_groups(embedding_lists, rank, "megacore_embedding", member_only=True)
+        embedding_group = group if rank in ranks else None
     _STATE = ParallelState(
         tensor_parallel_size=tp,
         data_parallel_size=dp,
@@ -156,6 +173,9 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_s
         tensor_parallel_group_name=tensor_group.group_name,
         data_parallel_group_name=data_group.group_name,
         pipeline_parallel_group_name=pipeline_group.group_name,
+        pipeline_activation_group=activation_group,
+        pipeline_gradient_group=gradient_group,
+        embedding_group=embedding_group,
     )
     return _STATE
 
@@ -173,8 +193,10 @@ def destroy_model_parallel() -> None:
     state, _STATE = _STATE, None
     if state is None or not dist.is_initialized():
         return
-    for group in (state.tensor_parallel_group, state.data_parallel_group, state.pipeline_parallel_group):
-        dist.destroy_process_group(group)
+    for group in (state.tensor_parallel_group, state.data_parallel_group, state.pipeline_parallel_group,
+                  state.pipeline_activation_group, state.pipeline_gradient_group, state.embedding_group):
+        if group is not None:
+            dist.destroy_process_group(group)
 
 
 def get_parallel_state() -> ParallelState:

@@ -193,7 +193,7 @@ def grad_of(p: torch.Tensor):
     return main if main is not None else p.grad
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, excluded: Optional[set] = None) -> torch.Tensor:
     """Scales the gradients in place so that their global L2 norm is at most ``max_norm``; returns the norm
     before clipping (a 0-dim fp32 tensor, the same on every tensor-parallel rank).
 
@@ -203,7 +203,9 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     after DistributedDataParallel the gradients are identical across data-parallel ranks. Reads
     ``p.main_grad`` when present, else ``p.grad``; parameters without a gradient are skipped.
     ``max_norm <= 0`` or ``inf`` computes the norm without clipping. A non-finite norm leaves the
-    gradients as they are (the loss scaler's overflow check should catch it first).
+    gradients as they are (the loss scaler's overflow check should catch it first). Under pipeline
+    parallelism the squared norms are summed over the stages; ``excluded`` (ids of parameters) are left out
+    of the norm but clipped: the last stage's copy of the tied word embedding, counted on the first stage.
 
     Raises ValueError for a NaN ``max_norm``.
     """
@@ -219,8 +221,9 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     device = grad_of(params[0]).device if params else torch.device("cpu")
     # Squared sums: sharded params on every rank; replicated ones only on tensor-parallel rank 0, so that
     # one all-reduce over the group counts each exactly once.
-    sharded = [grad_of(p) for p in params if getattr(p, "tensor_parallel", False)]
-    replicated = [grad_of(p) for p in params if not getattr(p, "tensor_parallel", False)]
+    counted_params = [p for p in params if id(p) not in (excluded or ())]
+    sharded = [grad_of(p) for p in counted_params if getattr(p, "tensor_parallel", False)]
+    replicated = [grad_of(p) for p in counted_params if not getattr(p, "tensor_parallel", False)]
     total = torch.zeros((), dtype=torch.float32, device=device)
     counted = sharded + (replicated if tp_rank == 0 else [])
     if counted:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from megacore._profiling import ProfileWindow, phase
+from megacore.parallel import pipeline
 from megacore.parallel.collectives import all_reduce
 from megacore.training.optim import LRSchedule, clip_grad_norm
 from megacore.training.precision import DynamicLossScaler, MixedPrecision
@@ -68,6 +69,10 @@ class Trainer:
         ddp: the DistributedDataParallel wrapper (``no_sync()`` on all but the last micro-batch; the
             reported loss is averaged over data-parallel ranks); None when not data-parallel.
         loss_fn: ``loss_fn(model, micro_batch) -> 0-dim loss``; default ``masked_mean_loss`` (causal LM).
+        output_loss: under pipeline parallelism (a model cut with ``megacore.parallel.pipeline.cut_stage``), the
+            last stage's ``output_loss(stage_output, micro_batch) -> 0-dim loss`` (the task's); default
+            ``pipeline.default_output_loss``. The step then runs the 1F1B schedule (interleaved when the model
+            has virtual chunks) instead of one micro-batch after the other, and ``loss_fn`` is not used.
         max_skipped_steps: with a ``scaler``, how many consecutive overflow-skipped steps are tolerated (the
             scale halves on each; from 2**16 it reaches 1 in 16); one more raises TrainingDivergedError.
         loss_spike_factor: None (off), or a factor > 1: a step whose loss exceeds it times the largest loss
@@ -86,7 +91,7 @@ class Trainer:
                  precision: Optional[MixedPrecision] = None, scaler: Optional[DynamicLossScaler] = None,
                  grad_accumulation: int = 1, clip: Optional[float] = 1.0, ddp: Optional[nn.Module] = None,
                  loss_fn: Optional[LossFn] = None, max_skipped_steps: Optional[int] = None,
-                 loss_spike_factor: Optional[float] = None):
+                 loss_spike_factor: Optional[float] = None, output_loss: Optional[Callable] = None):
         fn = "megacore.training.Trainer"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -113,7 +118,16 @@ class Trainer:
         self.precision, self.scaler, self.ddp = precision, scaler, ddp
         self.grad_accumulation, self.clip = grad_accumulation, clip or 0.0
         self.loss_fn = loss_fn or masked_mean_loss
+        self.output_loss = output_loss or pipeline.default_output_loss
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.stages = pipeline.layout_of(model)  # None unless pipeline-parallel
+        # The tied word embedding's copy on the last stage: its gradient equals the first stage's after
+        # sync_tied_gradients, so the global norm counts it there only.
+        copies = pipeline.tied_copy_names(model)
+        by_name = dict((ddp or model).named_parameters()) if copies else {}
+        copy_ids = {id(by_name[n]) for n in copies}
+        self.norm_excluded = {id(p) for p in self.params if id(p) in copy_ids or id(getattr(p, "model_param", None))
+                              in copy_ids}
         self.step_count = 0
         self.max_skipped_steps, self.loss_spike_factor = max_skipped_steps, loss_spike_factor
         self.consecutive_skips = 0
@@ -157,25 +171,13 @@ class Trainer:
     def _train_step(self, micro_batches: list[dict], step: int) -> dict:
         self.model.train()
         lr = self.optimizer.param_groups[0]["lr"]
-        n = len(micro_batches)
-        losses, tokens = [], 0
-        for i, batch in enumerate(micro_batches):
-            last = i == n - 1
-            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
-            with sync:
-                with phase("megacore.forward"):
-                    loss = self.loss_fn(self.model, batch)
-                    scaled = loss / n
-                    if self.scaler is not None:
-                        scaled = self.scaler.scale(scaled)
-                with phase("megacore.backward"):  # holds DDP's megacore.grad_sync on the last micro-batch
-                    scaled.backward()
-            losses.append(loss.detach())
-            ids = batch.get("input_ids")
-            tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+        tokens = sum(int(b["input_ids"].numel()) for b in micro_batches if isinstance(b.get("input_ids"), torch.Tensor))
+        if self.stages is not None:
+            loss = self._pipeline_forward_backward(micro_batches)
+        else:
+            loss = self._forward_backward(micro_batches)
 
         with phase("megacore.loss_sync"):  # float() waits for the device: the step's one host sync
-            loss = torch.stack(losses).mean()
             if self.ddp is not None and self.ddp.data_parallel_group.size() > 1:
                 dp = self.ddp.data_parallel_group
                 loss = all_reduce(loss.reshape(1), dp, "avg").reshape(())
@@ -189,7 +191,7 @@ class Trainer:
                 found_inf = self.scaler.unscale_(self.params) if self.scaler is not None else False
                 grad_norm = float("nan")
                 if not found_inf:
-                    grad_norm = float(clip_grad_norm(self.params, self.clip))
+                    grad_norm = float(clip_grad_norm(self.params, self.clip, excluded=self.norm_excluded))
                     if not math.isfinite(grad_norm):
                         raise TrainingDivergedError(step, f"{_FN}: step {step}: the gradient norm is {grad_norm} "
                                                           f"(loss {loss:.4g}); stopping before the optimizer step, "
@@ -207,6 +209,36 @@ class Trainer:
         self.step_count += 1
         self.recent_losses.append(loss)
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bool(found_inf), "tokens": tokens}
+
+    def _scale(self, loss: torch.Tensor, n: int) -> torch.Tensor:
+        """What backward starts from: the micro-batch's share of the step's mean, times the fp16 loss scale."""
+        scaled = loss / n
+        return self.scaler.scale(scaled) if self.scaler is not None else scaled
+
+    def _forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        """One micro-batch after the other; returns the mean loss (0-dim, detached)."""
+        n, losses = len(micro_batches), []
+        for i, batch in enumerate(micro_batches):
+            last = i == n - 1
+            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            with sync:
+                with phase("megacore.forward"):
+                    loss = self.loss_fn(self.model, batch)
+                    scaled = self._scale(loss, n)
+                with phase("megacore.backward"):  # holds DDP's megacore.grad_sync on the last micro-batch
+                    scaled.backward()
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
+
+    def _pipeline_forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        """The pipeline schedule over this rank's stage; returns the step's loss (0-dim, the same on every
+        pipeline rank), after summing the tied embedding's gradients over the first and last stage."""
+        n = len(micro_batches)
+        losses = pipeline.forward_backward(self.model, micro_batches, lambda loss: self._scale(loss, n),
+                                           self.output_loss, no_sync=self.ddp.no_sync if self.ddp is not None else None)
+        pipeline.sync_tied_gradients(self.model)
+        device = next(self.model.parameters()).device
+        return pipeline.pipeline_loss(losses, n, device)
 
     def _check_loss(self, step: int, loss: float) -> None:
         if not math.isfinite(loss):

@@ -131,14 +131,19 @@ def transformer_layer(
             ``attention_mask_type='padding'``.
         rotary: ``(cos, sin)``, each ``[s, rotary_dim]`` (full sequence), or None for no RoPE.
         seed: int64 CPU tensor of one element seeding every dropout mask (see :func:`dropout_seed`);
-            None draws one from torch's default CPU generator.
+            None draws one from torch's default CPU generator when there is dropout (nothing is drawn
+            without: under pipeline parallelism the stages then draw what one process would, e.g. ELECTRA's
+            samples).
         group_name: the tensor-parallel group's ``group_name``; "" for none.
         training: False turns dropout off.
     Returns: the output, ``hidden``'s shape and dtype.
     Raises ValueError / TypeError naming ``megacore.transformer_layer`` and the argument on bad input.
     """
     if seed is None:  # on CPU even under `with torch.device(...)`: the op reads it on the host
-        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device="cpu")
+        if training and (config.hidden_dropout > 0 or config.attention_dropout > 0):
+            seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device="cpu")
+        else:  # no dropout: draw nothing, so the default generator's stream does not depend on where layers run
+            seed = torch.zeros(1, dtype=torch.int64, device="cpu")
     cos, sin = rotary if rotary is not None else (None, None)
     args = _config_args(config, group_name, training)
     out, _ = _lib.transformer_layer(hidden, *(params.get(n) for n in PARAM_NAMES), attention_mask, cos, sin, seed,

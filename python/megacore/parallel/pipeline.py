@@ -1,0 +1,477 @@
+"""Pipeline parallelism: a model cut into stages by layer ranges, and the 1F1B schedules that run
+micro-batches through them (Narayanan et al., 2021; Megatron-LM's ``forward_backward_pipelining_*``).
+
+    stage 0                      stage 1                     ...  stage P-1
+    input part + layers [0, n)   layers [n, 2n)                   layers [(P-1)n, L) + output part + loss
+          --- activations (point-to-point, shapes known in advance) --->
+          <--- gradients of those activations ---------------------------
+
+A model that can be cut is a :class:`megacore.models.common.StagedModel` (GPT, BERT/RoBERTa, ELECTRA):
+an input part, one TransformerStack, an output part. :func:`cut_stage` keeps this rank's part of it;
+parameter names stay the full model's, so checkpoints and optimizers see the same names at any layout.
+With ``virtual_size`` V > 1 (the interleaved schedule) a rank holds V chunks of layers: rank r's chunk c
+is virtual stage ``c * P + r`` of ``P * V``.
+
+The schedule (:func:`schedule`) is a list of ("forward" | "backward", micro-batch, chunk) for one rank;
+:func:`forward_backward` runs it. Sends are asynchronous and receives are posted one operation ahead,
+so the next micro-batch's transfer overlaps this one's compute; every rank computes the shapes it will
+receive from the micro-batch (``StagedModel.boundary_spec``), so nothing but the tensors travels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megacore._profiling import phase
+from megacore.parallel import state as parallel_state
+from megacore.parallel.collectives import all_reduce
+
+_NAME = "megacore.parallel.pipeline"
+FORWARD, BACKWARD = "forward", "backward"
+_ACTIVATION_TAG, _GRADIENT_TAG = 11, 12  # gloo matches by tag; NCCL by group (see ParallelState)
+
+
+# ---- the stage layout ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Where this rank sits in the pipeline and what it holds (``model.pipeline`` after :func:`cut_stage`).
+
+    chunks: per virtual chunk ``c`` (0 .. V-1), the global indices of its layers (virtual stage ``c*P + rank``).
+    tied_copies: the names of parameters this rank holds as a copy of the first stage's (the last stage's
+        tied word embedding): their gradients are summed with the first stage's, gradient norms count
+        them once and checkpoints save the first stage's.
+    """
+
+    rank: int
+    size: int
+    virtual_size: int
+    chunks: tuple[tuple[int, ...], ...]
+    tied_copies: frozenset
+
+    def is_first(self, chunk: int) -> bool:
+        """Whether chunk ``chunk`` is the model's first virtual stage (it runs the input part)."""
+        return self.rank == 0 and chunk == 0
+
+    def is_last(self, chunk: int) -> bool:
+        """Whether chunk ``chunk`` is the model's last virtual stage (it runs the output part and the loss)."""
+        return self.rank == self.size - 1 and chunk == self.virtual_size - 1
+
+    @property
+    def holds_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def holds_last(self) -> bool:
+        return self.rank == self.size - 1
+
+
+def stage_layers(num_layers: int, pipeline_size: int, virtual_size: int = 1) -> list[list[range]]:
+    """The layers of each rank's chunks: ``[rank][chunk] -> range`` of global layer indices, virtual stage
+    ``chunk * pipeline_size + rank`` holding ``num_layers / (pipeline_size * virtual_size)`` consecutive
+    layers. Raises ValueError when that does not divide."""
+    stages = pipeline_size * virtual_size
+    if num_layers % stages:
+        what = (f"pipeline_parallel_size {pipeline_size} x virtual_pipeline_parallel_size {virtual_size} = {stages}"
+                if virtual_size > 1 else f"pipeline_parallel_size {pipeline_size}")
+        raise ValueError(f"{_NAME}: the model's {num_layers} layers do not divide into {what} stages of equal size")
+    n = num_layers // stages
+    return [[range((c * pipeline_size + r) * n, (c * pipeline_size + r + 1) * n) for c in range(virtual_size)]
+            for r in range(pipeline_size)]
+
+
+def _check_size(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{_NAME}: {name}={value!r} must be an int >= 1")
+
+
+def _drop(model: nn.Module, path: str) -> None:
+    parent, _, leaf = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if getattr(owner, leaf, None) is not None:
+        setattr(owner, leaf, None)
+
+
+def cut_stage(model: nn.Module, rank: Optional[int] = None, size: Optional[int] = None,
+              virtual_size: int = 1) -> nn.Module:
+    """Keeps, in place, the part of ``model`` (a StagedModel, built whole) that pipeline rank ``rank`` of
+    ``size`` runs, and returns it with ``model.pipeline`` (a :class:`StageLayout`) set.
+
+    The first rank keeps the input part's modules, the last rank the output part's (and, when the model ties
+    them, a copy of the first stage's word embedding); each rank keeps the layers of its ``virtual_size``
+    chunks, the stack's layer list becoming an ``nn.ModuleDict`` keyed by the global layer index, so every
+    kept parameter keeps its name. Modules no rank's part uses are dropped (set to None); the memory of what
+    was dropped is freed once nothing else refers to it. ``rank``/``size`` default to this process's pipeline
+    rank and size (``initialize_model_parallel``).
+
+    Build the whole model on every rank with the same seed first (as ``megacore train`` does), so each stage
+    starts from the weights one process would have.
+
+    Raises ValueError when the layers do not divide into ``size * virtual_size`` equal stages, a size is not
+    an int >= 1, or the rank is out of range; TypeError when ``model`` is not a StagedModel.
+    """
+    from megacore.models.common import StagedModel, TransformerStack
+
+    if not isinstance(model, StagedModel):
+        raise TypeError(f"{_NAME}.cut_stage: model must be a megacore StagedModel (GPT, BERT, ELECTRA), got "
+                        f"{type(model).__name__}")
+    if getattr(model, "pipeline", None) is not None:
+        raise ValueError(f"{_NAME}.cut_stage: the model is already cut (pipeline rank {model.pipeline.rank} of "
+                         f"{model.pipeline.size})")
+    if rank is None or size is None:
+        s = parallel_state.get_parallel_state()
+        rank, size = s.pipeline_parallel_rank, s.pipeline_parallel_size
+    _check_size("size", size)
+    _check_size("virtual_size", virtual_size)
+    if not (isinstance(rank, int) and 0 <= rank < size):
+        raise ValueError(f"{_NAME}.cut_stage: rank={rank!r} is not in [0, {size})")
+    stack = model.get_submodule(model.pipeline_stack)
+    assert isinstance(stack, TransformerStack)
+    chunks = tuple(tuple(r) for r in stage_layers(len(stack.layer_indices()), size, virtual_size)[rank])
+    keep = [i for chunk in chunks for i in chunk]
+    stack.layers = nn.ModuleDict({str(i): stack.layer(i) for i in keep})
+    first, last = rank == 0, rank == size - 1
+    tied = set()
+    if not first:
+        for path in model.first_stage_modules:
+            if last and path in model.tied_modules:
+                continue
+            if any(t.startswith(path + ".") for t in model.tied_modules) and last:
+                # keep only the tied module under this one (GPT/BERT: embedding.word of embedding)
+                _keep_only(model, path, [t for t in model.tied_modules if t.startswith(path + ".")])
+                continue
+            _drop(model, path)
+        if last:
+            tied = {f"{path}.{name}" for path in model.tied_modules
+                    for name, _ in model.get_submodule(path).named_parameters()}
+    if not last:
+        for path in model.last_stage_modules:
+            _drop(model, path)
+    model.pipeline = StageLayout(rank, size, virtual_size, chunks, frozenset(tied))
+    return model
+
+
+def _keep_only(model: nn.Module, path: str, inner: list[str]) -> None:
+    """Replaces module ``path`` with a bare module holding only its submodules ``inner`` (full paths)."""
+    old = model.get_submodule(path)
+    bare = nn.Module()
+    for full in inner:
+        name = full[len(path) + 1:]
+        assert "." not in name, full
+        setattr(bare, name, old.get_submodule(name))
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, bare)
+
+
+def layout_of(model: nn.Module) -> Optional[StageLayout]:
+    """The StageLayout of a cut model (through a DistributedDataParallel wrapper too), or None."""
+    return getattr(getattr(model, "module", model), "pipeline", None)
+
+
+def tied_copy_names(model: nn.Module) -> frozenset:
+    """Names of parameters this rank holds as copies of the first stage's (empty when not cut)."""
+    layout = layout_of(model)
+    return layout.tied_copies if layout is not None else frozenset()
+
+
+@torch.no_grad()
+def sync_tied_gradients(model: nn.Module) -> None:
+    """Sums the gradients of the tied word embedding over the first and last stage (Megatron's embedding
+    group), so both copies take the same step. Reads ``main_grad`` when DistributedDataParallel made one.
+    A no-op on the stages in between and without pipeline parallelism."""
+    from megacore.training.optim import grad_of
+
+    inner = getattr(model, "module", model)
+    layout = getattr(inner, "pipeline", None)
+    if layout is None or layout.size == 1:
+        return
+    group = parallel_state.get_parallel_state().embedding_group
+    if group is None:
+        return
+    for path in inner.tied_modules:
+        for _, p in inner.get_submodule(path).named_parameters():
+            g = grad_of(p)
+            if g is None:  # this stage did not use it: it contributes zero
+                g = p.grad = torch.zeros_like(p)
+            g.copy_(all_reduce(g, group))
+
+
+# ---- the schedules -----------------------------------------------------------------------------------------------
+
+
+class Op(NamedTuple):
+    """One step of a rank's schedule."""
+
+    kind: str  # FORWARD or BACKWARD
+    microbatch: int
+    chunk: int
+
+
+def check_schedule(num_microbatches: int, pipeline_size: int, virtual_size: int = 1) -> None:
+    """ValueError for a layout the schedule cannot run: the interleaved schedule needs the micro-batches to
+    come in whole rounds of ``pipeline_size`` (Megatron's rule)."""
+    _check_size("num_microbatches", num_microbatches)
+    _check_size("pipeline_size", pipeline_size)
+    _check_size("virtual_size", virtual_size)
+    if virtual_size > 1 and num_microbatches % pipeline_size:
+        raise ValueError(f"{_NAME}: the interleaved schedule (virtual_pipeline_parallel_size {virtual_size}) needs "
+                         f"the micro-batches per step ({num_microbatches}) to be a multiple of the pipeline-parallel "
+                         f"size {pipeline_size}")
+
+
+def warmup_forwards(num_microbatches: int, pipeline_size: int, rank: int, virtual_size: int = 1) -> int:
+    """How many forwards rank ``rank`` runs before its first backward. 1F1B: ``P - rank - 1`` (the
+    forwards in flight when the last stage starts backward). Interleaved: ``2 (P - rank - 1) + (V - 1) P``,
+    every forward when there are only ``P`` micro-batches (Megatron's numbers)."""
+    total = num_microbatches * virtual_size
+    if virtual_size == 1:
+        return min(pipeline_size - rank - 1, total)
+    if num_microbatches == pipeline_size:
+        return total
+    return min(2 * (pipeline_size - rank - 1) + (virtual_size - 1) * pipeline_size, total)
+
+
+def schedule(num_microbatches: int, pipeline_size: int, rank: int, virtual_size: int = 1) -> list[Op]:
+    """Rank ``rank``'s operations, in order, for one step of ``num_microbatches`` micro-batches: warm-up
+    forwards, then one forward and one backward alternately (steady 1F1B), then the cool-down backwards.
+
+    With ``virtual_size`` V > 1 (interleaved 1F1B) the k-th forward runs chunk ``(k mod PV) // P`` on
+    micro-batch ``(k // PV) P + k mod P`` (groups of P micro-batches go through one chunk, then the next),
+    and the k-th backward runs the chunks in reverse order on the same micro-batches. Raises ValueError
+    (``check_schedule``) for a layout the schedule cannot run.
+    """
+    check_schedule(num_microbatches, pipeline_size, virtual_size)
+    if not (isinstance(rank, int) and 0 <= rank < pipeline_size):
+        raise ValueError(f"{_NAME}.schedule: rank={rank!r} is not in [0, {pipeline_size})")
+    P, V = pipeline_size, virtual_size
+    total = num_microbatches * V
+
+    def microbatch(k: int) -> int:
+        return (k // (P * V)) * P + k % P if V > 1 else k
+
+    def chunk(k: int, forward: bool) -> int:
+        c = (k % (P * V)) // P
+        return c if forward else V - 1 - c
+
+    warmup = warmup_forwards(num_microbatches, P, rank, V)
+    ops = [Op(FORWARD, microbatch(k), chunk(k, True)) for k in range(warmup)]
+    for k in range(total - warmup):
+        ops.append(Op(FORWARD, microbatch(warmup + k), chunk(warmup + k, True)))
+        ops.append(Op(BACKWARD, microbatch(k), chunk(k, False)))
+    ops += [Op(BACKWARD, microbatch(k), chunk(k, False)) for k in range(total - warmup, total)]
+    return ops
+
+
+def forward_schedule(num_microbatches: int, virtual_size: int = 1) -> list[Op]:
+    """Forward only (evaluation): each micro-batch through each chunk, in order."""
+    return [Op(FORWARD, m, c) for m in range(num_microbatches) for c in range(virtual_size)]
+
+
+def bubble_fraction(num_microbatches: int, pipeline_size: int, virtual_size: int = 1) -> float:
+    """The schedule's idle fraction with equal stages: ``(P - 1) / (V m + P - 1)`` (Narayanan et al.)."""
+    return (pipeline_size - 1) / (virtual_size * num_microbatches + pipeline_size - 1)
+
+
+# ---- running a schedule ------------------------------------------------------------------------------------------
+
+
+def default_output_loss(output, batch: dict) -> torch.Tensor:
+    """A stage output's loss: ``output.loss`` when it has one (BERT, ELECTRA), else the mean of a per-token
+    loss ``[b, s]`` over the tokens whose label is not -100 (GPT)."""
+    if hasattr(output, "loss"):
+        return output.loss
+    mask = (batch["labels"] != -100).to(output.dtype)
+    return (output * mask).sum() / mask.sum().clamp(min=1)
+
+
+class _Channel:
+    """Point-to-point transfers with the neighbouring stages of this rank's pipeline group."""
+
+    def __init__(self, layout: StageLayout):
+        s = parallel_state.get_parallel_state()
+        ranks = s.pipeline_parallel_ranks
+        self.next_rank = ranks[(layout.rank + 1) % layout.size]
+        self.prev_rank = ranks[(layout.rank - 1) % layout.size]
+        self.activation_group, self.gradient_group = s.pipeline_activation_group, s.pipeline_gradient_group
+        self.pending_sends: list = []
+
+    def send(self, tensors: list[torch.Tensor], to_next: bool) -> None:
+        peer, group, tag = ((self.next_rank, self.activation_group, _ACTIVATION_TAG) if to_next
+                            else (self.prev_rank, self.gradient_group, _GRADIENT_TAG))
+        for t in tensors:
+            t = t.detach().contiguous()
+            self.pending_sends.append((dist.isend(t, peer, group=group, tag=tag), t))
+
+    def recv(self, spec: list, from_prev: bool, device) -> tuple[list[torch.Tensor], list]:
+        peer, group, tag = ((self.prev_rank, self.activation_group, _ACTIVATION_TAG) if from_prev
+                            else (self.next_rank, self.gradient_group, _GRADIENT_TAG))
+        buffers = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in spec]
+        works = [dist.irecv(b, peer, group=group, tag=tag) for b in buffers]
+        return buffers, works
+
+    def wait_sends(self) -> None:
+        for work, _ in self.pending_sends:
+            work.wait()
+        self.pending_sends.clear()
+
+
+def _differentiable(t: torch.Tensor) -> bool:
+    return t.is_floating_point()
+
+
+def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Callable[[torch.Tensor], torch.Tensor],
+                     output_loss: Callable = default_output_loss, no_sync: Optional[Callable] = None,
+                     forward_only: bool = False, record: Optional[list] = None,
+                     on_output: Optional[Callable] = None) -> list[torch.Tensor]:
+    """Runs one step's micro-batches through this rank's stage of ``model`` (cut with :func:`cut_stage`,
+    possibly wrapped in DistributedDataParallel) with the 1F1B schedule (interleaved when the model has
+    virtual chunks), or forwards only.
+
+    Args:
+        micro_batches: this data-parallel rank's micro-batches (every pipeline rank gets the same ones: each
+            stage reads what it needs, the first the ids, the last the labels, every one the mask).
+        scale_loss: maps a micro-batch's loss to what backward starts from (``loss / m``, times the loss
+            scale under fp16).
+        output_loss: ``output_loss(stage_output, batch) -> 0-dim loss`` on the last stage (the task's).
+        no_sync: a context manager factory (DistributedDataParallel.no_sync) entered for every backward but
+            this rank's last, so that data-parallel reduction happens once per step.
+        forward_only: evaluation: forwards in micro-batch order, no backward, nothing kept for it.
+        record: when a list, each operation run is appended to it (kind, micro-batch, chunk).
+        on_output: ``on_output(microbatch, stage_output)`` on the last stage (evaluation's metrics).
+
+    Returns this rank's losses, one 0-dim fp32 tensor per micro-batch it computed a loss for (the last
+    stage's output loss plus the first stage's input-part loss, when it has one: ELECTRA's generator), detached;
+    the step's loss is their sum over the pipeline group divided by the number of micro-batches.
+    Raises ValueError for a model that is not cut or a layout the schedule cannot run.
+    """
+    inner = getattr(model, "module", model)
+    layout = getattr(inner, "pipeline", None)
+    if layout is None:
+        raise ValueError(f"{_NAME}.forward_backward: the model is not cut into pipeline stages (cut_stage)")
+    m = len(micro_batches)
+    ops = (forward_schedule(m, layout.virtual_size) if forward_only
+           else schedule(m, layout.size, layout.rank, layout.virtual_size))
+    stack = inner.get_submodule(inner.pipeline_stack)
+    channel = _Channel(layout) if layout.size > 1 else None
+    device = next(inner.parameters()).device
+    spec_cache: dict[int, list] = {}
+
+    def spec(mb: int) -> list:
+        if mb not in spec_cache:
+            spec_cache[mb] = inner.boundary_spec(micro_batches[mb])
+        return spec_cache[mb]
+
+    # What a forward receives: posted one operation ahead, so the transfer overlaps the compute before it.
+    posted: dict[tuple[str, int, int], tuple] = {}
+
+    def needs_recv(op: Op) -> bool:
+        if op.kind == FORWARD:
+            return not layout.is_first(op.chunk)
+        return not layout.is_last(op.chunk)
+
+    def post(op: Op) -> None:
+        key = (op.kind, op.microbatch, op.chunk)
+        if channel is None or key in posted or not needs_recv(op):
+            return
+        if op.kind == FORWARD:
+            posted[key] = channel.recv(spec(op.microbatch), True, device)
+        else:
+            float_spec = [s for s in spec(op.microbatch) if s[1].is_floating_point]
+            posted[key] = channel.recv(float_spec, False, device)
+
+    def take(op: Op) -> list[torch.Tensor]:
+        post(op)
+        buffers, works = posted.pop((op.kind, op.microbatch, op.chunk))
+        for w in works:
+            w.wait()
+        return buffers
+
+    saved: dict[tuple[int, int], tuple] = {}  # (microbatch, chunk) -> (inputs, outputs, loss to backward)
+    losses: list[torch.Tensor] = []
+    backwards = sum(1 for op in ops if op.kind == BACKWARD)
+    done_backwards = 0
+    try:
+        for i, op in enumerate(ops):
+            if record is not None:
+                record.append(op)
+            post(op)  # receives are matched in the order they are posted: this op's before the next one's
+            if i + 1 < len(ops):
+                post(ops[i + 1])
+            batch = micro_batches[op.microbatch]
+            if op.kind == FORWARD:
+                with phase("megacore.forward"), torch.set_grad_enabled(not forward_only):
+                    stage_loss = None
+                    if layout.is_first(op.chunk):
+                        inputs, stage_loss = inner.stage_input(batch)
+                        received = []
+                    else:
+                        received = take(op)
+                        if not forward_only:
+                            for t in received:
+                                if _differentiable(t):
+                                    t.requires_grad_(True)
+                        inputs = tuple(received)
+                    x = stack(inputs[0], inner.stage_mask(batch), indices=list(layout.chunks[op.chunk]))
+                    outputs = (x,) + tuple(inputs[1:])
+                    if layout.is_last(op.chunk):
+                        output = inner.stage_output(outputs, batch)
+                        if on_output is not None:
+                            on_output(op.microbatch, output)
+                        loss = output_loss(output, batch)
+                        stage_loss = loss if stage_loss is None else stage_loss + loss
+                        outputs = ()
+                    else:
+                        channel.send(list(outputs), True)
+                    if stage_loss is not None:
+                        losses.append(stage_loss.detach().float())
+                    if not forward_only:
+                        saved[(op.microbatch, op.chunk)] = (received, outputs, stage_loss)
+            else:
+                received, outputs, stage_loss = saved.pop((op.microbatch, op.chunk))
+                tensors, grads = [], []
+                if not layout.is_last(op.chunk):
+                    grad_buffers = take(op)
+                    differentiable = [t for t in outputs if _differentiable(t)]
+                    tensors += differentiable
+                    grads += grad_buffers
+                if stage_loss is not None:
+                    tensors.append(scale_loss(stage_loss))
+                    grads.append(None)
+                done_backwards += 1
+                last = done_backwards == backwards
+                with phase("megacore.backward"):
+                    if no_sync is not None and not last:
+                        with no_sync():
+                            torch.autograd.backward(tensors, grads)
+                    else:
+                        torch.autograd.backward(tensors, grads)
+                if not layout.is_first(op.chunk):
+                    channel.send([t.grad if t.grad is not None else torch.zeros_like(t)
+                                  for t in received if _differentiable(t)], False)
+        if channel is not None:
+            channel.wait_sends()
+    finally:
+        posted.clear()
+        saved.clear()
+    return losses
+
+
+def pipeline_loss(losses: list[torch.Tensor], num_microbatches: int, device) -> torch.Tensor:
+    """The step's loss, the same on every pipeline rank: the sum of every rank's micro-batch losses (the last
+    stage's, and a first stage's input-part losses) over the pipeline group, divided by ``num_microbatches``."""
+    total = torch.stack(losses).sum() if losses else torch.zeros((), dtype=torch.float32, device=device)
+    total = total.reshape(1).to(torch.float32)
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_parallel_world_size() > 1:
+        total = all_reduce(total, parallel_state.get_pipeline_parallel_group())
+    return total.reshape(()) / num_microbatches
+
+
+__all__ = ["BACKWARD", "FORWARD", "Op", "StageLayout", "bubble_fraction", "check_schedule", "cut_stage",
+           "default_output_loss", "forward_backward", "forward_schedule", "layout_of", "pipeline_loss", "schedule",
+           "stage_layers", "sync_tied_gradients", "tied_copy_names", "warmup_forwards"]
