@@ -79,6 +79,27 @@ def data_segments(extra: Optional[dict], config: TrainConfig, step: int) -> tupl
     return consumed, segments
 
 
+def restore_training_state(step_dir: str, config: TrainConfig, model, optimizer, schedule, scaler) -> None:
+    """Loads a resumed run's weights, optimizer, RNG, schedule and loss-scaler state from ``step_dir``; the
+    schedule is stretched to ``config.train_steps``, and with ``config.override_lr_schedule`` takes the
+    config's rates, warmup and weight decay instead of the checkpoint's."""
+    from megacore.training.checkpoint import load_checkpoint
+
+    extra = load_checkpoint(step_dir, model, optimizer)
+    schedule.load_state_dict(extra["schedule"])
+    if schedule.total_steps != config.train_steps:
+        schedule.reshape(total_steps=config.train_steps,
+                         warmup_steps=min(schedule.warmup_steps, config.train_steps))
+    if config.override_lr_schedule:
+        schedule.reshape(max_lr=config.lr, min_lr=config.min_lr,
+                         warmup_steps=min(config.warmup_steps, config.train_steps))
+        for group in optimizer.param_groups:
+            if group.get("weight_decay", 0) > 0:
+                group["weight_decay"] = config.weight_decay
+    if scaler is not None and "scaler" in extra:
+        scaler.load_state_dict(extra["scaler"])
+
+
 def family_of_checkpoint(extra: dict) -> str:
     """"gpt", "bert" or "electra" (its task's ``family``): the family of the preset a checkpoint was trained as."""
     from megacore.training.tasks import Task
@@ -134,4 +155,4 @@ def evaluate_checkpoint(checkpoint: str, batches: int = 50, passages: int = 200,
 
 
 __all__ = ["DTYPES", "TOKENIZER_DIR", "data_segments", "evaluate_checkpoint", "family_of_checkpoint",
-           "model_from_checkpoint", "resume_point"]
+           "model_from_checkpoint", "restore_training_state", "resume_point"]

@@ -37,7 +37,7 @@ from megacore.training.corpus import MASKED_LM_UNITS, embedded_corpus, embedded_
 from megacore.training.corpus import is_main_process as _is_main
 from megacore.training.metrics import MetricsLog, naming, plot_loss, progress_bar
 from megacore.training.resume import (DTYPES, TOKENIZER_DIR, data_segments, evaluate_checkpoint, family_of_checkpoint,
-                                      model_from_checkpoint, resume_point)
+                                      model_from_checkpoint, restore_training_state, resume_point)
 from megacore.training.tasks import Task, to_device, unigram_perplexity
 from megacore.training.trainer import TrainingDivergedError
 
@@ -116,7 +116,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     from megacore.models.registry import PRESETS, build
     from megacore.parallel import DistributedDataParallel, report_stalled_ranks
     from megacore.training import LRSchedule, MixedPrecision, Trainer, build_optimizer
-    from megacore.training.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+    from megacore.training.checkpoint import remove_stale_temporaries, save_checkpoint
     from megacore.training.precision import DynamicLossScaler
 
     if not isinstance(config, TrainConfig):
@@ -190,19 +190,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
                       loss_spike_factor=config.loss_spike_factor)
 
     if resumed_dir is not None:
-        extra = load_checkpoint(resumed_dir, model, optimizer)
-        schedule.load_state_dict(extra["schedule"])
-        if schedule.total_steps != config.train_steps:
-            schedule.reshape(total_steps=config.train_steps,
-                             warmup_steps=min(schedule.warmup_steps, config.train_steps))
-        if config.override_lr_schedule:
-            schedule.reshape(max_lr=config.lr, min_lr=config.min_lr,
-                             warmup_steps=min(config.warmup_steps, config.train_steps))
-            for group in optimizer.param_groups:
-                if group.get("weight_decay", 0) > 0:
-                    group["weight_decay"] = config.weight_decay
-        if scaler is not None and "scaler" in extra:
-            scaler.load_state_dict(extra["scaler"])
+        restore_training_state(resumed_dir, config, model, optimizer, schedule, scaler)
         trainer.step_count = step
     if main:
         with naming(out / "train_config.json"):
