@@ -248,20 +248,20 @@ def test_resume_with_a_new_global_batch_size_keeps_the_data_position_exact_in_sa
     extra = torch.load(run / "checkpoints" / "step_00000013" / "extra.pt", weights_only=True)
     assert extra["consumed_samples"] == 10 * 2 + 3 * 4 and sum(extra["data_segments"]) >= 32
     # the samples trained after the resume are samples 20..31 of the original run's order
-    from megacore.training.run import _datasets
+    from megacore.training.tasks import CausalLMTask
 
     config = parse_config({**json.loads((run / "train_config.json").read_text())})
-    stream, *_ = _datasets(config, 1, [int(n) for n in extra["data_segments"]], lambda m: None)
+    stream = CausalLMTask().datasets(config, 1, [int(n) for n in extra["data_segments"]], lambda m: None).train
     expected = torch.stack([torch.as_tensor(stream[i]["tokens"]).long() for i in range(20, 32)])
     assert torch.equal(torch.cat(seen), expected)
 
 
 def test_the_training_stream_keeps_its_first_samples_when_a_resume_appends_a_segment(corpus_cache):
-    from megacore.training.run import _datasets
+    from megacore.training.tasks import CausalLMTask
 
     config = parse_config(dict(TINY, cache_dir=corpus_cache))
-    short, *_ = _datasets(config, 1, [20], lambda m: None)
-    longer, *_ = _datasets(config, 1, [20, 500], lambda m: None)
+    short = CausalLMTask().datasets(config, 1, [20], lambda m: None).train
+    longer = CausalLMTask().datasets(config, 1, [20, 500], lambda m: None).train
     assert len(longer) == 520
     for i in range(20):
         assert torch.equal(torch.as_tensor(short[i]["tokens"]), torch.as_tensor(longer[i]["tokens"]))

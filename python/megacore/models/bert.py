@@ -170,6 +170,10 @@ class BertModel(StagedModel):
     ``initialize_model_parallel``.
     """
 
+    # megacore.training.tasks: how `megacore train` trains this class (with sentence pairs when the model has a
+    # binary head: its ``head_type``)
+    pretraining_task = "masked_lm"
+
     def __init__(self, config: ModelConfig, add_pooler: bool = True, head: Optional[str] = "nsp",
                  position_offset_padding_idx: Optional[int] = None, device=None):
         super().__init__()

@@ -223,6 +223,8 @@ class ElectraModel(StagedModel):
     RuntimeError with ``tensor_parallel=True`` before ``initialize_model_parallel``.
     """
 
+    pretraining_task = "electra"  # megacore.training.tasks: how `megacore train` trains this class
+
     def __init__(self, config: ModelConfig, generator_config: Optional[ModelConfig] = None,
                  discriminator_weight: float = 50.0, generator_size: float = 0.25, device=None):
         super().__init__()

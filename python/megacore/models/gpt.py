@@ -31,6 +31,8 @@ class GPTModel(StagedModel):
     Raises ValueError for a non-causal mask type, and the config's/layers' errors.
     """
 
+    pretraining_task = "causal_lm"  # megacore.training.tasks: how `megacore train` trains this class
+
     def __init__(self, config: ModelConfig, device=None):
         super().__init__()
         if config.attention_mask_type not in ("causal", "sliding_window"):
