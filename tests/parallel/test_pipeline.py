@@ -297,3 +297,37 @@ def _record_order(rank, world, m, vp):
 
 def test_executor_runs_the_schedule_in_order():
     run_distributed(_record_order, 2, 4, 2, timeout_s=120)
+
+
+def _eval_items(family: str) -> list[dict]:
+    items = []
+    for batch in _batches(family, 3, seed=7):
+        for i in range(MICRO):
+            item = {k: v[i] for k, v in batch.items()}
+            if family == "gpt":
+                item = {"tokens": item["input_ids"], "labels": item["labels"]}
+            items.append(item)
+    return items
+
+
+def _evaluate(rank, world, family):
+    from megacore.parallel import initialize_model_parallel
+    from megacore.training.tasks import Task
+
+    model = _build(family)
+    task = Task.for_model(model)
+    items = _eval_items(family)
+    torch.manual_seed(5)
+    reference = task.evaluate(model, items, MICRO, 3)
+    initialize_model_parallel(1, world)
+    stage = pipeline.cut_stage(_build(family))
+    torch.manual_seed(5)
+    got = task.evaluate_pipeline(stage, items, MICRO, 3)
+    assert got.keys() == reference.keys()
+    for key in got:
+        assert got[key] == pytest.approx(reference[key], rel=1e-5), (key, got, reference)
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert", "electra"])
+def test_pipeline_evaluation_matches_one_process(family):
+    run_distributed(_evaluate, 2, family, timeout_s=120)

@@ -30,7 +30,12 @@ _HELP = {
              "shows it), float32, bfloat16 (fp32 master weights) or float16 (+ dynamic loss scaling)",
     "recompute": "activation checkpointing: none, selective (core attention) or full (every layer)",
     "hidden_dropout": "dropout on residual branches", "attention_dropout": "dropout on attention probabilities",
-    "tensor_parallel_size": "tensor-parallel size (under torchrun; data-parallel = processes / this)",
+    "tensor_parallel_size": "tensor-parallel size (under torchrun; data-parallel = processes / (this x pipeline size))",
+    "pipeline_parallel_size": "pipeline stages (under torchrun): the layers split into this many stages, 1F1B schedule",
+    "virtual_pipeline_parallel_size": "layer chunks per pipeline stage: > 1 runs the interleaved 1F1B schedule "
+                                      "(smaller bubble, more communication)",
+    "use_distributed_optimizer": "shard fp32 master weights and AdamW moments over the data-parallel ranks "
+                                 "(ZeRO-1, as Megatron's --use-distributed-optimizer)",
     "sequence_parallel": "sequence parallelism inside tensor-parallel groups",
     "distributed_timeout_minutes": "under torchrun: minutes a collective waits for the other ranks before the run "
                                    "stops, naming the ranks that did not arrive (default: 10 on NCCL, 5 on gloo)",
@@ -52,8 +57,9 @@ def _add_train(sub) -> None:
 
     p = sub.add_parser("train", help="train a model (default: gpt-tiny on the embedded corpus, CPU, < 10 min)",
                        description="Train a model. With no arguments: gpt-tiny on the embedded Austen corpus. Under "
-                                   "`torchrun --nproc-per-node N -m megacore train --tensor-parallel-size T` it trains "
-                                   "with tensor size T and data-parallel size N/T (gloo on CPU, NCCL on GPU). Rerunning "
+                                   "`torchrun --nproc-per-node N -m megacore train --tensor-parallel-size T "
+                                   "--pipeline-parallel-size P` it trains with tensor size T, P pipeline stages and "
+                                   "data-parallel size N/(T P) (gloo on CPU, NCCL on GPU). Rerunning "
                                    "with the same --output resumes from the newest complete checkpoint.")
     p.add_argument("--config", help="a JSON or YAML file of these options (command-line flags override it)")
     hints = get_type_hints(TrainConfig)

@@ -343,7 +343,8 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Ca
             this rank's last, so that data-parallel reduction happens once per step.
         forward_only: evaluation: forwards in micro-batch order, no backward, nothing kept for it.
         record: when a list, each operation run is appended to it (kind, micro-batch, chunk).
-        on_output: ``on_output(microbatch, stage_output)`` on the last stage (evaluation's metrics).
+        on_output: ``on_output(microbatch, stage_output, acts)`` on the last stage (evaluation's metrics; ``acts``
+            what the last layer gave).
 
     Returns this rank's losses, one 0-dim fp32 tensor per micro-batch it computed a loss for (the last
     stage's output loss plus the first stage's input-part loss, when it has one: ELECTRA's generator), detached;
@@ -422,7 +423,7 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Ca
                     if layout.is_last(op.chunk):
                         output = inner.stage_output(outputs, batch)
                         if on_output is not None:
-                            on_output(op.microbatch, output)
+                            on_output(op.microbatch, output, outputs)
                         loss = output_loss(output, batch)
                         stage_loss = loss if stage_loss is None else stage_loss + loss
                         outputs = ()

@@ -89,6 +89,9 @@ class TrainConfig:
     attention_dropout: Probability = 0.0
     tensor_parallel_size: Count = 1
     sequence_parallel: bool = False
+    pipeline_parallel_size: Count = 1
+    virtual_pipeline_parallel_size: Count = 1
+    use_distributed_optimizer: bool = False
     distributed_timeout_minutes: Optional[Rate] = None  # None: 10 on NCCL, 5 on gloo (parallel.timeouts)
     seed: NonNegative = 1234
     log_interval: Count = 10

@@ -52,7 +52,8 @@ def _init_distributed(config: TrainConfig):
     None for a single process with tensor_parallel_size 1."""
     from megacore.parallel.launch import init_from_torchrun
 
-    return init_from_torchrun(config.tensor_parallel_size, 1, config.distributed_timeout_minutes, _FN)
+    return init_from_torchrun(config.tensor_parallel_size, config.pipeline_parallel_size,
+                              config.distributed_timeout_minutes, _FN)
 
 
 def _train_device() -> torch.device:
@@ -93,6 +94,24 @@ def _positions(config: TrainConfig, log) -> int:
             f"tables are built for {config.seq_len}")
         positions = config.seq_len
     return positions
+
+
+def _check_pipeline_layout(config: TrainConfig) -> None:
+    """ValueError, before anything is prepared, for a pipeline layout the model cannot take: its layers must
+    divide into --pipeline-parallel-size x --virtual-pipeline-parallel-size equal stages."""
+    from megacore.models.registry import preset_config
+
+    pp, vp = config.pipeline_parallel_size, config.virtual_pipeline_parallel_size
+    if vp > 1 and pp == 1:
+        raise ValueError(f"{_FN}: --virtual-pipeline-parallel-size {vp} needs --pipeline-parallel-size > 1")
+    if pp == 1:
+        return
+    layers = preset_config(config.model, **config.model_overrides).num_layers
+    if layers % (pp * vp):
+        stages = f"--pipeline-parallel-size {pp}" + (f" x --virtual-pipeline-parallel-size {vp}" if vp > 1 else "")
+        raise ValueError(f"{_FN}: {config.model} has {layers} layers, which do not divide into {stages} equal "
+                         "stages; pick sizes whose product divides the layers (or --model-overrides "
+                         "'{\"num_layers\": N}')")
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -146,17 +165,24 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
                   "nothing to do. Pass a larger --train-steps to train further.")
         return {"checkpoint": resumed_dir, "step": step, "already_trained": True}
     positions = _positions(config, quiet_log)
+    _check_pipeline_layout(config)
     _writable_directory(str(out), "--output")
     _writable_directory(config.cache_dir, "--cache-dir")
     task = Task.for_preset(config.model)
     state = _init_distributed(config)
     tp, dp = (state.tensor_parallel_size, state.data_parallel_size) if state else (1, 1)
+    pp, vp = config.pipeline_parallel_size, config.virtual_pipeline_parallel_size
     dp_rank = state.data_parallel_rank if state else 0
     per_step = config.micro_batch_size * dp
     if config.global_batch_size % per_step:
         raise ValueError(f"{_FN}: --global-batch-size {config.global_batch_size} is not a multiple of "
                          f"--micro-batch-size {config.micro_batch_size} x data-parallel size {dp}")
     accumulation = config.global_batch_size // per_step
+    if vp > 1 and accumulation % pp:
+        raise ValueError(f"{_FN}: --virtual-pipeline-parallel-size {vp} (the interleaved schedule) needs the "
+                         f"micro-batches per step, --global-batch-size {config.global_batch_size} / (--micro-batch-size "
+                         f"{config.micro_batch_size} x data-parallel size {dp}) = {accumulation}, to be a multiple of "
+                         f"--pipeline-parallel-size {pp}")
     if main:
         for path in remove_stale_temporaries(ckpt_root):  # a killed or failed save's leftovers, before any write
             quiet_log(f"megacore train: removed {path}, left by an interrupted checkpoint save")
@@ -170,10 +196,18 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     overrides.update(vocab_size=data.tokenizer.vocab_size, hidden_dropout=config.hidden_dropout,
                      attention_dropout=config.attention_dropout, recompute=config.recompute,
                      tensor_parallel=state is not None, sequence_parallel=config.sequence_parallel)
-    model = build(config.model, **overrides).to(device)  # drawn on CPU: the same weights on every device
+    model = build(config.model, **overrides)  # drawn whole on CPU: the same weights on every device and layout
+    if pp > 1:
+        from megacore.parallel.pipeline import cut_stage
+
+        model = cut_stage(model, virtual_size=vp)  # this rank's layers (and input/output part on the ends)
+    model = model.to(device)
     dtype = DTYPES[config.dtype]
     quiet_log(f"megacore train: {config.model}, steps {step + 1}-{config.train_steps} of {config.global_batch_size} x "
-              f"{config.seq_len} tokens, {dtype_shown} on {device.type}, tensor-parallel {tp} x data-parallel {dp}; "
+              f"{config.seq_len} tokens, {dtype_shown} on {device.type}, tensor-parallel {tp} x "
+              + (f"pipeline-parallel {pp}" + (f" (interleaved, {vp} chunks per stage)" if vp > 1 else "") + " x "
+                 if pp > 1 else "")
+              + f"data-parallel {dp}; "
               f"output {out}")
     if dtype == torch.float16 and device.type == "cpu":
         quiet_log("megacore train: warning: float16 on a CPU is emulated (about 15x slower than float32 here); "
@@ -186,6 +220,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     scaler = DynamicLossScaler() if dtype == torch.float16 else None
     trainer = Trainer(ddp or model, optimizer, schedule, precision=precision, scaler=scaler,
                       grad_accumulation=accumulation, clip=config.clip_grad, ddp=ddp, loss_fn=task.loss,
+                      output_loss=task.output_loss,
                       max_skipped_steps=config.max_skipped_steps if scaler is not None else None,
                       loss_spike_factor=config.loss_spike_factor)
 
@@ -224,8 +259,8 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
 
     def evaluate(at: int) -> dict:
         with phase("megacore.evaluate"), report_stalled_ranks(f"{_FN}: step {at}: evaluation"):
-            record = {"step": at, **task.evaluate(ddp or model, data.valid, config.micro_batch_size,
-                                                  config.eval_batches)}
+            evaluate_ = task.evaluate_pipeline if pp > 1 else task.evaluate
+            record = {"step": at, **evaluate_(ddp or model, data.valid, config.micro_batch_size, config.eval_batches)}
         if not math.isfinite(record["valid_loss"]):
             raise TrainingDivergedError(at, f"step {at}: the validation loss is {record['valid_loss']}; the weights "
                                             "are not finite or overflow in evaluation. Nothing is saved")

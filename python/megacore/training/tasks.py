@@ -160,7 +160,63 @@ class Task:
         ``loss_fn``. ``model`` may be the DistributedDataParallel wrapper."""
         raise NotImplementedError
 
+    def output_loss(self, output, batch: dict) -> torch.Tensor:
+        """Under pipeline parallelism, the last stage's loss of one micro-batch from the model's
+        ``stage_output`` (0-dim fp32); with the first stage's input-part loss (ELECTRA's generator) it sums to
+        :meth:`loss`. Default: ``output.loss``."""
+        return output.loss
+
     # -- evaluation
+
+    def eval_counts(self, model: torch.nn.Module, output, acts: tuple, batch: dict) -> dict:
+        """Under pipeline parallelism, the last stage's sums for one evaluation batch from its ``stage_output``
+        ``output`` (and the last layer's ``acts``): ``{name: float}``, added over batches and stages and turned
+        into metrics by :meth:`eval_metrics`. ``"loss_sum"`` / ``"batches"`` are filled in by
+        :meth:`evaluate_pipeline` (the batches' summed loss over the stages) unless given here."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict) -> dict:
+        """``{"valid_loss", self.metric}`` from :meth:`eval_counts`'s sums over the batches."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate_pipeline(self, model: torch.nn.Module, dataset, micro_batch_size: int, batches: int) -> dict:
+        """:meth:`evaluate` for a model cut into pipeline stages (``megacore.parallel.pipeline.cut_stage``): the
+        first ``batches`` batches run forward through the stages as one forward-only schedule; the last stage
+        counts (:meth:`eval_counts`), the sums are added over the pipeline group, and every rank returns the
+        same metrics. Every data-parallel rank evaluates the same batches."""
+        from megacore.parallel import pipeline, state
+        from megacore.parallel.collectives import all_reduce
+
+        inner = getattr(model, "module", model)
+        device = next(inner.parameters()).device
+        loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size)
+        micro = [to_device(self.batch(item), device) for _, item in zip(range(batches), loader)]
+        sums: dict[str, float] = {}
+
+        def count(microbatch: int, output, acts: tuple) -> None:
+            for key, value in self.eval_counts(inner, output, acts, micro[microbatch]).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+
+        was_training = inner.training
+        inner.eval()
+        try:
+            losses = pipeline.forward_backward(inner, micro, lambda loss: loss, self.output_loss, forward_only=True,
+                                               on_output=count)
+        finally:
+            inner.train(was_training)
+        keys = sorted(set(self.eval_keys) | {"loss_sum", "batches"})
+        local = [sums.get(k, 0.0) for k in keys]
+        if "loss_sum" not in sums:  # every stage's part of each batch's loss (ELECTRA: the generator's on stage 0)
+            local[keys.index("loss_sum")] = float(sum(float(x) for x in losses))
+        if "batches" not in sums and inner.pipeline.holds_last:
+            local[keys.index("batches")] = float(len(micro))
+        totals = torch.tensor(local, dtype=torch.float64)
+        if inner.pipeline.size > 1:
+            totals = all_reduce(totals, state.get_pipeline_parallel_group())
+        return self.eval_metrics(dict(zip(keys, totals.tolist())))
+
+    eval_keys: ClassVar[tuple[str, ...]] = ()  # the keys eval_counts returns
 
     def evaluate(self, model: torch.nn.Module, dataset, micro_batch_size: int, batches: int) -> dict:
         """Validation of ``model`` over the first ``batches`` batches of ``micro_batch_size`` samples of
@@ -310,6 +366,22 @@ class CausalLMTask(Task):
         r = perplexity(model, dataset, micro_batch_size, batches)
         return {"valid_loss": r["loss"], "valid_perplexity": r["perplexity"]}
 
+    eval_keys = ("loss_sum", "tokens")
+
+    def output_loss(self, output, batch: dict) -> torch.Tensor:
+        """The mean of the per-token loss ``output [b, s]`` over the counted labels (as :meth:`loss`)."""
+        from megacore.parallel.pipeline import default_output_loss
+
+        return default_output_loss(output, batch)
+
+    def eval_counts(self, model, output, acts, batch: dict) -> dict:
+        counted = batch["labels"] != -100
+        return {"loss_sum": float(output.double().masked_fill(~counted, 0.0).sum()), "tokens": int(counted.sum())}
+
+    def eval_metrics(self, sums: dict) -> dict:
+        loss = sums["loss_sum"] / max(sums["tokens"], 1.0)  # token-weighted, as megacore.training.perplexity
+        return {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 700.0))}
+
     def evaluation_dataset(self, prefix: str, tokenizer, seq_len: int, num_samples: int):
         from megacore.data import GPTDataset, IndexedDataset
 
@@ -407,6 +479,12 @@ class _EncoderPretraining(Task):
             model.train(was_training)
         return {"valid_loss": loss_sum / max(n, 1), self.metric: correct / max(total, 1)}
 
+    eval_keys = ("correct", "counted")
+
+    def eval_metrics(self, sums: dict) -> dict:
+        return {"valid_loss": sums["loss_sum"] / max(sums["batches"], 1.0),
+                self.metric: sums["correct"] / max(sums["counted"], 1.0)}
+
     def evaluation_dataset(self, prefix: str, tokenizer, seq_len: int, num_samples: int):
         from megacore.data import IndexedDataset
 
@@ -449,8 +527,17 @@ class MaskedLMTask(_EncoderPretraining):
 
     def _accuracy_counts(self, model, batch: dict, out) -> tuple[int, int]:
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).mlm  # [b, s, v]
+        return self._correct(logits, batch)
+
+    @staticmethod
+    def _correct(logits: torch.Tensor, batch: dict) -> tuple[int, int]:
         masked = batch["labels"] != -100
         return int(((logits.argmax(-1) == batch["labels"]) & masked).sum()), int(masked.sum())
+
+    def eval_counts(self, model, output, acts, batch: dict) -> dict:
+        logits = model.stage_output(acts, {**batch, "labels": None, "next_sentence_label": None}).mlm  # [b, s, v]
+        correct, counted = self._correct(logits, batch)
+        return {"correct": correct, "counted": counted}
 
 
 @register_task
@@ -468,9 +555,17 @@ class ElectraTask(_EncoderPretraining):
         return ElectraDataset(indexed, tokenizer, seq_len, seed=seed, num_samples=num_samples)
 
     def _accuracy_counts(self, model, batch: dict, out) -> tuple[int, int]:
+        return self._correct(out.discriminator_logits, out.discriminator_labels, batch)
+
+    @staticmethod
+    def _correct(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> tuple[int, int]:
         real = batch["attention_mask"].bool()
-        guess = out.discriminator_logits.float() > 0
-        return int(((guess == out.discriminator_labels) & real).sum()), int(real.sum())
+        guess = logits.float() > 0
+        return int(((guess == labels) & real).sum()), int(real.sum())
+
+    def eval_counts(self, model, output, acts, batch: dict) -> dict:
+        correct, counted = self._correct(output.logits, output.labels, batch)
+        return {"correct": correct, "counted": counted}
 
 
 __all__ = ["CausalLMTask", "ElectraTask", "MaskedLMTask", "TASKS", "Task", "TaskData", "register_task",
