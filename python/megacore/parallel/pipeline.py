@@ -20,6 +20,7 @@ receive from the micro-batch (``StagedModel.boundary_spec``), so nothing but the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -328,7 +329,7 @@ def _differentiable(t: torch.Tensor) -> bool:
 def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Callable[[torch.Tensor], torch.Tensor],
                      output_loss: Callable = default_output_loss, no_sync: Optional[Callable] = None,
                      forward_only: bool = False, record: Optional[list] = None,
-                     on_output: Optional[Callable] = None) -> list[torch.Tensor]:
+                     on_output: Optional[Callable] = None, timings: Optional[dict] = None) -> list[torch.Tensor]:
     """Runs one step's micro-batches through this rank's stage of ``model`` (cut with :func:`cut_stage`,
     possibly wrapped in DistributedDataParallel) with the 1F1B schedule (interleaved when the model has
     virtual chunks), or forwards only.
@@ -345,6 +346,8 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Ca
         record: when a list, each operation run is appended to it (kind, micro-batch, chunk).
         on_output: ``on_output(microbatch, stage_output, acts)`` on the last stage (evaluation's metrics; ``acts``
             what the last layer gave).
+        timings: when a dict, ``"wait_s"`` (seconds spent waiting for a neighbour's activations or gradients:
+            the pipeline bubble as this rank sees it) and ``"total_s"`` are added to it (benchmarks/pipeline.py).
 
     Returns this rank's losses, one 0-dim fp32 tensor per micro-batch it computed a loss for (the last
     stage's output loss plus the first stage's input-part loss, when it has one: ELECTRA's generator), detached;
@@ -389,14 +392,18 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Ca
     def take(op: Op) -> list[torch.Tensor]:
         post(op)
         buffers, works = posted.pop((op.kind, op.microbatch, op.chunk))
+        start = time.perf_counter()
         for w in works:
             w.wait()
+        if timings is not None:
+            timings["wait_s"] = timings.get("wait_s", 0.0) + time.perf_counter() - start
         return buffers
 
     saved: dict[tuple[int, int], tuple] = {}  # (microbatch, chunk) -> (inputs, outputs, loss to backward)
     losses: list[torch.Tensor] = []
     backwards = sum(1 for op in ops if op.kind == BACKWARD)
     done_backwards = 0
+    step_start = time.perf_counter()
     try:
         for i, op in enumerate(ops):
             if record is not None:
@@ -457,6 +464,9 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Ca
                                   for t in received if _differentiable(t)], False)
         if channel is not None:
             channel.wait_sends()
+        if timings is not None:
+            timings["total_s"] = timings.get("total_s", 0.0) + time.perf_counter() - step_start
+            timings.setdefault("wait_s", 0.0)
     finally:
         posted.clear()
         saved.clear()
