@@ -1,0 +1,93 @@
+"""`megacore train` under torchrun with pipeline parallelism and the distributed optimizer: each layout's
+per-step losses equal one process's (same seed, same global batch), checkpoints are written, and impossible
+layouts are refused with one error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megacore.cli import main
+from megacore.training.run import TrainConfig, train
+
+STEPS = 3
+TINY = dict(train_steps=STEPS, seq_len=32, vocab_size=512, micro_batch_size=2, global_batch_size=8, eval_interval=100,
+            eval_batches=2, log_interval=1, save_interval=100, lr=5e-3, min_lr=5e-4, warmup_steps=1, progress=False,
+            dtype="float32", model_overrides={"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4})
+
+
+def _losses(run) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: each model's run in one process, and the shared corpus cache."""
+    root = tmp_path_factory.mktemp("pipeline-cli")
+    runs = {}
+    for model in ("gpt-tiny", "bert-tiny"):
+        config = TrainConfig(model=model, cache_dir=str(root / "cache"), output=str(root / model), **TINY)
+        train(config, log=lambda m: None)
+        runs[model] = _losses(root / model)
+    return root, runs
+
+
+def _torchrun(nproc: int, root, out, *flags: str, model: str = "gpt-tiny") -> subprocess.CompletedProcess:
+    config = out.parent / f"{out.name}.json"
+    config.write_text(json.dumps(dict(TINY, model=model)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), "-m", "megacore", "train", "--config", str(config), "--cache-dir",
+                           str(root / "cache"), "--output", str(out), *flags],
+                          capture_output=True, text=True, timeout=400, env=env)
+
+
+LAYOUTS = {  # name: (processes, flags, model)
+    "pp2_interleaved": (2, ["--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2"], "gpt-tiny"),
+    "tp2_pp2_sequence_parallel": (4, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+                                      "--sequence-parallel"], "gpt-tiny"),
+    "pp2_dp2_distributed_optimizer": (4, ["--pipeline-parallel-size", "2", "--use-distributed-optimizer"], "bert-tiny"),
+    "tp2_pp2_dp2_distributed_optimizer": (8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+                                              "--use-distributed-optimizer"], "gpt-tiny"),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_torchrun_layout_trains_like_one_process(one_process, tmp_path, name):
+    root, reference = one_process
+    nproc, flags, model = LAYOUTS[name]
+    r = _torchrun(nproc, root, tmp_path / "run", *flags, model=model)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "pipeline-parallel 2" in r.stdout and "validation loss" in r.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert _losses(tmp_path / "run") == pytest.approx(reference[model], rel=2e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pipeline-parallel-size", "3"], "megacore train: gpt-tiny has 4 layers, which do not divide into "
+                                        "--pipeline-parallel-size 3 equal stages"),
+    (["--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "4"],
+     "do not divide into --pipeline-parallel-size 2 x --virtual-pipeline-parallel-size 4 equal stages"),
+    (["--virtual-pipeline-parallel-size", "2"], "--virtual-pipeline-parallel-size 2 needs --pipeline-parallel-size > 1"),
+    (["--pipeline-parallel-size", "2"], "megacore train: --pipeline-parallel-size 2 needs 2 processes: torchrun "
+                                        "--nproc-per-node 2"),
+])
+def test_impossible_pipeline_layouts_are_refused(argv, message, capsys, tmp_path):
+    overrides = ["--model-overrides", json.dumps({"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4})]
+    assert main(["train", "--output", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), *overrides, *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_interleaving_needs_whole_rounds_of_micro_batches(one_process, tmp_path):
+    root, _ = one_process
+    r = _torchrun(2, root, tmp_path / "run", "--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2",
+                  "--global-batch-size", "6")
+    assert r.returncode != 0
+    assert ("needs the micro-batches per step, --global-batch-size 6 / (--micro-batch-size 2 x data-parallel size 1) "
+            "= 3, to be a multiple of --pipeline-parallel-size 2") in r.stderr
