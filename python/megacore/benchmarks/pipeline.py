@@ -4,8 +4,10 @@ processes (spawned, gloo, one thread each), in one run.
 
 Per layout it reports:
 
-* **step ms**: the median over the timed steps (after warm-up) of one ``Trainer.train_step`` (forward,
-  backward, gradient reductions, AdamW), the slowest rank's time, the ranks started together by a barrier;
+* **step ms**: the median over the timed steps of one ``Trainer.train_step`` (forward, backward, gradient
+  reductions, AdamW), the slowest rank's time, the ranks started together by a barrier. The layouts run in
+  turns, ``--rounds`` times, each launch timing ``--steps`` steps after a warm-up step, so that a change in the
+  machine's load falls on every layout;
 * **bubble measured**: the mean over ranks of ``wait_s / total_s`` of ``pipeline.forward_backward``'s
   ``timings`` (time blocked waiting for a neighbour's activations or gradients over the schedule's time),
   next to the schedule's **bubble theory** ``(P - 1) / (V m + P - 1)`` for ``m`` micro-batches per pipeline;
@@ -15,7 +17,7 @@ Per layout it reports:
   and ``exp_avg_sq`` (:func:`optimizer_state_bytes`).
 
     python -m megacore.benchmarks pipeline [--layouts pp1 pp2 pp4 pp2v2 pp2dp2 pp2dp2+distopt] [--quick]
-                                           [--json PATH]
+                                           [--rounds 2] [--steps 4] [--json PATH]
     megacore bench pipeline ...          (the same)
     python benchmarks/pipeline.py ...    (the same)
 
@@ -34,6 +36,7 @@ import os
 import re
 import socket
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -46,8 +49,10 @@ from megacore.benchmarks.ops import DTYPES, describe_machine
 
 _NAME = "megacore.benchmarks.pipeline"
 DEFAULT_LAYOUTS = ["pp1", "pp2", "pp4", "pp2v2", "pp2dp2", "pp2dp2+distopt"]
-# A GPT that runs a step in about a second on one CPU core, with 8 layers (4 stages x 2 chunks).
-CONFIG = dict(vocab_size=8192, hidden_size=128, num_layers=8, num_attention_heads=4, max_position_embeddings=128,
+# A GPT whose step takes about a second on one CPU core, with 8 layers (4 stages x 2 chunks). The vocabulary is
+# small enough that the LM head (on the last stage) costs about one layer: a bigger head would make the last stage
+# the slowest, and its neighbours' waits would measure that imbalance rather than the schedule's bubble.
+CONFIG = dict(vocab_size=2048, hidden_size=128, num_layers=8, num_attention_heads=4, max_position_embeddings=128,
               hidden_dropout=0.0, attention_dropout=0.0)
 QUICK_CONFIG = dict(CONFIG, vocab_size=512, hidden_size=32, max_position_embeddings=16)
 MIB = 2**20
@@ -329,7 +334,7 @@ def run_layout(layout: Layout, settings: Settings, timeout_s: float = 600.0) -> 
              for r in range(world)]
     for p in procs:
         p.start()
-    got: dict[int, dict] = {}
+    got: dict[int, dict] = {}  # rank -> its result
     deadline = time.monotonic() + timeout_s
     try:
         while len(got) < world:
@@ -353,23 +358,34 @@ def run_layout(layout: Layout, settings: Settings, timeout_s: float = 600.0) -> 
             if p.is_alive():
                 p.kill()
                 p.join()
+    for r, p in enumerate(procs):  # a crash while tearing down, after the result came back: say so, keep the result
+        got[r]["exit_code"] = p.exitcode
+        if p.exitcode != 0:
+            print(f"{_NAME}: warning: {layout.name}: rank {r} exited with code {p.exitcode} after reporting its "
+                  "result", file=sys.stderr, flush=True)
     return [got[r] for r in range(world)]
 
 
 # ---- the report ------------------------------------------------------------------------------------------------------
 
 
-def summarize(layout: Layout, settings: Settings, ranks: list[dict]) -> dict:
-    """One table row's numbers from the ranks' results."""
+def summarize(layout: Layout, settings: Settings, rounds: list[list[dict]]) -> dict:
+    """One table row's numbers from the ranks' results of each round (``rounds[i][rank]``): step times pooled,
+    each rank's waits summed over the rounds; memory from the last round (every round measures the same)."""
     from megacore.parallel.pipeline import bubble_fraction
 
     per_pipeline = settings.microbatches // layout.data
-    bubbles = [r["wait_s"] / r["total_s"] if r["total_s"] else 0.0 for r in ranks]
+    ranks = rounds[-1]
+    step_s = [s for results in rounds for s in results[0]["step_s"]]  # the slowest rank's, the same on every rank
+    bubbles = []
+    for rank in range(layout.processes):
+        wait, total = (sum(results[rank][k] for results in rounds) for k in ("wait_s", "total_s"))
+        bubbles.append(wait / total if total else 0.0)
     return {
         "layout": layout.name, **asdict(layout), "processes": layout.processes,
         "microbatches_per_pipeline": per_pipeline,
-        "step_ms": 1e3 * statistics.median(ranks[0]["step_s"]),
-        "step_ms_all": [1e3 * s for s in ranks[0]["step_s"]],
+        "step_ms": 1e3 * statistics.median(step_s),
+        "step_ms_all": [1e3 * s for s in step_s],
         "bubble_measured": statistics.fmean(bubbles),
         "bubble_measured_per_rank": bubbles,
         "bubble_theory": bubble_fraction(per_pipeline, layout.pipeline, layout.virtual),
@@ -378,7 +394,7 @@ def summarize(layout: Layout, settings: Settings, ranks: list[dict]) -> dict:
         "optimizer_bytes_detail": [r["optimizer_bytes"] for r in ranks],
         "parameter_bytes": [r["parameter_bytes"] for r in ranks],
         "final_loss": ranks[0]["losses"][-1],
-        "ranks": ranks,
+        "rounds": rounds,  # [round][rank]: what each rank measured
     }
 
 
@@ -416,7 +432,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="micro-batches per step over all replicas (default 8; --quick 4)")
     parser.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; --quick 16)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default 5; --quick 1)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per round, after one warm-up (default 4; --quick 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds over the layouts, each launching them afresh in turn, so that a change in the "
+                             "machine's load falls on every layout (default 2; --quick 1)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a layout may take")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
@@ -424,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     microbatches = args.microbatches or (4 if args.quick else 8)
     settings = Settings(config=config, dtype=args.dtype, micro_batch=args.micro_batch,
                         seq=args.seq or (16 if args.quick else 128), microbatches=microbatches, warmup=1,
-                        steps=args.steps or (1 if args.quick else 5))
+                        steps=args.steps or (1 if args.quick else 4))
+    rounds = args.rounds or (1 if args.quick else 2)
+    if min(settings.steps, rounds, settings.microbatches, settings.micro_batch, settings.seq) < 1:
+        parser.error("--steps, --rounds, --microbatches, --micro-batch and --seq must be >= 1")
     if settings.seq > config["max_position_embeddings"]:
         parser.error(f"--seq {settings.seq} is longer than the model's {config['max_position_embeddings']} positions")
     try:
@@ -440,37 +463,37 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine()
     torch.set_num_threads(threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    timed = rounds * settings.steps
     print(f"# megacore pipeline-parallel benchmark — GPT {config['num_layers']} layers x {config['hidden_size']} "
           f"hidden, vocab {config['vocab_size']}, {args.dtype} (fp32 masters + AdamW), global batch {microbatches} "
-          f"micro-batches x {settings.micro_batch} x {settings.seq} tokens, median of {settings.steps} steps after "
-          f"{settings.warmup} warm-up — {machine} — one process per rank, {cores} cores, load average {load:.1f} "
-          "at start")
-    print(HEADER, flush=True)
-    rows, skipped = [], []
-    baseline = None
+          f"micro-batches x {settings.micro_batch} x {settings.seq} tokens, step time the median of {timed} steps "
+          f"({rounds} rounds x {settings.steps}, each after {settings.warmup} warm-up) — {machine} — one process "
+          f"per rank, {cores} cores, load average {load:.1f} at start", flush=True)
+    missing = "megacore.training.distributed_optimizer is not in this build"
+    runnable = [lay for lay in layouts if not (lay.distributed_optimizer and distributed_optimizer_class() is None)]
+    results: dict[Layout, list] = {layout: [] for layout in runnable}
+    for _ in range(rounds):
+        for layout in runnable:
+            results[layout].append(run_layout(layout, settings, args.timeout))
+    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = {layout: summarize(layout, settings, got) for layout, got in results.items()}
+    baseline = rows[Layout(1)]["step_ms"] if Layout(1) in rows else None
+    skipped = [{"layout": layout.name, "skipped": missing} for layout in layouts if layout not in rows]
+    print(HEADER)
     for layout in layouts:
-        if layout.distributed_optimizer and distributed_optimizer_class() is None:
-            skipped.append({"layout": layout.name, "skipped": "megacore.training.distributed_optimizer is not in "
-                                                              "this build"})
-            print(f"| {layout.name} | skipped: megacore.training.distributed_optimizer is not in this build |",
-                  flush=True)
-            continue
-        row = summarize(layout, settings, run_layout(layout, settings, args.timeout))
-        if layout == Layout(1):
-            baseline = row["step_ms"]
-        rows.append(row)
-        print(format_row(row, cores, baseline), flush=True)
-    print(f"\nstep ms: median over the timed steps of the slowest rank's Trainer.train_step; vs pp1: pp1's step time "
-          "over this layout's. bubble measured: mean over ranks of the time blocked waiting for a neighbour's "
-          "activations or gradients over the time of the schedule; bubble theory: (P-1)/(V m + P-1). activation "
-          "peak: bytes of tensors saved for backward alive at once (parameters excluded). optimizer state: fp32 "
-          "masters held apart from the model + AdamW exp_avg + exp_avg_sq. Per-rank lists are in rank order "
-          "(rank = dp_rank + DP * pp_rank). With more processes than cores the processes time-slice, which "
-          "inflates the measured waits and step times.")
+        print(format_row(rows[layout], cores, baseline) if layout in rows
+              else f"| {layout.name} | skipped: {missing} |")
+    print(f"\nLoad average {end_load:.1f} at the end. step ms: median over the timed steps of the slowest rank's "
+          "Trainer.train_step; vs pp1: pp1's step time over this layout's. bubble measured: mean over ranks of the "
+          "time blocked waiting for a neighbour's activations or gradients over the time of the schedule; bubble "
+          "theory: (P-1)/(V m + P-1). activation peak: bytes of tensors saved for backward alive at once (parameters "
+          "excluded). optimizer state: fp32 masters held apart from the model + AdamW exp_avg + exp_avg_sq. Per-rank "
+          "lists are in rank order (rank = dp_rank + DP * pp_rank). With more processes than cores the processes "
+          "time-slice, which inflates the measured waits and step times.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "cores": cores, "load_average": load, "settings": asdict(settings),
-                       "rows": rows, "skipped": skipped}, f, indent=1)
+            json.dump({"machine": machine, "cores": cores, "load_average": [load, end_load], "rounds": rounds,
+                       "settings": asdict(settings), "rows": list(rows.values()), "skipped": skipped}, f, indent=1)
     return 0
 
 
