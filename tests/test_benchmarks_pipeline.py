@@ -36,7 +36,7 @@ def test_quick_run_prints_a_header_and_one_row_per_layout(quick_run):
     header = next(i for i, line in enumerate(lines) if line.startswith("| layout |"))
     table = [line for line in lines[header + 2:] if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in table] == LAYOUTS
-    assert all(row.count("|") == 11 for row in table), table
+    assert all(row.count("|") == 12 for row in table), table
     assert set(rows) == set(LAYOUTS)
     assert rows["pp2"]["processes"] == 2 and rows["pp2"]["microbatches_per_pipeline"] == 4
 
@@ -49,7 +49,7 @@ def test_measured_bubble_is_a_fraction_next_to_the_schedules(quick_run):
     assert pp2["bubble_theory"] == pytest.approx(1 / 5)  # (P - 1) / (m + P - 1), m = 4
     assert all(r["total_s"] > 0 and r["wait_s"] >= 0 for r in pp2["rounds"][0])
     assert all(r["exit_code"] == 0 for row in rows.values() for r in row["rounds"][0])
-    assert all(row["step_ms"] > 0 for row in rows.values())
+    assert all(row["step_ms"] > 0 and row["cpu_ms"] > 0 for row in rows.values())
 
 
 def test_each_pp2_stage_holds_less_activation_memory_than_pp1(quick_run):

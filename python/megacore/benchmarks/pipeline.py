@@ -272,7 +272,7 @@ def measure_rank(rank: int, layout: Layout, settings: Settings) -> dict:
     per_replica = settings.microbatches // layout.data
     meter = SavedTensorMeter(exclude=list(model.parameters()))
 
-    step_s, losses = [], []
+    step_s, cpu_s, losses = [], [], []
     for step in range(settings.warmup + settings.steps):
         batches = _micro_batches(settings, step)
         mine = batches[state.data_parallel_rank * per_replica:(state.data_parallel_rank + 1) * per_replica]
@@ -280,19 +280,21 @@ def measure_rank(rank: int, layout: Layout, settings: Settings) -> dict:
             timings.clear()
             meter.reset_peak()
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with meter:
             metrics = trainer.train_step(mine)
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        slowest = all_reduce(elapsed, None, "max")
+        cpu = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64)  # every thread of this process
+        slowest, cpu_all = all_reduce(elapsed, None, "max"), all_reduce(cpu, None, "sum")
         if step >= settings.warmup:
             step_s.append(float(slowest))
+            cpu_s.append(float(cpu_all))
         losses.append(metrics["loss"])
     if hasattr(optimizer, "wait_for_params"):
         optimizer.wait_for_params()
     return {
         "rank": rank, "pipeline_rank": state.pipeline_parallel_rank, "data_parallel_rank": state.data_parallel_rank,
-        "step_s": step_s, "wait_s": timings.get("wait_s", 0.0), "total_s": timings.get("total_s", 0.0),
+        "step_s": step_s, "cpu_s": cpu_s, "wait_s": timings.get("wait_s", 0.0), "total_s": timings.get("total_s", 0.0),
         "activation_peak_bytes": meter.peak,
         "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "optimizer_bytes": optimizer_state_bytes(optimizer, model.parameters()),
@@ -377,6 +379,7 @@ def summarize(layout: Layout, settings: Settings, rounds: list[list[dict]]) -> d
     per_pipeline = settings.microbatches // layout.data
     ranks = rounds[-1]
     step_s = [s for results in rounds for s in results[0]["step_s"]]  # the slowest rank's, the same on every rank
+    cpu_s = [s for results in rounds for s in results[0]["cpu_s"]]  # summed over the ranks
     bubbles = []
     for rank in range(layout.processes):
         wait, total = (sum(results[rank][k] for results in rounds) for k in ("wait_s", "total_s"))
@@ -386,6 +389,8 @@ def summarize(layout: Layout, settings: Settings, rounds: list[list[dict]]) -> d
         "microbatches_per_pipeline": per_pipeline,
         "step_ms": 1e3 * statistics.median(step_s),
         "step_ms_all": [1e3 * s for s in step_s],
+        "cpu_ms": 1e3 * statistics.median(cpu_s),
+        "cpu_ms_all": [1e3 * s for s in cpu_s],
         "bubble_measured": statistics.fmean(bubbles),
         "bubble_measured_per_rank": bubbles,
         "bubble_theory": bubble_fraction(per_pipeline, layout.pipeline, layout.virtual),
@@ -398,9 +403,9 @@ def summarize(layout: Layout, settings: Settings, rounds: list[list[dict]]) -> d
     }
 
 
-HEADER = ("| layout | processes / cores | micro-batches per pipeline | step ms | vs pp1 | bubble measured | "
-          "bubble theory | activation peak MiB per rank | optimizer state MiB per rank | final loss |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| layout | processes / cores | micro-batches per pipeline | step ms | vs pp1 | CPU ms per step | "
+          "bubble measured | bubble theory | activation peak MiB per rank | optimizer state MiB per rank | "
+          "final loss |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _mib(values: list[int]) -> str:
@@ -410,7 +415,8 @@ def _mib(values: list[int]) -> str:
 def format_row(row: dict, cores: int, baseline_ms: Optional[float]) -> str:
     vs = f"{baseline_ms / row['step_ms']:.2f}x" if baseline_ms else "-"
     return (f"| {row['layout']} | {row['processes']} / {cores} | {row['microbatches_per_pipeline']} | "
-            f"{row['step_ms']:.0f} | {vs} | {row['bubble_measured']:.3f} | {row['bubble_theory']:.3f} | "
+            f"{row['step_ms']:.0f} | {vs} | {row['cpu_ms']:.0f} | {row['bubble_measured']:.3f} | "
+            f"{row['bubble_theory']:.3f} | "
             f"{_mib(row['activation_peak_bytes'])} | {_mib(row['optimizer_bytes'])} | {row['final_loss']:.4f} |")
 
 
@@ -484,12 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         print(format_row(rows[layout], cores, baseline) if layout in rows
               else f"| {layout.name} | skipped: {missing} |")
     print(f"\nLoad average {end_load:.1f} at the end. step ms: median over the timed steps of the slowest rank's "
-          "Trainer.train_step; vs pp1: pp1's step time over this layout's. bubble measured: mean over ranks of the "
-          "time blocked waiting for a neighbour's activations or gradients over the time of the schedule; bubble "
-          "theory: (P-1)/(V m + P-1). activation peak: bytes of tensors saved for backward alive at once (parameters "
-          "excluded). optimizer state: fp32 masters held apart from the model + AdamW exp_avg + exp_avg_sq. Per-rank "
-          "lists are in rank order (rank = dp_rank + DP * pp_rank). With more processes than cores the processes "
-          "time-slice, which inflates the measured waits and step times.")
+          "Trainer.train_step; vs pp1: pp1's step time over this layout's. CPU ms per step: the median of the CPU "
+          "time (every thread) all ranks spent in a step, summed, which a busy machine inflates less. bubble "
+          "measured: mean over ranks of the time blocked waiting for a neighbour's activations or gradients over "
+          "the time of the schedule; bubble theory: (P-1)/(V m + P-1). activation peak: bytes of tensors saved for "
+          "backward alive at once (parameters excluded). optimizer state: fp32 masters held apart from the model + "
+          "AdamW exp_avg + exp_avg_sq. Per-rank lists are in rank order (rank = dp_rank + DP * pp_rank). With more "
+          "processes than cores the processes time-slice, which inflates the measured waits and step times.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "cores": cores, "load_average": [load, end_load], "rounds": rounds,
