@@ -266,10 +266,10 @@ def measure_rank(rank: int, layout: Layout, settings: Settings) -> dict:
         optimizer = precision = distributed_optimizer_class()(ddp, precision, lr=1e-4)
     else:
         optimizer = build_optimizer(precision, lr=1e-4)
+    per_replica = settings.microbatches // layout.data
     timings: dict = {}
     trainer = Trainer(ddp or model, optimizer, None, precision=precision, ddp=ddp, clip=1.0,
-                      grad_accumulation=settings.microbatches // layout.data, pipeline_timings=timings)
-    per_replica = settings.microbatches // layout.data
+                      grad_accumulation=per_replica, pipeline_timings=timings)
     meter = SavedTensorMeter(exclude=list(model.parameters()))
 
     step_s, cpu_s, losses = [], [], []
