@@ -4,7 +4,8 @@ Each module has a ``main(argv)``; results for this project's machines are in doc
 """
 
 BENCHMARKS = {"ops": "megacore.benchmarks.ops", "layer": "megacore.benchmarks.layer", "model": "megacore.benchmarks.model",
-              "prepare": "megacore.benchmarks.prepare", "train": "megacore.benchmarks.train"}
+              "prepare": "megacore.benchmarks.prepare", "train": "megacore.benchmarks.train",
+              "pipeline": "megacore.benchmarks.pipeline"}
 
 
 def main(argv: list[str] | None = None) -> int:

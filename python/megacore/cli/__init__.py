@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from megacore.benchmarks import BENCHMARKS  # names only: each benchmark is imported when it runs
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import megacore
@@ -93,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="run a side-by-side benchmark (ops: fused ops; layer: the transformer layer; model: whole models vs "
-             "Hugging Face; prepare: `megacore prepare` vs plain tokenizers; train: a training step vs Hugging Face)",
+             "Hugging Face; prepare: `megacore prepare` vs plain tokenizers; train: a training step vs Hugging Face; "
+             "pipeline: pipeline-parallel layouts' step time, bubble and memory)",
         description="Run a benchmark; options after NAME go to it (e.g. `megacore bench ops --help`).",
     )
-    bench.add_argument("name", choices=["ops", "layer", "model", "prepare", "train"], help="which benchmark")
+    bench.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     bench.set_defaults(func=_cmd_bench)
     _add_prepare(sub)

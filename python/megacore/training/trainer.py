@@ -73,6 +73,9 @@ class Trainer:
             last stage's ``output_loss(stage_output, micro_batch) -> 0-dim loss`` (the task's); default
             ``pipeline.default_output_loss``. The step then runs the 1F1B schedule (interleaved when the model
             has virtual chunks) instead of one micro-batch after the other, and ``loss_fn`` is not used.
+        pipeline_timings: under pipeline parallelism, a dict the schedule adds this rank's ``wait_s`` (time
+            blocked on a neighbour's activations or gradients) and ``total_s`` to on every step
+            (``pipeline.forward_backward``'s ``timings``; benchmarks/pipeline.py reads it); None: not timed.
         max_skipped_steps: with a ``scaler``, how many consecutive overflow-skipped steps are tolerated (the
             scale halves on each; from 2**16 it reaches 1 in 16); one more raises TrainingDivergedError.
         loss_spike_factor: None (off), or a factor > 1: a step whose loss exceeds it times the largest loss
@@ -91,7 +94,8 @@ class Trainer:
                  precision: Optional[MixedPrecision] = None, scaler: Optional[DynamicLossScaler] = None,
                  grad_accumulation: int = 1, clip: Optional[float] = 1.0, ddp: Optional[nn.Module] = None,
                  loss_fn: Optional[LossFn] = None, max_skipped_steps: Optional[int] = None,
-                 loss_spike_factor: Optional[float] = None, output_loss: Optional[Callable] = None):
+                 loss_spike_factor: Optional[float] = None, output_loss: Optional[Callable] = None,
+                 pipeline_timings: Optional[dict] = None):
         fn = "megacore.training.Trainer"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,6 +123,7 @@ class Trainer:
         self.grad_accumulation, self.clip = grad_accumulation, clip or 0.0
         self.loss_fn = loss_fn or masked_mean_loss
         self.output_loss = output_loss or pipeline.default_output_loss
+        self.pipeline_timings = pipeline_timings
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.stages = pipeline.layout_of(model)  # None unless pipeline-parallel
         # The tied word embedding's copy on the last stage: its gradient equals the first stage's after
@@ -235,7 +240,8 @@ class Trainer:
         pipeline rank), after summing the tied embedding's gradients over the first and last stage."""
         n = len(micro_batches)
         losses = pipeline.forward_backward(self.model, micro_batches, lambda loss: self._scale(loss, n),
-                                           self.output_loss, no_sync=self.ddp.no_sync if self.ddp is not None else None)
+                                           self.output_loss, no_sync=self.ddp.no_sync if self.ddp is not None else None,
+                                           timings=self.pipeline_timings)
         pipeline.sync_tied_gradients(self.model)
         device = next(self.model.parameters()).device
         return pipeline.pipeline_loss(losses, n, device)
