@@ -18,6 +18,7 @@ LAMBADA-style last-word accuracy.
 """
 
 from megacore.training.checkpoint import load_checkpoint, save_checkpoint
+from megacore.training.distributed_optimizer import DistributedOptimizer
 from megacore.training.evaluate import last_word_accuracy, perplexity
 from megacore.training.generate import generate
 from megacore.training.optim import LRSchedule, build_optimizer, clip_grad_norm, parameter_groups
@@ -25,6 +26,7 @@ from megacore.training.precision import DynamicLossScaler, MixedPrecision
 from megacore.training.trainer import Trainer, TrainingDivergedError, masked_mean_loss
 
 __all__ = [
+    "DistributedOptimizer",
     "DynamicLossScaler",
     "LRSchedule",
     "MixedPrecision",
