@@ -28,10 +28,12 @@ SMALL_BUCKETS_MB = 0.05  # the model spreads over several buckets
 
 def _model(seed=0):
     from megacore.models.registry import build
+    from megacore.parallel import state
 
     torch.manual_seed(seed)
+    tensor_parallel = state.model_parallel_is_initialized() and state.get_tensor_parallel_world_size() > 1
     return build("gpt-tiny", num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB,
-                 max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
+                 max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0, tensor_parallel=tensor_parallel)
 
 
 def _global_batches(steps, seed=0):
@@ -133,6 +135,34 @@ def _check_training_matches_one_process(rank, world, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_data_parallel_2_with_the_distributed_optimizer_trains_like_one_process(dtype):
     run_distributed(_check_training_matches_one_process, 2, dtype, timeout_s=120)
+
+
+def _check_with_tensor_parallel(rank, world):
+    """TP 2 x DP 2: pieces of tensor-parallel shards keep their tags, so the norm counts each element once."""
+    from megacore import parallel as mp
+
+    mp.initialize_model_parallel(tensor_parallel_size=2)
+    try:
+        dp, dp_rank = mp.get_data_parallel_world_size(), mp.get_data_parallel_rank()
+        allreduce, zero1 = _ddp_trainer(torch.float32, distributed_optimizer=False), _ddp_trainer(torch.float32)
+        assert any(getattr(p, "tensor_parallel", False) for p in zero1.optimizer.parameters())
+        for mbs in _global_batches(3):
+            base, got = allreduce.train_step(_shard(mbs, dp_rank, dp)), zero1.train_step(_shard(mbs, dp_rank, dp))
+            assert got["loss"] == pytest.approx(base["loss"], rel=1e-6)
+            assert got["grad_norm"] == pytest.approx(base["grad_norm"], rel=1e-5)
+        got_w, base_w = _weights(zero1), _weights(allreduce)
+        for name, p in base_w.items():
+            torch.testing.assert_close(got_w[name], p, rtol=1e-4, atol=3e-5, msg=lambda m: f"{name}: {m}")
+        saved = zero1.optimizer.full_state()  # this tensor-parallel rank's shapes
+        for name, p in zero1.model.module.named_parameters():
+            assert saved["master_params"][name].shape == p.shape, name
+        dist.barrier()
+    finally:
+        mp.destroy_model_parallel()
+
+
+def test_tensor_parallel_2_data_parallel_2_trains_like_ddp_all_reduce():
+    run_distributed(_check_with_tensor_parallel, 4, timeout_s=180)
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------
