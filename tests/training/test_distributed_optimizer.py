@@ -379,7 +379,7 @@ def _rank_0_skips_collectives(rank, world):
     from megacore.parallel import DistributedDataParallel
     from megacore.training import DistributedOptimizer
 
-    group = dist.new_group(timeout=timedelta(seconds=2))
+    group = dist.new_group(timeout=timedelta(seconds=4))
     ddp = DistributedDataParallel(_Net(), data_parallel_group=group, reduce_scatter=True)
     if rank == 1:
         with pytest.raises(RuntimeError, match=r"megacore.parallel.DistributedDataParallel: the gradient "
@@ -388,7 +388,7 @@ def _rank_0_skips_collectives(rank, world):
             _net_loss(ddp, torch.randn(2, 6), torch.randn(2, 3)).backward()
     dist.barrier()  # the default group: rank 0 waits here for rank 1's timeout
 
-    group = dist.new_group(timeout=timedelta(seconds=2))
+    group = dist.new_group(timeout=timedelta(seconds=4))
     model = _Net()
     ddp = DistributedDataParallel(model, data_parallel_group=group, reduce_scatter=True)
     optimizer = DistributedOptimizer(ddp, model, lr=LR)
@@ -411,6 +411,7 @@ def _check_overlap_norm_and_overflow(rank, world):
 
     trainer = _ddp_trainer(torch.bfloat16)
     optimizer, model = trainer.optimizer, trainer.model.module
+    optimizer.load_full_state(optimizer.full_state())  # as a resumed run does, before any forward
     (mbs,) = _global_batches(1)
     trainer.train_step(_shard(mbs, rank, world))
     # After the step every bucket's parameter all-gather is in flight, waited for only as forward reaches it.

@@ -95,11 +95,13 @@ class DistributedOptimizer(torch.optim.AdamW):
     ``sharded_over_data_parallel``).
 
     When forward waits: a parameter's *owner* is the module holding it if that module's forward ran in the
-    forwards before the first step, else its nearest ancestor whose forward ran (GPT's position table is a
-    plain ``nn.Module`` holding a ``weight`` that the embedding reads; ELECTRA's generator calls its head's
-    ``transform``, not its forward), else the model. After ``copy_master_to_model`` the owner's forward
-    pre-hook waits for the all-gathers of its parameters' buckets. So a parameter must not be read before
-    its owner's forward starts (a module reading a sibling's weight before that sibling runs would see the
+    forwards before the first ``copy_master_to_model`` (the first step), else its nearest ancestor whose
+    forward ran (GPT's position table is a plain ``nn.Module`` holding a ``weight`` that the embedding reads;
+    ELECTRA's generator calls its head's ``transform``, not its forward), else the model. Afterwards the
+    owner's forward pre-hook waits for the all-gathers of its parameters' buckets; a module whose forward
+    had not run by then waits for every bucket of its subtree. So a parameter must not be read before its
+    owner's forward starts (a module reading a sibling's weight before that sibling runs, or a module whose
+    forward ran during those first forwards being read later through another method, would see the
     previous step's values outside this rank's slices); reading it later in the same forward (tied
     embeddings) is fine. Outside a forward call ``wait_for_params()`` first (``model.state_dict()`` does).
 
@@ -235,9 +237,16 @@ class DistributedOptimizer(torch.optim.AdamW):
         slice of its parameter buffer (rounded to the model's dtype), then one asynchronous all-gather per
         bucket (last bucket first: the order the next forward needs them, the same on every rank). Waits for
         them unless ``overlap_param_gather``. Collective over the data-parallel group."""
+        if self.overlap_param_gather and self._forwards_seen is not None:
+            self._assign_owners()  # the first time all-gathers are left in flight: forward must know what to wait for
+        self._launch_param_gathers()
+        if not self.overlap_param_gather:
+            self.wait_for_params()
+
+    @torch.no_grad()
+    def _launch_param_gathers(self) -> None:
+        """The pieces into this rank's slices of the parameter buffers, then every bucket's all-gather."""
         self.wait_for_params()
-        if self._forwards_seen is not None:
-            self._assign_owners()
         if self._copies:
             torch._foreach_copy_([piece.value for piece in self._copies], [piece.master for piece in self._copies])
         if self.data_parallel_group.size() > 1:
@@ -247,8 +256,6 @@ class DistributedOptimizer(torch.optim.AdamW):
                 bucket.send = shard if shard.is_cuda else shard.clone()
                 bucket.work = dist.all_gather_single(bucket.values, bucket.send, group=self.data_parallel_group,
                                                      async_op=True)
-        if not self.overlap_param_gather:
-            self.wait_for_params()
 
     def zero_master_grads(self) -> None:
         """Drops the pieces' ``.grad`` (the gradient buckets themselves are zeroed by ``ddp.zero_grad``)."""
@@ -267,23 +274,27 @@ class DistributedOptimizer(torch.optim.AdamW):
             if bucket.work is None:
                 continue
             work, bucket.work = bucket.work, None
-            group = self.data_parallel_group
-            timeout = group_timeout(group) or _DEFAULT_TIMEOUT
-            # The message has the form of the C++ waits (cpp/parallel/group.cpp), which
-            # megacore.parallel.timeouts reads back to name the group and the ranks that did not arrive.
-            where = (f"{_NAME}: the parameter all-gather of bucket {b} of {len(self._buckets)} "
-                     f"({len(bucket.params)} parameters)")
-            group_text = f"group '{group.group_name}' {getattr(group, 'group_desc', '')}"
             try:
-                done = work.wait() if bucket.values.is_cuda else work.wait(timeout)
+                # Untimed on gloo too: gloo runs the collective under the group's timeout itself, so this returns
+                # or raises within it; a timed wait would race that timer and could leave gloo's thread still in
+                # the collective (seen: an abort at exit). On NCCL the wait is stream-ordered (parallel/wait.h).
+                done = work.wait()
             except RuntimeError as e:
-                raise RuntimeError(f"{where} failed or timed out ({group_text}, timeout "
-                                   f"{int(timeout.total_seconds() * 1000)} ms; did every rank of the group call "
-                                   f"it?): {e}") from e
+                raise RuntimeError(self._wait_error(b, "failed or timed out", f"; did every rank of the group call "
+                                                    f"it?): {e}")) from e
             if done is False:
-                raise RuntimeError(f"{where} did not finish within the group timeout ({group_text}, timeout "
-                                   f"{int(timeout.total_seconds() * 1000)} ms); did every rank of the group call it?")
+                raise RuntimeError(self._wait_error(b, "did not finish within the group timeout",
+                                                    "); did every rank of the group call it?"))
             bucket.send = None
+
+    def _wait_error(self, b: int, what: str, rest: str) -> str:
+        """The form of the C++ waits' messages (cpp/parallel/group.cpp), which megacore.parallel.timeouts reads
+        back to name the group and the ranks that did not arrive."""
+        group = self.data_parallel_group
+        ms = int((group_timeout(group) or _DEFAULT_TIMEOUT).total_seconds() * 1000)
+        return (f"{_NAME}: the parameter all-gather of bucket {b} of {len(self._buckets)} "
+                f"({len(self._buckets[b].params)} parameters) {what} (group '{group.group_name}' "
+                f"{getattr(group, 'group_desc', '')}, timeout {ms} ms{rest}")
 
     def _before_forward(self, module: nn.Module, args) -> None:
         """Forward pre-hook of every module: before the first step it notes that the module ran; afterwards it
@@ -294,7 +305,8 @@ class DistributedOptimizer(torch.optim.AdamW):
             self._wait(self._waits[id(module)])
 
     def _assign_owners(self) -> None:
-        """Gives each bucket of each module's own parameters to the module's owner (see the class doc)."""
+        """Gives each bucket of each module's own parameters to the module's owner (see the class doc); a module
+        whose forward never ran so far waits, if it ever runs, for every bucket of its subtree."""
         seen, self._forwards_seen = self._forwards_seen, None
         parent: dict[int, nn.Module] = {}
         for module in self.model.modules():
@@ -309,6 +321,10 @@ class DistributedOptimizer(torch.optim.AdamW):
             while id(owner) not in seen and id(owner) in parent:
                 owner = parent[id(owner)]
             owned.setdefault(id(owner), set()).update(buckets)
+        for module in self.model.modules():
+            if id(module) not in seen:
+                owned.setdefault(id(module), set()).update(
+                    self._bucket_of[id(p)] for p in module.parameters() if id(p) in self._bucket_of)
         self._waits = {owner: tuple(sorted(buckets, reverse=True)) for owner, buckets in owned.items()}
 
     # ---- state: full (parameter-shaped, gathered over data-parallel ranks) --------------------------------
@@ -377,7 +393,7 @@ class DistributedOptimizer(torch.optim.AdamW):
 
         Raises TypeError when ``saved`` is not a dict; KeyError naming a missing key; ValueError, naming
         ``megacore.training.<fn>``, when the groups hold other parameters or a tensor has another shape than
-        its parameter.
+        its parameter (then nothing was changed).
         """
         where = f"megacore.training.{fn}"
         if not isinstance(saved, dict):
@@ -423,7 +439,7 @@ class DistributedOptimizer(torch.optim.AdamW):
         for master, value in masters:
             master.copy_(value)
         super().load_state_dict(local)
-        self.copy_master_to_model()
+        self._launch_param_gathers()
         self.wait_for_params()
 
     @staticmethod
