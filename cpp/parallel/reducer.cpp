@@ -4,6 +4,10 @@
 // the buckets in the same order. Buckets are launched strictly by index (bucket k only after k-1), and
 // finalize() launches whatever is left in that same order, so the sequence is 0, 1, ..., n-1 on every
 // rank whatever order the gradients arrive in, and however many parameters a rank left unused.
+//
+// Reduce-scatter mode: NCCL reduce-scatters in place (the output is this rank's slice of the input, which
+// NCCL allows, as Megatron does); gloo gets a separate output buffer, copied into the slice by finalize(),
+// since its in-place aliasing is not documented as safe.
 #include "parallel/reducer.h"
 
 #include <ATen/ATen.h>
@@ -27,13 +31,15 @@ int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 }  // namespace
 
 Reducer::Reducer(std::vector<at::Tensor> params, std::optional<at::ScalarType> grad_dtype, int64_t bucket_bytes,
-                 std::string group_name) {
+                 std::string group_name, bool reduce_scatter, std::vector<int64_t> own_bucket)
+    : reduce_scatter_(reduce_scatter) {
   MEGACORE_CHECK_ARG(!params.empty(), kOp, "the module has no parameter that requires grad: nothing to reduce");
   MEGACORE_CHECK_ARG(bucket_bytes >= 1, kOp, "bucket size is ", bucket_bytes, " bytes, expected >= 1");
   MEGACORE_CHECK_TYPE(!grad_dtype || at::isFloatingType(*grad_dtype), kOp, "grad_dtype ",
                       grad_dtype ? c10::toString(*grad_dtype) : "", " is not a floating dtype");
   pg_ = resolve_group(kOp, group_name);
   world_size_ = pg_->getSize();
+  rank_ = pg_->getRank();
 
   // Assign parameters to buckets: one open bucket per (grad dtype, device), closed once it is full.
   struct Open {
@@ -43,8 +49,15 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::optional<at::ScalarType> g
   };
   std::vector<Open> open;
   std::vector<at::TensorOptions> bucket_options;
-  std::vector<int64_t> bucket_numel, offsets(params.size());
+  std::vector<int64_t> bucket_numel;
+  offsets_.resize(params.size());
   bucket_of_.resize(params.size());
+  std::vector<bool> alone(params.size(), false);
+  for (int64_t i : own_bucket) {
+    MEGACORE_CHECK_ARG(i >= 0 && i < static_cast<int64_t>(params.size()), kOp, "own_bucket index ", i,
+                       " is out of range [0, ", params.size(), ")");
+    alone[i] = true;
+  }
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     MEGACORE_CHECK_ARG(p.defined(), kOp, "parameter ", i, " is undefined");
@@ -53,6 +66,10 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::optional<at::ScalarType> g
     const at::ScalarType dtype = grad_dtype.value_or(p.scalar_type());
     auto it = std::find_if(open.begin(), open.end(),
                            [&](const Open& o) { return o.dtype == dtype && o.device == p.device(); });
+    if (alone[i] && it != open.end()) {  // close the open bucket: this parameter starts one of its own
+      open.erase(it);
+      it = open.end();
+    }
     if (it == open.end()) {
       open.push_back({dtype, p.device(), static_cast<int64_t>(buckets_.size())});
       it = open.end() - 1;
@@ -62,20 +79,33 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::optional<at::ScalarType> g
     }
     const int64_t b = it->bucket;
     const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
-    offsets[i] = round_up(bucket_numel[b], std::max<int64_t>(1, kAlignBytes / elem));
-    bucket_numel[b] = offsets[i] + p.numel();
+    offsets_[i] = round_up(bucket_numel[b], std::max<int64_t>(1, kAlignBytes / elem));
+    bucket_numel[b] = offsets_[i] + p.numel();
     bucket_of_[i] = b;
     buckets_[b].params.push_back(static_cast<int64_t>(i));
-    if (bucket_numel[b] * elem >= bucket_bytes) open.erase(it);
+    if (alone[i] || bucket_numel[b] * elem >= bucket_bytes) open.erase(it);
   }
 
   // One flat zeroed buffer per bucket; each parameter's gradient is a view into it.
   for (size_t b = 0; b < buckets_.size(); ++b) {
-    buckets_[b].buffer = at::zeros({bucket_numel[b]}, bucket_options[b]);  // [numel incl. padding]
+    Bucket& bucket = buckets_[b];
+    int64_t numel = bucket_numel[b];
+    if (reduce_scatter_) {
+      // Every rank's slice has the same size and starts aligned.
+      const int64_t elem = static_cast<int64_t>(c10::elementSize(bucket_options[b].dtype().toScalarType()));
+      numel = round_up(numel, world_size_ * std::max<int64_t>(1, kAlignBytes / elem));
+    }
+    bucket.buffer = at::zeros({numel}, bucket_options[b]);  // [numel incl. padding]
+    const int64_t shard = reduce_scatter_ ? numel / world_size_ : numel;
+    bucket.shard_start = reduce_scatter_ ? rank_ * shard : 0;
+    bucket.shard_end = bucket.shard_start + shard;
+    if (reduce_scatter_ && bucket.buffer.device().type() != c10::DeviceType::CUDA) {
+      bucket.shard_output = at::zeros({shard}, bucket_options[b]);  // [numel / world]
+    }
   }
   for (size_t i = 0; i < params.size(); ++i) {
     main_grads_.push_back(
-        buckets_[bucket_of_[i]].buffer.narrow(0, offsets[i], params[i].numel()).view(params[i].sizes()));
+        buckets_[bucket_of_[i]].buffer.narrow(0, offsets_[i], params[i].numel()).view(params[i].sizes()));
   }
   ready_.assign(params.size(), false);
   reset_backward_state();
@@ -114,10 +144,19 @@ void Reducer::launch(int64_t b) {
   Bucket& bucket = buckets_[b];
   // SUM of grad / world is the mean; scaling first keeps bf16/fp16 sums in range.
   if (world_size_ > 1) bucket.buffer.div_(world_size_);
-  std::vector<at::Tensor> tensors{bucket.buffer};
-  c10d::AllreduceOptions opts;
-  opts.reduceOp = c10d::ReduceOp::SUM;
-  bucket.work = pg_->allreduce(tensors, opts);
+  if (reduce_scatter_) {
+    at::Tensor output = bucket.shard_output.defined()
+                            ? bucket.shard_output
+                            : bucket.buffer.narrow(0, bucket.shard_start, bucket.shard_end - bucket.shard_start);
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    bucket.work = pg_->reduce_scatter_single(output, bucket.buffer, opts);
+  } else {
+    std::vector<at::Tensor> tensors{bucket.buffer};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    bucket.work = pg_->allreduce(tensors, opts);
+  }
   ++num_launched_;
 }
 
@@ -130,9 +169,14 @@ void Reducer::finalize() {
   for (size_t b = 0; b < buckets_.size() && !error; ++b) {
     if (!buckets_[b].work) continue;
     try {
-      wait_for(kOp, buckets_[b].work, pg_, buckets_[b].buffer.device().type(),
-               "the gradient all-reduce of bucket " + std::to_string(b) + " of " + std::to_string(buckets_.size()) +
-                   " (" + std::to_string(buckets_[b].params.size()) + " parameters)");
+      const std::string what = std::string(reduce_scatter_ ? "the gradient reduce-scatter" : "the gradient all-reduce") +
+                               " of bucket " + std::to_string(b) + " of " + std::to_string(buckets_.size()) + " (" +
+                               std::to_string(buckets_[b].params.size()) + " parameters)";
+      wait_for(kOp, buckets_[b].work, pg_, buckets_[b].buffer.device().type(), what);
+      if (buckets_[b].shard_output.defined()) {
+        buckets_[b].buffer.narrow(0, buckets_[b].shard_start, buckets_[b].shard_output.numel())
+            .copy_(buckets_[b].shard_output);
+      }
     } catch (...) {
       error = std::current_exception();
     }
@@ -184,6 +228,20 @@ int64_t Reducer::num_buckets() const { return static_cast<int64_t>(buckets_.size
 
 int64_t Reducer::world_size() const { return world_size_; }
 
+int64_t Reducer::rank() const { return rank_; }
+
+bool Reducer::reduce_scatter() const { return reduce_scatter_; }
+
+std::vector<int64_t> Reducer::shard_range(int64_t bucket) const {
+  check_bucket("shard_range", bucket);
+  return {buckets_[bucket].shard_start, buckets_[bucket].shard_end};
+}
+
+int64_t Reducer::param_offset(int64_t param) const {
+  check_param("param_offset", param);
+  return offsets_[param];
+}
+
 int64_t Reducer::bucket_of(int64_t param) const {
   check_param("bucket_of", param);
   return bucket_of_[param];
@@ -210,10 +268,12 @@ int64_t Reducer::num_allreduces_launched() const { return num_launched_; }
 int64_t Reducer::num_allreduces_launched_during_backward() const { return num_launched_during_backward_; }
 
 TORCH_LIBRARY_FRAGMENT(megacore, m) {
-  // Python: torch.classes.megacore.Reducer(params, grad_dtype, bucket_bytes, group_name); used by
+  // Python: torch.classes.megacore.Reducer(params, grad_dtype, bucket_bytes, group_name, reduce_scatter,
+  // own_bucket); used by
   // megacore.parallel.DistributedDataParallel, which owns the autograd hooks.
   m.class_<Reducer>("Reducer")
-      .def(torch::init<std::vector<at::Tensor>, std::optional<at::ScalarType>, int64_t, std::string>())
+      .def(torch::init<std::vector<at::Tensor>, std::optional<at::ScalarType>, int64_t, std::string, bool,
+                       std::vector<int64_t>>())
       .def("mark_ready", &Reducer::mark_ready)
       .def("finalize", &Reducer::finalize)
       .def("params_not_ready", &Reducer::params_not_ready)
@@ -225,6 +285,10 @@ TORCH_LIBRARY_FRAGMENT(megacore, m) {
       .def("num_params", &Reducer::num_params)
       .def("num_buckets", &Reducer::num_buckets)
       .def("world_size", &Reducer::world_size)
+      .def("rank", &Reducer::rank)
+      .def("reduce_scatter", &Reducer::reduce_scatter)
+      .def("shard_range", &Reducer::shard_range)
+      .def("param_offset", &Reducer::param_offset)
       .def("bucket_of", &Reducer::bucket_of)
       .def("bucket_params", &Reducer::bucket_params)
       .def("bucket_sizes_bytes", &Reducer::bucket_sizes_bytes)

@@ -199,13 +199,18 @@ def _loss_fn(family: str):
     return lambda model, batch: model(**batch).loss
 
 
-def _train(model, family: str, micro_batches: list[list[dict]], dtype=torch.float32, ddp=None):
-    from megacore.training import LRSchedule, MixedPrecision, Trainer, build_optimizer
+def _train(model, family: str, micro_batches: list[list[dict]], dtype=torch.float32, ddp=None,
+           distributed_optimizer: bool = False):
+    from megacore.training import DistributedOptimizer, LRSchedule, MixedPrecision, Trainer, build_optimizer
 
     precision = MixedPrecision(model, dtype)
     if ddp is not None:
         model = ddp(model)
-    optimizer = build_optimizer(precision, lr=1e-2, weight_decay=0.1)
+    if distributed_optimizer:
+        optimizer = precision = DistributedOptimizer(model, precision, lr=1e-2, weight_decay=0.1,
+                                                     overlap_param_gather=False)
+    else:
+        optimizer = build_optimizer(precision, lr=1e-2, weight_decay=0.1)
     schedule_ = LRSchedule(optimizer, max_lr=1e-2, warmup_steps=1, total_steps=STEPS)
     trainer = Trainer(model, optimizer, schedule_, precision=precision, grad_accumulation=len(micro_batches[0]),
                       clip=0.5, ddp=model if ddp is not None else None, loss_fn=_loss_fn(family))
@@ -217,26 +222,29 @@ def _train(model, family: str, micro_batches: list[list[dict]], dtype=torch.floa
     return losses
 
 
-def _reference(family: str, m_total: int, dtype=torch.float32):
-    model = _build(family)
+def _reference(family: str, m_total: int, dtype=torch.float32, **overrides):
+    model = _build(family, **overrides)
     batches = [_batches(family, m_total, seed=step) for step in range(STEPS)]
     losses = _train(model, family, batches, dtype)
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _pipelined(rank, world, family, tp, pp, vp, m, sequence_parallel, dtype):
+def _pipelined(rank, world, family, tp, pp, vp, m, sequence_parallel, dtype, distributed_optimizer=False,
+               vocab_size=None):
     from megacore.parallel import DistributedDataParallel, initialize_model_parallel
     from megacore.parallel.sharding import gather_full, param_shards
 
     dp = world // (tp * pp)
-    ref_losses, ref_weights = _reference(family, m * dp, dtype)
+    extra = {"vocab_size": vocab_size} if vocab_size else {}
+    ref_losses, ref_weights = _reference(family, m * dp, dtype, **extra)
     s = initialize_model_parallel(tp, pp)
-    overrides = dict(tensor_parallel=tp > 1, sequence_parallel=sequence_parallel)
+    overrides = dict(tensor_parallel=tp > 1, sequence_parallel=sequence_parallel, **extra)
     model = pipeline.cut_stage(_build(family, **overrides), virtual_size=vp)
     batches = [_batches(family, m * dp, seed=step)[s.data_parallel_rank * m:(s.data_parallel_rank + 1) * m]
                for step in range(STEPS)]
-    ddp = (lambda mod: DistributedDataParallel(mod, grad_dtype=torch.float32)) if dp > 1 else None
-    losses = _train(model, family, batches, dtype, ddp)
+    ddp = (lambda mod: DistributedDataParallel(mod, grad_dtype=torch.float32, reduce_scatter=distributed_optimizer)
+           if dp > 1 else None)
+    losses = _train(model, family, batches, dtype, ddp, distributed_optimizer)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for (loss, norm), (ref_loss, ref_norm) in zip(losses, ref_losses):
         torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), **tol)
@@ -273,6 +281,12 @@ def test_gpt_pp2_dp2_matches_one_process():
 
 def test_gpt_tp2_pp2_dp2_eight_processes_match_one_process():
     run_distributed(_pipelined, 8, "gpt", 2, 2, 1, 2, False, torch.float32, timeout_s=300)
+
+
+def test_gpt_pp2_dp2_distributed_optimizer_matches_one_process():
+    # a vocab large enough that the two stages' other parameters would slice the tied embedding's gradient
+    # differently if it shared a bucket with them
+    run_distributed(_pipelined, 4, "gpt", 1, 2, 1, 2, False, torch.float32, True, 6100, timeout_s=300)
 
 
 def test_gpt_pp2_bf16_masters_match_one_process():

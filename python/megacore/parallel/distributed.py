@@ -70,6 +70,13 @@ class DistributedDataParallel(nn.Module):
             with bf16/fp16 parameters keeps fp32 gradients (``param.main_grad``).
         data_parallel_group: a ProcessGroup or its ``group_name``; None: megacore.parallel's
             data-parallel group when ``initialize_model_parallel`` was called, else the default group.
+        reduce_scatter: reduce-scatter each bucket instead of all-reducing it (ZeRO-1, for
+            ``megacore.training.DistributedOptimizer``). Buckets are then padded to a multiple of the
+            group size (times a 64-byte alignment) and, after a reducing backward, only this rank's
+            contiguous 1/world slice of each bucket (``reducer.shard_range(bucket)``) holds the averaged
+            gradient; ``param.main_grad`` (and ``param.grad`` when it is the bucket view) is unspecified
+            outside that slice. ``reducer.param_offset(i)`` says where ``parameters_in_bucket_order()[i]``
+            starts in its bucket.
 
     Every trainable parameter gets ``param.main_grad``, its view into a bucket. When the grad dtype is
     the parameter's, ``param.grad`` is that same view (autograd accumulates into it in place, like
@@ -93,6 +100,7 @@ class DistributedDataParallel(nn.Module):
         bucket_size_mb: float = 25,
         grad_dtype: Optional[torch.dtype] = None,
         data_parallel_group: Union[dist.ProcessGroup, str, None] = None,
+        reduce_scatter: bool = False,
     ):
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -103,6 +111,8 @@ class DistributedDataParallel(nn.Module):
             raise ValueError(f"{_NAME}: bucket_size_mb={bucket_size_mb} must be a finite number > 0")
         if grad_dtype is not None and not (isinstance(grad_dtype, torch.dtype) and grad_dtype.is_floating_point):
             raise TypeError(f"{_NAME}: grad_dtype must be None or a floating torch.dtype, got {grad_dtype!r}")
+        if not isinstance(reduce_scatter, bool):
+            raise TypeError(f"{_NAME}: reduce_scatter must be a bool, got {type(reduce_scatter).__name__}")
         group = _data_parallel_group(data_parallel_group)
 
         self.module = module
@@ -112,7 +122,15 @@ class DistributedDataParallel(nn.Module):
         if not self._params:
             raise ValueError(f"{_NAME}: the module has no parameter that requires grad: nothing to reduce")
         bucket_bytes = max(1, int(bucket_size_mb * 2**20))
-        self.reducer = torch.classes.megacore.Reducer(self._params, grad_dtype, bucket_bytes, group.group_name)
+        self.reduce_scatter = reduce_scatter
+        # A parameter two pipeline stages hold (the tied word embedding) gets a bucket of its own on both, so
+        # that they slice its gradient alike (the stages' other parameters differ).
+        from megacore.parallel.pipeline import tied_parameters
+
+        tied = {id(p) for p in tied_parameters(module)}
+        own_bucket = [i for i, p in enumerate(self._params) if id(p) in tied]
+        self.reducer = torch.classes.megacore.Reducer(self._params, grad_dtype, bucket_bytes, group.group_name,
+                                                      reduce_scatter, own_bucket)
         self._main_grads = self.reducer.main_grads()
         self._finalize_queued = False
         self._hook_handles = []
@@ -163,6 +181,11 @@ class DistributedDataParallel(nn.Module):
         if self.reducer.sync_enabled():
             for index in cleared:  # other ranks may have used it: the average is its gradient
                 self._params[index].grad = self._main_grads[index]
+
+    def parameters_in_bucket_order(self) -> list[nn.Parameter]:
+        """The trainable parameters in the reducer's order: index ``i`` is the reducer's parameter ``i``
+        (``reducer.bucket_of(i)``, ``reducer.param_offset(i)``, ``reducer.main_grad(i)``)."""
+        return list(self._params)
 
     def forward(self, *args, **kwargs):
         """Calls the wrapped module."""

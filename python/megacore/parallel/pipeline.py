@@ -181,11 +181,24 @@ def tied_copy_names(model: nn.Module) -> frozenset:
     return layout.tied_copies if layout is not None else frozenset()
 
 
+def tied_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters this rank shares with another stage: the tied word embedding on the first and on the
+    last stage of a pipeline (empty elsewhere and without pipeline parallelism). DistributedDataParallel
+    gives each its own bucket, so both stages slice its gradient alike."""
+    layout = layout_of(model)
+    if layout is None or layout.size == 1 or not (layout.holds_first or layout.holds_last):
+        return []
+    inner = getattr(model, "module", model)
+    return [p for path in inner.tied_modules for p in inner.get_submodule(path).parameters()]
+
+
 @torch.no_grad()
 def sync_tied_gradients(model: nn.Module) -> None:
     """Sums the gradients of the tied word embedding over the first and last stage (Megatron's embedding
-    group), so both copies take the same step. Reads ``main_grad`` when DistributedDataParallel made one.
-    A no-op on the stages in between and without pipeline parallelism."""
+    group), so both copies take the same step. Reads ``main_grad`` when DistributedDataParallel made one;
+    after a reduce-scatter (the distributed optimizer) only this rank's slice of it is meaningful, and it is
+    the same slice on both stages because the parameter has a bucket of its own there
+    (:func:`tied_parameters`). A no-op on the stages in between and without pipeline parallelism."""
     from megacore.training.optim import grad_of
 
     inner = getattr(model, "module", model)
@@ -485,4 +498,4 @@ def pipeline_loss(losses: list[torch.Tensor], num_microbatches: int, device) -> 
 
 __all__ = ["BACKWARD", "FORWARD", "Op", "StageLayout", "bubble_fraction", "check_schedule", "cut_stage",
            "default_output_loss", "forward_backward", "forward_schedule", "layout_of", "pipeline_loss", "schedule",
-           "stage_layers", "sync_tied_gradients", "tied_copy_names", "warmup_forwards"]
+           "stage_layers", "sync_tied_gradients", "tied_copy_names", "tied_parameters", "warmup_forwards"]

@@ -149,7 +149,10 @@ def report_stalled_ranks(where: str) -> Iterator[None]:
 # timeout N ms); ...".
 _MEGACORE_WAIT = re.compile(r"megacore\.([\w.]+): (.+?) (?:failed or timed out|did not finish within the group "
                             r"timeout) \(group '([^']*)'[^;)]*, timeout (\d+) ms")
-_BUCKET = re.compile(r"the gradient all-reduce of (bucket \d+ of \d+)")
+_BUCKET = re.compile(r"the (gradient|parameter) (all-reduce|reduce-scatter|all-gather) of (bucket \d+ of \d+)")
+# Who issues bucketed collectives, as the report names them.
+_BUCKETED = {"parallel.DistributedDataParallel": "the DDP",
+             "training.DistributedOptimizer": "the distributed optimizer's"}
 # A peer process that is gone, in gloo's words (its tcp pair) and NCCL's ("remote process exited or there was a
 # network error").
 _EXITED = re.compile(r"connection closed by peer|connection reset by peer|broken pipe|remote process exited",
@@ -168,8 +171,9 @@ def _stall_of(e: BaseException) -> Optional[tuple[str, str, Optional[float], boo
     if m:
         op, what, group_name, ms = m.groups()
         bucket = _BUCKET.search(what)
-        if op == "parallel.DistributedDataParallel":
-            collective = f"the DDP gradient all-reduce ({bucket.group(1)})" if bucket else "the DDP gradient all-reduce"
+        if op in _BUCKETED:
+            collective = (f"{_BUCKETED[op]} {bucket.group(1)} {bucket.group(2)} ({bucket.group(3)})" if bucket
+                          else f"{_BUCKETED[op]} bucket collective")
         else:
             collective = op
         return collective, _group_text(group_name), int(ms) / 60000, exited

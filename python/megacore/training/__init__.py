@@ -12,12 +12,20 @@ Typical use (one process, or every rank under torchrun)::
     metrics = trainer.train_step(micro_batches)          # {"loss", "grad_norm", "lr", "skipped", "tokens"}
     save_checkpoint("ckpt", step, model, optimizer, extra={"schedule": schedule.state_dict()}, keep_last=3)
 
+With data parallelism the optimizer state can be sharded over the data-parallel ranks (ZeRO-1,
+``distributed_optimizer.py``)::
+
+    ddp = DistributedDataParallel(model, grad_dtype=torch.float32, reduce_scatter=True)
+    optimizer = precision = DistributedOptimizer(ddp, precision, lr=6e-4)   # 1/DP of masters and moments
+    trainer = Trainer(ddp, optimizer, schedule, precision=precision, grad_accumulation=4, ddp=ddp)
+
 Checkpoints (``checkpoint.py``) hold full, merged weights and optimizer moments, so they load at any
 tensor-parallel size; ``generate.py`` decodes with a KV cache; ``evaluate.py`` gives perplexity and a
 LAMBADA-style last-word accuracy.
 """
 
 from megacore.training.checkpoint import load_checkpoint, save_checkpoint
+from megacore.training.distributed_optimizer import DistributedOptimizer
 from megacore.training.evaluate import last_word_accuracy, perplexity
 from megacore.training.generate import generate
 from megacore.training.optim import LRSchedule, build_optimizer, clip_grad_norm, parameter_groups
@@ -25,6 +33,7 @@ from megacore.training.precision import DynamicLossScaler, MixedPrecision
 from megacore.training.trainer import Trainer, TrainingDivergedError, masked_mean_loss
 
 __all__ = [
+    "DistributedOptimizer",
     "DynamicLossScaler",
     "LRSchedule",
     "MixedPrecision",

@@ -7,6 +7,7 @@ import math
 from typing import Iterable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from megacore.parallel import state
 from megacore.parallel.collectives import all_reduce
@@ -52,7 +53,21 @@ def parameter_groups(model, weight_decay: float = 0.1, no_decay: Sequence[str] =
     return [g for g in groups if g["params"]]
 
 
-def _fused_supported(params: list[torch.Tensor]) -> bool:
+def check_adamw_arguments(fn: str, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> None:
+    """Raises ValueError, naming ``fn``, for ``lr`` < 0, ``weight_decay`` < 0, betas outside [0, 1) or
+    ``eps`` <= 0 (the checks of ``build_optimizer`` and ``DistributedOptimizer``)."""
+    if not (isinstance(lr, (int, float)) and lr >= 0):
+        raise ValueError(f"{fn}: lr={lr!r} must be a number >= 0")
+    if not weight_decay >= 0:
+        raise ValueError(f"{fn}: weight_decay={weight_decay!r} must be >= 0")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"{fn}: betas={betas!r} must be two numbers in [0, 1)")
+    if not eps > 0:
+        raise ValueError(f"{fn}: eps={eps!r} must be > 0")
+
+
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes every tensor of ``params`` (device and dtype)."""
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     devices = _get_fused_kernels_supported_devices()
@@ -74,19 +89,12 @@ def build_optimizer(model, lr: float, weight_decay: float = 0.1, betas: tuple[fl
     the model has no trainable parameter; TypeError for a model without ``named_parameters``.
     """
     fn = "megacore.training.build_optimizer"
-    if not (isinstance(lr, (int, float)) and lr >= 0):
-        raise ValueError(f"{fn}: lr={lr!r} must be a number >= 0")
-    if not weight_decay >= 0:
-        raise ValueError(f"{fn}: weight_decay={weight_decay!r} must be >= 0")
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"{fn}: betas={betas!r} must be two numbers in [0, 1)")
-    if not eps > 0:
-        raise ValueError(f"{fn}: eps={eps!r} must be > 0")
+    check_adamw_arguments(fn, lr, weight_decay, betas, eps)
     groups = parameter_groups(model, weight_decay, no_decay)
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError(f"{fn}: the model has no parameter that requires grad")
-    fused = _fused_supported(params)
+    fused = fused_supported(params)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                              fused=fused or None, foreach=None if fused else True)
 
@@ -193,17 +201,38 @@ def grad_of(p: torch.Tensor):
     return main if main is not None else p.grad
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, excluded: Optional[set] = None) -> torch.Tensor:
+def data_parallel_group() -> "dist.ProcessGroup":
+    """The group data-parallel ranks reduce over: megacore.parallel's data-parallel group when
+    ``initialize_model_parallel`` was called, else the default group (DistributedDataParallel's default)."""
+    return state.get_data_parallel_group() if state.model_parallel_is_initialized() else dist.group.WORLD
+
+
+def reduction_device(grads: list[torch.Tensor], group) -> torch.device:
+    """Where a norm or overflow flag is reduced: the gradients' device; with no local gradient (a
+    data-parallel rank whose shard holds no parameter), the device the group's backend communicates on."""
+    if grads:
+        return grads[0].device
+    if group is not None and torch.cuda.is_available() and "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, data_parallel_sharded: bool = False,
+                   excluded: Optional[set] = None) -> torch.Tensor:
     """Scales the gradients in place so that their global L2 norm is at most ``max_norm``; returns the norm
     before clipping (a 0-dim fp32 tensor, the same on every tensor-parallel rank).
 
     The norm is the whole model's: parameters tagged ``tensor_parallel=True`` are shards, so their squared
     norms are summed over the tensor-parallel group; replicated parameters (``sequence_parallel`` ones
-    included: their layer already summed their gradient) are counted once. No data-parallel reduction:
-    after DistributedDataParallel the gradients are identical across data-parallel ranks. Reads
-    ``p.main_grad`` when present, else ``p.grad``; parameters without a gradient are skipped.
-    ``max_norm <= 0`` or ``inf`` computes the norm without clipping. A non-finite norm leaves the
-    gradients as they are (the loss scaler's overflow check should catch it first). Under pipeline
+    included: their layer already summed their gradient) are counted once. Without
+    ``data_parallel_sharded`` there is no data-parallel reduction: after DistributedDataParallel the
+    gradients are identical across data-parallel ranks. With ``data_parallel_sharded=True`` (the
+    ``DistributedOptimizer``'s pieces: each data-parallel rank holds a disjoint part of the gradients) the
+    squared norms are summed over the data-parallel group too (``data_parallel_group()``), so every rank
+    gets the whole model's norm; every data-parallel rank must then call it. Reads ``p.main_grad`` when
+    present, else ``p.grad``; parameters without a gradient are skipped. ``max_norm <= 0`` or ``inf``
+    computes the norm without clipping. A non-finite norm leaves the gradients as they are (the loss
+    scaler's overflow check should catch it first). Under pipeline
     parallelism the squared norms are summed over the stages; ``excluded`` (ids of parameters) are left out
     of the norm but clipped: the last stage's copy of the tied word embedding, counted on the first stage.
 
@@ -218,7 +247,8 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, excluded: Op
     tp_world, tp_rank = 1, 0
     if state.model_parallel_is_initialized():
         tp_world, tp_rank = state.get_tensor_parallel_world_size(), state.get_tensor_parallel_rank()
-    device = grad_of(params[0]).device if params else torch.device("cpu")
+    dp_group = data_parallel_group() if data_parallel_sharded else None
+    device = reduction_device([grad_of(p) for p in params[:1]], dp_group)
     # Squared sums: sharded params on every rank; replicated ones only on tensor-parallel rank 0, so that
     # one all-reduce over the group counts each exactly once.
     counted_params = [p for p in params if id(p) not in (excluded or ())]
@@ -231,6 +261,8 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, excluded: Op
         total = torch.stack(norms).pow(2).sum()
     if tp_world > 1:
         total = all_reduce(total.reshape(1), state.get_tensor_parallel_group()).reshape(())
+    if dp_group is not None and dp_group.size() > 1:
+        total = all_reduce(total.reshape(1), dp_group).reshape(())
     if state.model_parallel_is_initialized() and state.get_pipeline_parallel_world_size() > 1:
         total = all_reduce(total.reshape(1), state.get_pipeline_parallel_group()).reshape(())
     norm = total.sqrt()
@@ -241,4 +273,5 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, excluded: Op
     return norm
 
 
-__all__ = ["LRSchedule", "build_optimizer", "clip_grad_norm", "grad_of", "parameter_groups", "NO_DECAY"]
+__all__ = ["LRSchedule", "build_optimizer", "check_adamw_arguments", "clip_grad_norm", "data_parallel_group",
+           "fused_supported", "grad_of", "parameter_groups", "NO_DECAY"]

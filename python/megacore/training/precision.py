@@ -16,7 +16,7 @@ from torch import nn
 from megacore.parallel import state
 from megacore.parallel.collectives import all_reduce
 from megacore.parallel.sharding import copy_layout_tags
-from megacore.training.optim import grad_of
+from megacore.training.optim import data_parallel_group, grad_of, reduction_device
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -119,9 +119,11 @@ class DynamicLossScaler:
     ``scale(loss)`` multiplies the loss by the current scale before backward; ``unscale_(params)``
     divides the gradients (``main_grad`` or ``grad``) by it in place and returns whether any is inf/NaN,
     agreed over the tensor- and pipeline-parallel groups (data-parallel ranks already agree: their
-    gradients were all-reduced); ``update(found_inf)`` then halves the scale (``backoff_factor``, never
-    below ``min_scale``) and counts a skipped step on overflow, or multiplies it by ``growth_factor``
-    after ``growth_interval`` consecutive clean steps. The caller skips the optimizer step on overflow.
+    gradients were all-reduced), and over the data-parallel group too when ``data_parallel_sharded``
+    (the ``DistributedOptimizer``'s pieces, each rank holding a part of the gradients);
+    ``update(found_inf)`` then halves the scale (``backoff_factor``, never below ``min_scale``) and counts
+    a skipped step on overflow, or multiplies it by ``growth_factor`` after ``growth_interval``
+    consecutive clean steps. The caller skips the optimizer step on overflow.
 
     Raises ValueError for a non-positive or non-finite ``init_scale``, ``growth_factor`` <= 1,
     ``backoff_factor`` outside (0, 1) or ``growth_interval`` < 1.
@@ -151,11 +153,15 @@ class DynamicLossScaler:
         return loss * self.loss_scale
 
     @torch.no_grad()
-    def unscale_(self, params: Iterable[torch.Tensor]) -> bool:
+    def unscale_(self, params: Iterable[torch.Tensor], data_parallel_sharded: bool = False) -> bool:
         """Divides every gradient by the scale in place; returns True when any gradient on any model-parallel
-        rank is inf or NaN (the same answer on every rank)."""
+        rank is inf or NaN (the same answer on every rank). With ``data_parallel_sharded=True`` (the
+        gradients are a ``DistributedOptimizer``'s pieces, disjoint over data-parallel ranks) the answer is
+        agreed over the data-parallel group (``optim.data_parallel_group()``) too; every data-parallel rank
+        must then call it."""
         grads = [g for g in (grad_of(p) for p in params) if g is not None]
-        device = grads[0].device if grads else torch.device("cpu")
+        dp_group = data_parallel_group() if data_parallel_sharded else None
+        device = reduction_device(grads, dp_group)
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         inv_scale = torch.full((1,), 1.0 / self.loss_scale, dtype=torch.float32, device=device)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -168,6 +174,8 @@ class DynamicLossScaler:
                                 (state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_group())):
                 if size > 1:
                     found_inf = all_reduce(found_inf, group, "max")
+        if dp_group is not None and dp_group.size() > 1:
+            found_inf = all_reduce(found_inf, dp_group, "max")
         return bool(found_inf.item() > 0)
 
     def update(self, found_inf: bool) -> None:

@@ -134,7 +134,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     from megacore.data import PretrainingSampler
     from megacore.models.registry import PRESETS, build
     from megacore.parallel import DistributedDataParallel, report_stalled_ranks
-    from megacore.training import LRSchedule, MixedPrecision, Trainer, build_optimizer
+    from megacore.training import DistributedOptimizer, LRSchedule, MixedPrecision, Trainer, build_optimizer
     from megacore.training.checkpoint import remove_stale_temporaries, save_checkpoint
     from megacore.training.precision import DynamicLossScaler
 
@@ -207,14 +207,28 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
               f"{config.seq_len} tokens, {dtype_shown} on {device.type}, tensor-parallel {tp} x "
               + (f"pipeline-parallel {pp}" + (f" (interleaved, {vp} chunks per stage)" if vp > 1 else "") + " x "
                  if pp > 1 else "")
-              + f"data-parallel {dp}; "
+              + f"data-parallel {dp}" + (" (distributed optimizer)" if config.use_distributed_optimizer and dp > 1
+                                         else "") + "; "
               f"output {out}")
     if dtype == torch.float16 and device.type == "cpu":
         quiet_log("megacore train: warning: float16 on a CPU is emulated (about 15x slower than float32 here); "
                   "use bfloat16 for half precision on CPUs")
     precision = MixedPrecision(model, dtype)
-    ddp = DistributedDataParallel(model, grad_dtype=torch.float32) if dp > 1 else None
-    optimizer = build_optimizer(precision, lr=config.lr, weight_decay=config.weight_decay)
+    distributed_optimizer = config.use_distributed_optimizer and dp > 1
+    if config.use_distributed_optimizer and dp == 1:
+        quiet_log("megacore train: --use-distributed-optimizer with data-parallel size 1 has nothing to shard; "
+                  "training with the ordinary optimizer")
+    ddp = (DistributedDataParallel(model, grad_dtype=torch.float32, reduce_scatter=distributed_optimizer)
+           if dp > 1 else None)
+    if distributed_optimizer:
+        # ZeRO-1: this rank's 1/dp of the fp32 masters and moments. Under pipeline parallelism the stages run
+        # their parts through the model's stage methods, which module forward pre-hooks do not see, so the
+        # parameter all-gathers are waited for at the end of the step instead of in the next forward.
+        optimizer = DistributedOptimizer(ddp, precision, lr=config.lr, weight_decay=config.weight_decay,
+                                         overlap_param_gather=pp == 1)
+        precision = optimizer
+    else:
+        optimizer = build_optimizer(precision, lr=config.lr, weight_decay=config.weight_decay)
     schedule = LRSchedule(optimizer, max_lr=config.lr, min_lr=config.min_lr,
                           warmup_steps=min(config.warmup_steps, config.train_steps), total_steps=config.train_steps)
     scaler = DynamicLossScaler() if dtype == torch.float16 else None

@@ -193,10 +193,12 @@ class Trainer:
             with phase("megacore.optimizer"):  # master grads, unscale, clip, step, masters -> model
                 if self.precision is not None:
                     self.precision.copy_grads_to_master()
-                found_inf = self.scaler.unscale_(self.params) if self.scaler is not None else False
+                found_inf = self.scaler.unscale_(self.params, data_parallel_sharded=getattr(
+                    self.precision, "sharded_over_data_parallel", False)) if self.scaler is not None else False
                 grad_norm = float("nan")
                 if not found_inf:
-                    grad_norm = float(clip_grad_norm(self.params, self.clip, excluded=self.norm_excluded))
+                    grad_norm = float(clip_grad_norm(self.params, self.clip, data_parallel_sharded=getattr(
+                        self.precision, "sharded_over_data_parallel", False), excluded=self.norm_excluded))
                     if not math.isfinite(grad_norm):
                         raise TrainingDivergedError(step, f"{_FN}: step {step}: the gradient norm is {grad_norm} "
                                                           f"(loss {loss:.4g}); stopping before the optimizer step, "
