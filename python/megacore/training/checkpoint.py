@@ -811,10 +811,12 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[t
             or the saved weights when the checkpoint has none (an fp32 run). How the optimizer computes a step
             (``foreach``, ``fused``) stays its own. The checkpoint must have been saved with one.
         restore_rng: set this rank's torch/CUDA/numpy/python RNG states. At the saving layout (the same world,
-            tensor- and pipeline-parallel sizes) each rank takes its own ``rng_rank{rank}.pt``, so a resumed run
-            continues bit for bit. At another layout ranks do not correspond: every rank takes global rank 0's
-            state (the first stage's), so the streams continue from the saving run's and every rank draws alike,
-            as tensor-parallel ranks must (their dropout seeds come from it) and as a run seeded alike does.
+            tensor-, pipeline- and virtual-pipeline-parallel sizes: each rank holds the layers it held) each rank
+            takes its own ``rng_rank{rank}.pt``, so a resumed run continues bit for bit. At another layout ranks
+            do not correspond: every rank takes global rank 0's state (the first stage's), so the streams
+            continue from the saving run's and every rank draws alike, as tensor-parallel ranks must (their
+            dropout seeds come from it) and as a run seeded alike does; the draws after the load differ from
+            those the saving layout would have made.
 
     Every rank calls it. Collectives: over the pipeline group for a cut model (checking that every saved
     parameter has a stage), and the distributed optimizer's over the data-parallel group. Raises
@@ -844,8 +846,9 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[t
     extra = _read(os.path.join(path, EXTRA_NAME), "extra state", fn,
                   lambda p: torch.load(p, map_location="cpu", weights_only=True))
     if restore_rng:
-        saved_layout = (meta.get("world_size"), meta.get("tensor_parallel_size"), meta.get("pipeline_parallel_size", 1))
-        source = where.rank if saved_layout == (where.world_size, where.tp, where.pp) else 0
+        saved_layout = (meta.get("world_size"), meta.get("tensor_parallel_size"), meta.get("pipeline_parallel_size", 1),
+                        meta.get("virtual_pipeline_parallel_size", 1))
+        source = where.rank if saved_layout == (where.world_size, where.tp, where.pp, where.virtual) else 0
         rng_path = os.path.join(path, f"rng_rank{source}.pt")
         _set_rng_state(_read(rng_path, "RNG state", fn, lambda p: torch.load(p, map_location="cpu", weights_only=True)))
     extra.setdefault("step", meta["step"])

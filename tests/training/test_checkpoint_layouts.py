@@ -1,0 +1,492 @@
+"""Checkpoints at any parallel layout: saved at one (tensor, pipeline, data parallel, virtual pipeline, distributed
+optimizer or not) layout and loaded at another, through real gloo processes.
+
+The reference is one process training the same model on the same global batches (``_reference``, in the test
+process). After loading, each rank's weights and AdamW state, merged over its tensor-parallel group, must equal
+the checkpoint's files bit for bit and the reference's state to round-off; one more step must then give the
+reference's next weights (which needs the right moments, step counts and per-group hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+import megacore.training
+from megacore.training.checkpoint import load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
+from tests.parallel.utils import run_distributed
+
+TINY = dict(vocab_size=61, hidden_size=32, num_layers=4, num_attention_heads=4, max_position_embeddings=16,
+            hidden_dropout=0.0, attention_dropout=0.0)  # vocab 61: tensor-parallel padding is cut and restored
+SEQ, ROWS, MICROBATCHES = 8, 2, 4  # global micro-batches per step, split over data-parallel ranks
+SAVED_AT, LR = 2, 1e-2
+HAS_DISTRIBUTED_OPTIMIZER = hasattr(megacore.training, "DistributedOptimizer")
+needs_distributed_optimizer = pytest.mark.skipif(not HAS_DISTRIBUTED_OPTIMIZER,
+                                                 reason="megacore.training.DistributedOptimizer is not on this branch")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vp: int = 1
+    distributed_optimizer: bool = False
+    dtype: str = "float32"
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def _batches(step: int) -> list[dict]:
+    """The global micro-batches of step ``step``."""
+    g = torch.Generator().manual_seed(step)
+    out = []
+    for _ in range(MICROBATCHES):
+        ids = torch.randint(0, TINY["vocab_size"], (ROWS, SEQ + 1), generator=g)
+        out.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone()})
+    return out
+
+
+def _setup(layout: Layout, seed: int, dropout: float = 0.0):
+    """(trainer, bare model, optimizer, schedule) at ``layout`` (model parallel initialized by the caller)."""
+    from megacore.models.registry import build
+    from megacore.parallel import DistributedDataParallel, pipeline
+    from megacore.training import LRSchedule, MixedPrecision, Trainer, build_optimizer
+
+    torch.manual_seed(seed)
+    model = build("gpt-tiny", **{**TINY, "hidden_dropout": dropout, "attention_dropout": dropout},
+                  tensor_parallel=layout.tp > 1)
+    if layout.pp > 1:
+        pipeline.cut_stage(model, virtual_size=layout.vp)
+    precision = MixedPrecision(model, getattr(torch, layout.dtype))
+    ddp = None
+    if layout.dp > 1 or layout.distributed_optimizer:
+        zero1 = {"reduce_scatter": True} if layout.distributed_optimizer else {}
+        ddp = DistributedDataParallel(model, grad_dtype=torch.float32, **zero1)
+    if layout.distributed_optimizer:
+        optimizer = precision = megacore.training.DistributedOptimizer(ddp, precision, lr=LR, weight_decay=0.1)
+    else:
+        optimizer = build_optimizer(precision, lr=LR, weight_decay=0.1)
+    schedule = LRSchedule(optimizer, max_lr=LR, min_lr=LR / 10, warmup_steps=1, total_steps=8)
+    trainer = Trainer(ddp or model, optimizer, schedule, precision=precision, grad_accumulation=MICROBATCHES // layout.dp,
+                      clip=0.5, ddp=ddp)
+    return trainer, model, optimizer, schedule
+
+
+def _dp_rank() -> int:
+    from megacore.parallel import state
+
+    return state.get_data_parallel_rank() if state.model_parallel_is_initialized() else 0
+
+
+def _train(trainer, layout: Layout, steps) -> list[float]:
+    m, r = MICROBATCHES // layout.dp, _dp_rank()
+    return [trainer.train_step(_batches(step)[r * m:(r + 1) * m])["loss"] for step in steps]
+
+
+def _full_state(model, optimizer) -> dict:
+    """This rank's weights, fp32 masters and AdamW state by name, merged over the tensor-parallel group (a
+    collective), as fp32 CPU tensors; the distributed optimizer's through full_state (over the DP group)."""
+    from megacore.parallel import state
+    from megacore.parallel.sharding import gather_full, param_shards
+
+    tp = state.get_tensor_parallel_world_size() if state.model_parallel_is_initialized() else 1
+    group = state.get_tensor_parallel_group() if tp > 1 else None
+    if hasattr(optimizer, "full_state"):
+        optimizer.wait_for_params()
+        saved = optimizer.full_state()
+        moments, masters = saved["state"], saved["master_params"]
+    else:
+        named = dict(optimizer_named(optimizer, model))
+        moments = {n: optimizer.state[p] for n, p in named.items()}
+        masters = {n: p for n, p in named.items() if p is not dict(model.named_parameters())[n]}
+    out = {"weights": {}, "masters": {}, "state": {}}
+    for info in param_shards(model, tp):
+        def full(t):
+            return gather_full(info, t, group).float().cpu().clone()
+        out["weights"][info.name] = full(info.param)
+        if info.name in masters and info.param.dtype != torch.float32:
+            out["masters"][info.name] = full(masters[info.name])
+        entry = moments[info.name]
+        out["state"][info.name] = {"exp_avg": full(entry["exp_avg"]), "exp_avg_sq": full(entry["exp_avg_sq"]),
+                                   "step": float(entry["step"])}
+    return out
+
+
+def optimizer_named(optimizer, model):
+    """(name, optimizer parameter) of a build_optimizer AdamW: its groups' ``names``."""
+    for group in optimizer.param_groups:
+        yield from zip(group["names"], group["params"])
+
+
+def _checkpoint_files(root: str) -> dict:
+    """The weights, masters and AdamW state in a checkpoint's files, merged over its stages (test-side reading)."""
+    step_dir = resolve_checkpoint(root)
+    meta = json.load(open(os.path.join(step_dir, "meta.json")))
+    out = {"weights": {}, "masters": {}, "state": {}}
+    for stage in meta["stages"]:
+        out["weights"].update(load_file(os.path.join(step_dir, stage["weights"])))
+        saved = torch.load(os.path.join(step_dir, stage["optimizer"]), weights_only=True)
+        out["masters"].update(saved["master_params"])
+        out["state"].update(saved["state"])
+    return out
+
+
+def _reference(dtype: str) -> dict:
+    """One process, fp32 or bf16 with fp32 masters: the state after SAVED_AT steps and the weights one step later."""
+    layout = Layout(dtype=dtype)
+    trainer, model, optimizer, _ = _setup(layout, seed=0)
+    _train(trainer, layout, range(SAVED_AT))
+    saved = _full_state(model, optimizer)
+    _train(trainer, layout, [SAVED_AT])
+    return {**saved, "next_weights": _full_state(model, optimizer)["weights"]}
+
+
+def _train_and_save(rank, world, layout: Layout, root: str):
+    from megacore.parallel import destroy_model_parallel, initialize_model_parallel
+
+    if world > 1:
+        initialize_model_parallel(layout.tp, layout.pp)
+    try:
+        trainer, model, optimizer, schedule = _setup(layout, seed=0)
+        _train(trainer, layout, range(SAVED_AT))
+        torch.manual_seed(1000 + rank)  # every rank's RNG state differs: which file a load takes is visible
+        save_checkpoint(root, SAVED_AT, trainer.model, optimizer, extra={"schedule": schedule.state_dict()})
+    finally:
+        destroy_model_parallel()
+
+
+def _weights_tolerance(layout: Layout) -> dict:
+    # Adam divides by the root of the squared gradient: elements whose gradient is ~0 amplify round-off; in
+    # bf16 that can flip a weight's last bit (one ulp at 1 is 0.0078)
+    return dict(rtol=1e-4, atol=2e-4) if layout.dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
+
+
+def _assert_state(got: dict, want: dict, exact: bool, what: str, rank: int, layout: Layout):
+    """``got`` (a _full_state) against ``want`` (the files: bit for bit; the reference: to round-off)."""
+    for kind in ("weights", "masters"):
+        tol = _weights_tolerance(layout) if kind == "weights" else dict(rtol=1e-4, atol=2e-4)
+        for name, t in got[kind].items():
+            w = want[kind][name].float()
+            if exact:
+                assert torch.equal(t, w), f"rank {rank}: {kind} {name} differs from {what}"
+            else:
+                torch.testing.assert_close(t, w, **tol, msg=lambda m: f"rank {rank}: {kind} {name}: {m}")
+    for name, entry in got["state"].items():
+        assert entry["step"] == float(want["state"][name]["step"]) == SAVED_AT
+        for key in ("exp_avg", "exp_avg_sq"):
+            w = want["state"][name][key].float()
+            if exact:
+                assert torch.equal(entry[key], w), f"rank {rank}: {key} of {name} differs from {what}"
+            else:  # round-off relative to the tensor's scale (Adam's moments of ~0 gradients have no relative precision)
+                torch.testing.assert_close(entry[key], w, rtol=1e-3, atol=1e-3 * float(w.abs().max()),
+                                           msg=lambda m: f"rank {rank}: {key} of {name}: {m}")
+
+
+def _load_and_check(rank, world, layout: Layout, root: str, reference: dict, rng_source: int):
+    """Loads ``root`` at ``layout`` and checks it against the files and the reference; then one more step."""
+    from megacore.parallel import destroy_model_parallel, initialize_model_parallel
+
+    if world > 1:
+        initialize_model_parallel(layout.tp, layout.pp)
+    try:
+        trainer, model, optimizer, schedule = _setup(layout, seed=5)  # other weights: the load must replace them
+        extra = load_checkpoint(root, trainer.model, optimizer)
+        step_dir = resolve_checkpoint(root)
+        rng = torch.load(os.path.join(step_dir, f"rng_rank{rng_source}.pt"), weights_only=True)
+        assert torch.equal(torch.get_rng_state(), rng["torch"]), f"rank {rank}: not rng_rank{rng_source}.pt's state"
+        schedule.load_state_dict(extra["schedule"])
+        got = _full_state(model, optimizer)
+        assert got["weights"].keys() == {n for n, _ in model.named_parameters()}
+        _assert_state(got, _checkpoint_files(root), True, "the checkpoint's files", rank, layout)
+        _assert_state(got, reference, False, "the reference", rank, layout)
+        _train(trainer, layout, [SAVED_AT])
+        for name, t in _full_state(model, optimizer)["weights"].items():
+            torch.testing.assert_close(t, reference["next_weights"][name], **_weights_tolerance(layout),
+                                       msg=lambda m: f"rank {rank}: {name} one step after loading: {m}")
+    finally:
+        if world > 1:
+            destroy_model_parallel()
+
+
+def _save_at(layout: Layout, root: str) -> str:
+    if layout.world == 1:
+        _train_and_save(0, 1, layout, root)
+    else:
+        run_distributed(_train_and_save, layout.world, layout, str(root), timeout_s=150)
+    return str(root)
+
+
+def _load_at(layout: Layout, root: str, reference: dict, rng_source: int):
+    if layout.world == 1:
+        _load_and_check(0, 1, layout, root, reference, rng_source)
+    else:
+        run_distributed(_load_and_check, layout.world, layout, root, reference, rng_source, timeout_s=150)
+
+
+@pytest.fixture(scope="module")
+def reference_fp32():
+    return _reference("float32")
+
+
+@pytest.fixture(scope="module")
+def one_process_checkpoint(tmp_path_factory):
+    return _save_at(Layout(), tmp_path_factory.mktemp("one_process"))
+
+
+@pytest.fixture(scope="module")
+def pp2_checkpoint(tmp_path_factory):
+    return _save_at(Layout(pp=2), tmp_path_factory.mktemp("pp2"))
+
+
+# ---- pipeline stages <-> one process ---------------------------------------------------------------------------
+
+
+def test_pp2_writes_one_weights_and_one_optimizer_file_per_stage(pp2_checkpoint):
+    step_dir = resolve_checkpoint(pp2_checkpoint)
+    assert sorted(os.listdir(step_dir)) == ["extra.pt", "meta.json", "model-pp000.safetensors",
+                                            "model-pp001.safetensors", "optimizer-pp000.pt", "optimizer-pp001.pt",
+                                            "rng_rank0.pt", "rng_rank1.pt"]
+    meta = read_checkpoint_meta(pp2_checkpoint)
+    assert (meta["version"], meta["pipeline_parallel_size"], meta["tensor_parallel_size"]) == (2, 2, 1)
+    assert (meta["virtual_pipeline_parallel_size"], meta["distributed_optimizer"]) == (1, False)
+    stage0, stage1 = (set(load_file(os.path.join(step_dir, f"model-pp00{k}.safetensors"))) for k in (0, 1))
+    assert not stage0 & stage1  # the last stage's tied copy of the word embedding is not written
+    assert "embedding.word.weight" in stage0 and "final_norm.weight" in stage1
+    assert {n for n in stage0 if ".layers." in n} == {n for n in meta["parameters"] if n.startswith((
+        "decoder.layers.0.", "decoder.layers.1."))}
+    for name, entry in meta["parameters"].items():
+        assert entry["file"] == f"model-pp00{entry['stage']}.safetensors"
+        assert entry["optimizer_file"] == f"optimizer-pp00{entry['stage']}.pt"
+    assert meta["parameters"]["embedding.word.weight"]["shape"] == [TINY["vocab_size"], TINY["hidden_size"]]
+    # the union of the stages is the one-process model
+    from megacore.models.registry import build
+
+    assert stage0 | stage1 == {n for n, _ in build("gpt-tiny", **TINY).named_parameters()}
+
+
+def test_pp2_checkpoint_loads_in_one_process(pp2_checkpoint, reference_fp32):
+    _load_at(Layout(), pp2_checkpoint, reference_fp32, rng_source=0)
+
+
+def test_one_process_checkpoint_loads_at_pp2(one_process_checkpoint, reference_fp32):
+    _load_at(Layout(pp=2), one_process_checkpoint, reference_fp32, rng_source=0)
+
+
+# ---- across tensor, data and virtual pipeline parallelism ------------------------------------------------------
+
+
+def test_tp2_pp2_checkpoint_loads_at_pp2(tmp_path, reference_fp32):
+    root = _save_at(Layout(tp=2, pp=2), tmp_path / "tp2_pp2")
+    _load_at(Layout(pp=2), root, reference_fp32, rng_source=0)
+
+
+def test_pp2_dp2_checkpoint_loads_at_tp2(tmp_path, reference_fp32):
+    root = _save_at(Layout(pp=2, dp=2), tmp_path / "pp2_dp2")
+    meta = read_checkpoint_meta(root)
+    assert (meta["data_parallel_size"], meta["world_size"]) == (2, 4)
+    assert sorted(f for f in os.listdir(resolve_checkpoint(root)) if f.startswith("rng")) == \
+        [f"rng_rank{r}.pt" for r in range(4)]
+    _load_at(Layout(tp=2), root, reference_fp32, rng_source=0)
+
+
+def test_interleaved_pp2_vp2_checkpoint_loads_at_pp2(tmp_path, reference_fp32):
+    root = _save_at(Layout(pp=2, vp=2), tmp_path / "pp2_vp2")
+    meta = read_checkpoint_meta(root)
+    assert meta["virtual_pipeline_parallel_size"] == 2
+    # rank 0 holds virtual stages 0 and 2: layers 0 and 2
+    assert {n.split(".")[2] for n, e in meta["parameters"].items() if ".layers." in n and e["stage"] == 0} == {"0", "2"}
+    _load_at(Layout(pp=2), root, reference_fp32, rng_source=0)
+
+
+# ---- the distributed optimizer ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_bf16():
+    return _reference("bfloat16")
+
+
+@needs_distributed_optimizer
+def test_distributed_optimizer_dp2_checkpoint_loads_in_one_process(tmp_path, reference_bf16):
+    root = _save_at(Layout(dp=2, distributed_optimizer=True, dtype="bfloat16"), tmp_path / "zero1_dp2")
+    assert read_checkpoint_meta(root)["distributed_optimizer"] is True
+    _load_at(Layout(dtype="bfloat16"), root, reference_bf16, rng_source=0)
+
+
+@needs_distributed_optimizer
+def test_one_process_checkpoint_loads_into_the_distributed_optimizer_at_dp2(tmp_path, reference_bf16):
+    root = _save_at(Layout(dtype="bfloat16"), tmp_path / "one_process_bf16")
+    _load_at(Layout(dp=2, distributed_optimizer=True, dtype="bfloat16"), root, reference_bf16, rng_source=0)
+
+
+# ---- resuming at the saving layout ---------------------------------------------------------------------------------
+
+
+def _resume_pp2(rank, world, root: str, out: str):
+    """Records (for the tests below): 2 steps after saving vs. 2 steps after loading (and without restoring the
+    RNG), a save refused for a NaN on one stage, and keep_last."""
+    from megacore.parallel import destroy_model_parallel, initialize_model_parallel
+
+    layout = Layout(pp=2)
+    initialize_model_parallel(1, 2)
+    result = {}
+    try:
+        trainer, model, optimizer, schedule = _setup(layout, seed=0, dropout=0.1)  # dropout: the RNG state matters
+        _train(trainer, layout, range(SAVED_AT))
+        save_checkpoint(root, SAVED_AT, model, optimizer, extra={"schedule": schedule.state_dict()})
+        result["uninterrupted"] = _train(trainer, layout, [2, 3])
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for restore_rng in (True, False):
+            trainer, model, optimizer, schedule = _setup(layout, seed=7, dropout=0.1)
+            torch.manual_seed(12345)  # a fresh process's RNG
+            extra = load_checkpoint(root, model, optimizer, restore_rng=restore_rng)
+            schedule.load_state_dict(extra["schedule"])
+            key = "resumed" if restore_rng else "resumed_without_rng"
+            result[key] = _train(trainer, layout, [2, 3])
+            result[key + "_same_weights"] = all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+        nan_param = dict(model.named_parameters()).get("final_norm.weight")  # the last stage's
+        if nan_param is not None:
+            with torch.no_grad():
+                nan_param[0] = float("nan")
+        try:
+            save_checkpoint(root, 9, model, optimizer)
+        except ValueError as e:
+            result["nan_error"] = str(e)
+        with torch.no_grad():
+            if nan_param is not None:
+                nan_param[0] = 1.0
+        for step in (4, 5):
+            save_checkpoint(root, step, model, optimizer, keep_last=2)
+        dist.barrier()
+        result["listing"] = sorted(os.listdir(root))
+    finally:
+        destroy_model_parallel()
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def pp2_resume(tmp_path_factory):
+    root, out = tmp_path_factory.mktemp("resume_pp2"), tmp_path_factory.mktemp("resume_pp2_results")
+    run_distributed(_resume_pp2, 2, str(root), str(out), timeout_s=150)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_pp2_resumes_bit_for_bit_at_the_saving_layout(pp2_resume):
+    for rank, result in enumerate(pp2_resume):
+        assert result["resumed"] == result["uninterrupted"], rank  # losses, exactly
+        assert result["resumed_same_weights"], rank
+        # the test is sensitive to the RNG: dropout draws differently from another state
+        assert result["resumed_without_rng"] != result["uninterrupted"], rank
+
+
+def test_pp2_save_refuses_non_finite_weights_on_any_stage_and_keep_last_prunes(pp2_resume):
+    first, last = pp2_resume
+    assert "refusing to save step 9: parameter final_norm.weight has 1 non-finite values" in last["nan_error"]
+    assert "refusing to save step 9: another pipeline stage has non-finite weights" in first["nan_error"]
+    assert first["listing"] == last["listing"] == ["latest", "step_00000004", "step_00000005"]
+
+
+# ---- format 1, errors, masters ----------------------------------------------------------------------------------
+
+
+def _one_process_trained(tmp_path, **overrides):
+    """A one-process model and plain AdamW after one step, saved at step 1 under ``tmp_path``; (model, optimizer)."""
+    from megacore.models.registry import build
+    from megacore.training import build_optimizer
+
+    torch.manual_seed(0)
+    model = build("gpt-tiny", **{**TINY, **overrides})
+    optimizer = build_optimizer(model, lr=LR)
+    batch = _batches(0)[0]
+    model(batch["input_ids"], labels=batch["labels"]).mean().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path, 1, model, optimizer)
+    return model, optimizer
+
+
+def _stage(stage: int, seed: int = 3, **overrides):
+    """Pipeline stage ``stage`` of 2 of a fresh model, in this process (no model parallel)."""
+    from megacore.models.registry import build
+    from megacore.parallel import pipeline
+
+    torch.manual_seed(seed)
+    return pipeline.cut_stage(build("gpt-tiny", **{**TINY, **overrides}), stage, 2)
+
+
+def test_a_format_1_checkpoint_loads_into_pipeline_stages(tmp_path):
+    from megacore.training import build_optimizer
+
+    _one_process_trained(tmp_path)
+    step_dir = resolve_checkpoint(tmp_path)
+    meta = json.load(open(os.path.join(step_dir, "meta.json")))
+    # what format 1 wrote (model.safetensors and optimizer.pt: one stage's names in format 2 too)
+    v1 = {"format": meta["format"], "version": 1, "step": meta["step"], "world_size": 1, "tensor_parallel_size": 1,
+          "data_parallel_size": 1, "model": meta["model"], "optimizer": meta["optimizer"],
+          "parameters": {n: {k: e[k] for k in ("shape", "dtype", "partition_dim", "vocab_size")}
+                         for n, e in meta["parameters"].items()}}
+    json.dump(v1, open(os.path.join(step_dir, "meta.json"), "w"))
+    weights = load_file(os.path.join(step_dir, "model.safetensors"))
+    saved = torch.load(os.path.join(step_dir, "optimizer.pt"), weights_only=True)
+    for stage in (0, 1):
+        model = _stage(stage)
+        optimizer = build_optimizer(model, lr=LR)
+        assert load_checkpoint(tmp_path, model, optimizer)["step"] == 1
+        for name, p in model.named_parameters():  # stage 1: its tied copy of the word embedding too
+            assert torch.equal(p, weights[name]), name
+        for name, p in optimizer_named(optimizer, model):
+            assert torch.equal(optimizer.state[p]["exp_avg"], saved["state"][name]["exp_avg"]), name
+
+
+def test_missing_names_and_wrong_shapes_are_errors_naming_the_function_and_the_parameter(tmp_path):
+    from megacore.training import build_optimizer
+
+    model, _ = _one_process_trained(tmp_path)
+    with pytest.raises(ValueError, match=r"load_checkpoint: .* does not match the model \(GPTModel\): missing "
+                                         r"\['decoder\.layers\.4\.[^]]*"):
+        load_checkpoint(tmp_path, _stage(1, num_layers=8))  # layers 4..7: not in the checkpoint
+    with pytest.raises(ValueError, match=r"load_checkpoint: parameter \S+ has shape \[.*\] in the checkpoint; the "
+                                         r"model's parameter is \[.*64"):
+        load_checkpoint(tmp_path, _stage(1, hidden_size=64, ffn_hidden_size=256))
+    with pytest.raises(ValueError, match=r"load_checkpoint: .* does not match the model .*unexpected \['decoder\.layers"):
+        load_checkpoint(tmp_path, _one_process_model(num_layers=2))
+
+    # an optimizer over a parameter the saved optimizer did not hold
+    frozen = [p for n, p in model.named_parameters() if not n.startswith("final_norm.")]
+    save_checkpoint(tmp_path / "frozen", 1, model, torch.optim.AdamW(frozen))
+    with pytest.raises(ValueError, match=r"load_checkpoint: .* has no optimizer state for \['final_norm\.weight', "
+                                         r"'final_norm\.bias'\]"):
+        other = _stage(1)
+        load_checkpoint(tmp_path / "frozen", other, build_optimizer(other, lr=LR))
+
+    with pytest.raises(ValueError, match=r"save_checkpoint: the model is pipeline stage 0 of 2 \(cut_stage\) but model "
+                                         "parallel is not initialized"):
+        save_checkpoint(tmp_path / "stage", 1, _stage(0))
+
+
+def _one_process_model(**overrides):
+    from megacore.models.registry import build
+
+    return build("gpt-tiny", **{**TINY, **overrides})
+
+
+def test_masters_take_the_saved_fp32_weights_when_the_checkpoint_has_no_masters(tmp_path):
+    from megacore.training import MixedPrecision, build_optimizer
+
+    model, _ = _one_process_trained(tmp_path)  # fp32: no master_params
+    other = _one_process_model()
+    precision = MixedPrecision(other, torch.bfloat16)
+    optimizer = build_optimizer(precision, lr=LR)
+    load_checkpoint(tmp_path, other, optimizer)
+    for (name, master), (_, p) in zip(precision.named_parameters(), model.named_parameters()):
+        assert torch.equal(master, p), name  # the fp32 values, not the bf16 weights widened
+    assert dict(other.named_parameters())["final_norm.weight"].dtype == torch.bfloat16
