@@ -205,15 +205,18 @@ def _outcome(results: dict, name: str) -> list:
 
 
 def _weights_tolerance(layout: Layout) -> dict:
-    # Adam divides by the root of the squared gradient: elements whose gradient is ~0 amplify round-off; in
-    # bf16 that can flip a weight's last bit (one ulp at 1 is 0.0078)
-    return dict(rtol=1e-4, atol=2e-4) if layout.dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
+    # Adam divides by the root of the squared gradient: elements whose gradient is ~0 amplify round-off. In
+    # bf16 the gradients themselves differ in their last bits between layouts (split batches, other sums), and
+    # single elements of weights and masters then move by a bf16 ulp or two (one ulp at 1 is 0.0078); the
+    # exact comparison with the checkpoint's files is the precise one
+    return dict(rtol=1e-4, atol=2e-4) if layout.dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
 
 
 def _assert_state(got: dict, want: dict, exact: bool, what: str, rank: int, layout: Layout):
     """``got`` (a _full_state) against ``want`` (the files: bit for bit; the reference: to round-off)."""
+    moments_rtol = 1e-3 if layout.dtype == "float32" else 2e-2
     for kind in ("weights", "masters"):
-        tol = _weights_tolerance(layout) if kind == "weights" else dict(rtol=1e-4, atol=2e-4)
+        tol = _weights_tolerance(layout)
         for name, t in got[kind].items():
             w = want[kind][name].float()
             if exact:
@@ -227,7 +230,7 @@ def _assert_state(got: dict, want: dict, exact: bool, what: str, rank: int, layo
             if exact:
                 assert torch.equal(entry[key], w), f"rank {rank}: {key} of {name} differs from {what}"
             else:  # round-off relative to the tensor's scale (Adam's moments of ~0 gradients have no relative precision)
-                torch.testing.assert_close(entry[key], w, rtol=1e-3, atol=1e-3 * float(w.abs().max()),
+                torch.testing.assert_close(entry[key], w, rtol=moments_rtol, atol=moments_rtol * float(w.abs().max()),
                                            msg=lambda m: f"rank {rank}: {key} of {name}: {m}")
 
 
