@@ -214,7 +214,8 @@ def _weights_tolerance(layout: Layout) -> dict:
 
 def _assert_state(got: dict, want: dict, exact: bool, what: str, rank: int, layout: Layout):
     """``got`` (a _full_state) against ``want`` (the files: bit for bit; the reference: to round-off)."""
-    moments_rtol = 1e-3 if layout.dtype == "float32" else 2e-2
+    # bf16 gradients that cancel (a norm weight's sum over tokens) differ by several percent between layouts
+    moments_rtol = 1e-3 if layout.dtype == "float32" else 0.1
     for kind in ("weights", "masters"):
         tol = _weights_tolerance(layout)
         for name, t in got[kind].items():
