@@ -270,7 +270,9 @@ def _load_and_check(rank, world, layout: Layout, root: str, reference: dict, rng
 SAVED_LAYOUTS = {  # name: layout, saved by the fixture `saved`
     "one_process": Layout(), "pp2": Layout(pp=2), "pp2_vp2": Layout(pp=2, vp=2), "tp2_pp2": Layout(tp=2, pp=2),
     "pp2_dp2": Layout(pp=2, dp=2), "one_process_bf16": Layout(dtype="bfloat16"),
-    **({"zero1_dp2": Layout(dp=2, distributed_optimizer=True, dtype="bfloat16")} if HAS_DISTRIBUTED_OPTIMIZER else {}),
+    **({"zero1_dp2": Layout(dp=2, distributed_optimizer=True, dtype="bfloat16"),
+        "tp2_zero1_dp2": Layout(tp=2, dp=2, distributed_optimizer=True, dtype="bfloat16")}
+       if HAS_DISTRIBUTED_OPTIMIZER else {}),
 }
 
 
@@ -312,7 +314,8 @@ LOADS = {  # name: (saved checkpoint, layout it is loaded at, the rank whose RNG
     "pp2_vp2 -> pp2": ("pp2_vp2", Layout(pp=2), 0),
     "pp2_dp2 -> tp2": ("pp2_dp2", Layout(tp=2), 0),
     **({"one_process_bf16 -> zero1_dp2": ("one_process_bf16", Layout(dp=2, distributed_optimizer=True,
-                                                                      dtype="bfloat16"), 0)}
+                                                                      dtype="bfloat16"), 0),
+        "tp2_zero1_dp2 -> pp2_bf16": ("tp2_zero1_dp2", Layout(pp=2, dtype="bfloat16"), 0)}
        if HAS_DISTRIBUTED_OPTIMIZER else {}),
 }
 
@@ -397,6 +400,11 @@ def test_distributed_optimizer_dp2_checkpoint_loads_in_one_process(saved, refere
 @needs_distributed_optimizer
 def test_one_process_checkpoint_loads_into_the_distributed_optimizer_at_dp2(loaded):
     _outcome(loaded, "one_process_bf16 -> zero1_dp2")
+
+
+@needs_distributed_optimizer
+def test_distributed_optimizer_tp2_dp2_checkpoint_loads_at_pp2_with_fp32_masters(loaded):
+    _outcome(loaded, "tp2_zero1_dp2 -> pp2_bf16")
 
 
 # ---- resuming at the saving layout ---------------------------------------------------------------------------------

@@ -589,6 +589,8 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
             optimizer_state = _gather_optimizer_state(local_state, params, copies, group, optimizer)
     local_state = None
     writer = where.dp_rank == 0 and where.tp_rank == 0
+    if not writer:  # the other tensor-parallel ranks took part in the gathers only
+        weights = optimizer_state = None
     problem: Optional[BaseException] = None
     if writer:
         try:
