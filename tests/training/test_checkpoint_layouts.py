@@ -212,8 +212,9 @@ def _assert_near(got: dict, want: dict, layout: Layout, what: str, moment: bool 
     squared gradient: elements whose gradient is ~0 amplify round-off). bf16: the gradients themselves differ in
     their last bits between layouts, and Adam turns the noise of gradients that vanish in exact arithmetic (the
     key bias's: softmax ignores it) into steps of the learning rate, so single tensors differ by far more than
-    round-off; all tensors are compared together (relative L2 distance), which a mistake of the checkpoint (a
-    wrong shard, name or group) still moves by order one."""
+    round-off; all tensors are compared together (relative L2 distance: up to ~2% seen at TP2 x DP2), which a
+    mistake of the checkpoint (a wrong shard, name or group) still moves by order one. The bit-for-bit
+    comparisons with the files are the precise checks."""
     if layout.dtype == "float32":
         for name, t in got.items():
             w = want[name].float()
@@ -223,7 +224,7 @@ def _assert_near(got: dict, want: dict, layout: Layout, what: str, moment: bool 
         names = sorted(got)
         g, w = (torch.cat([d[n].float().reshape(-1) for n in names]) for d in (got, want))
         distance = float((g - w).norm() / w.norm())
-        assert distance < 1e-2, f"{what}: relative L2 distance {distance:.3g} from one process's"
+        assert distance < 5e-2, f"{what}: relative L2 distance {distance:.3g} from one process's"
 
 
 def _assert_state(got: dict, want: dict, exact: bool, what: str, rank: int, layout: Layout):
