@@ -413,7 +413,7 @@ def test_distributed_optimizer_tp2_dp2_checkpoint_loads_at_pp2_with_fp32_masters
 
 def _resume_pp2(rank, world, root: str) -> dict:
     """What the tests below check: 2 steps after saving vs. 2 steps after loading (and without restoring the
-    RNG), a save refused for a NaN on one stage, and keep_last."""
+    RNG), a save refused for a NaN on one stage, one that finds the disk full on one stage, and keep_last."""
     from megacore.parallel import initialize_model_parallel
 
     layout = Layout(pp=2)
@@ -444,6 +444,26 @@ def _resume_pp2(rank, world, root: str) -> dict:
     if nan_param is not None:
         with torch.no_grad():
             nan_param[0] = 1.0
+
+    import errno
+
+    import safetensors.torch
+
+    from megacore.training.checkpoint import CheckpointSaveError
+
+    real = safetensors.torch.save_file
+    if rank == 1:  # the last stage's writer finds the disk full
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        safetensors.torch.save_file = full_disk
+    try:
+        save_checkpoint(root, 8, model, optimizer)
+    except CheckpointSaveError as e:
+        result["disk_full_error"] = str(e)
+    finally:
+        safetensors.torch.save_file = real
+    dist.barrier()
+    result["listing_after_disk_full"] = sorted(os.listdir(root))
     for step in (4, 5):
         save_checkpoint(root, step, model, optimizer, keep_last=2)
     dist.barrier()
@@ -464,6 +484,13 @@ def test_pp2_save_refuses_non_finite_weights_on_any_stage_and_keep_last_prunes(s
     assert "refusing to save step 9: parameter final_norm.weight has 1 non-finite values" in last["nan_error"]
     assert "refusing to save step 9: another pipeline stage has non-finite weights" in first["nan_error"]
     assert first["listing"] == last["listing"] == ["latest", "step_00000004", "step_00000005"]
+
+
+def test_a_full_disk_on_one_stage_fails_the_save_on_every_rank_and_leaves_nothing(saved):
+    first, last = _outcome(saved["results"], "resume_pp2")
+    assert last["disk_full_error"].startswith("checkpoint step 8: no space left on device")
+    assert first["disk_full_error"] == "checkpoint step 8: another rank failed to write its part; nothing was saved"
+    assert first["listing_after_disk_full"] == ["latest", "step_00000002"]  # no .tmp-step_00000008
 
 
 # ---- format 1, errors, masters ----------------------------------------------------------------------------------
