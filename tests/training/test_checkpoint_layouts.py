@@ -80,7 +80,8 @@ def _setup(layout: Layout, seed: int, dropout: float = 0.0):
     else:
         optimizer = build_optimizer(precision, lr=LR, weight_decay=0.1)
     schedule = LRSchedule(optimizer, max_lr=LR, min_lr=LR / 10, warmup_steps=1, total_steps=8)
-    trainer = Trainer(ddp or model, optimizer, schedule, precision=precision, grad_accumulation=MICROBATCHES // layout.dp,
+    trainer = Trainer(ddp or model, optimizer, schedule, precision=precision,
+                      grad_accumulation=MICROBATCHES // layout.dp,
                       clip=0.5, ddp=ddp)
     return trainer, model, optimizer, schedule
 
@@ -109,7 +110,7 @@ def _full_state(model, optimizer) -> dict:
         saved = optimizer.full_state()
         moments, masters = saved["state"], saved["master_params"]
     else:
-        named = dict(optimizer_named(optimizer, model))
+        named = dict(_named_by_optimizer(optimizer))
         moments = {n: optimizer.state[p] for n, p in named.items()}
         masters = {n: p for n, p in named.items() if p is not dict(model.named_parameters())[n]}
     out = {"weights": {}, "masters": {}, "state": {}}
@@ -125,7 +126,7 @@ def _full_state(model, optimizer) -> dict:
     return out
 
 
-def optimizer_named(optimizer, model):
+def _named_by_optimizer(optimizer):
     """(name, optimizer parameter) of a build_optimizer AdamW: its groups' ``names``."""
     for group in optimizer.param_groups:
         yield from zip(group["names"], group["params"])
@@ -152,6 +153,12 @@ def _reference(dtype: str) -> dict:
     saved = _full_state(model, optimizer)
     _train(trainer, layout, [SAVED_AT])
     return {**saved, "next_weights": _full_state(model, optimizer)["weights"]}
+
+
+def _one_process_model(**overrides):
+    from megacore.models.registry import build
+
+    return build("gpt-tiny", **{**TINY, **overrides})
 
 
 def _train_and_save(rank, world, layout: Layout, root: str):
@@ -540,7 +547,7 @@ def test_a_format_1_checkpoint_loads_into_pipeline_stages(tmp_path):
         assert load_checkpoint(tmp_path, model, optimizer)["step"] == 1
         for name, p in model.named_parameters():  # stage 1: its tied copy of the word embedding too
             assert torch.equal(p, weights[name]), name
-        for name, p in optimizer_named(optimizer, model):
+        for name, p in _named_by_optimizer(optimizer):
             assert torch.equal(optimizer.state[p]["exp_avg"], saved["state"][name]["exp_avg"]), name
 
 
@@ -554,7 +561,8 @@ def test_missing_names_and_wrong_shapes_are_errors_naming_the_function_and_the_p
     with pytest.raises(ValueError, match=r"load_checkpoint: parameter \S+ has shape \[.*\] in the checkpoint; the "
                                          r"model's parameter is \[.*64"):
         load_checkpoint(tmp_path, _stage(1, hidden_size=64, ffn_hidden_size=256))
-    with pytest.raises(ValueError, match=r"load_checkpoint: .* does not match the model .*unexpected \['decoder\.layers"):
+    with pytest.raises(ValueError, match=r"load_checkpoint: .* does not match the model .*unexpected "
+                                         r"\['decoder\.layers"):
         load_checkpoint(tmp_path, _one_process_model(num_layers=2))
 
     # an optimizer over a parameter the saved optimizer did not hold
@@ -568,12 +576,6 @@ def test_missing_names_and_wrong_shapes_are_errors_naming_the_function_and_the_p
     with pytest.raises(ValueError, match=r"save_checkpoint: the model is pipeline stage 0 of 2 \(cut_stage\) but model "
                                          "parallel is not initialized"):
         save_checkpoint(tmp_path / "stage", 1, _stage(0))
-
-
-def _one_process_model(**overrides):
-    from megacore.models.registry import build
-
-    return build("gpt-tiny", **{**TINY, **overrides})
 
 
 def test_masters_take_the_saved_fp32_weights_when_the_checkpoint_has_no_masters(tmp_path):
