@@ -1,22 +1,41 @@
-"""Training checkpoints: full (unsharded) weights and optimizer state, resumable at any tensor-parallel size.
+"""Training checkpoints: full (unsharded) weights and optimizer state, loadable at any parallel layout.
 
-Layout under a checkpoint root::
+Layout under a checkpoint root (format version 2)::
 
-    <root>/step_00001000/model.safetensors   every parameter, FULL (shards merged over the TP group), the
-                                             vocab tables cut to the vocab size (no TP padding), model dtype
-    <root>/step_00001000/optimizer.pt        param_groups (parameter names, hyper-parameters) and the state
-                                             of every parameter by name, merged like the weights (AdamW's
-                                             exp_avg / exp_avg_sq have the full parameter's shape)
-    <root>/step_00001000/extra.pt            the caller's ``extra``: scheduler, loss scaler, data position, ...
-    <root>/step_00001000/rng_rank{r}.pt      RNG states of global rank r (torch CPU/CUDA, numpy, python)
-    <root>/step_00001000/meta.json           format, step, parallel sizes, every parameter's full shape
-    <root>/latest                            the name of the newest complete step directory
+    <root>/step_00001000/model-pp{k:03d}.safetensors  pipeline stage k's parameters by full-model name, FULL
+                                                   (shards merged over the TP group, vocab tables cut to the
+                                                   vocab size), model dtype; a tied copy (the last stage's
+                                                   word embedding) is not written: the first stage's is
+    <root>/step_00001000/optimizer-pp{k:03d}.pt     stage k's param_groups (parameter names, hyper-parameters),
+                                                   its parameters' optimizer state by name, merged like the
+                                                   weights (AdamW's exp_avg / exp_avg_sq have the full
+                                                   parameter's shape), and ``master_params``: the fp32 masters
+                                                   of half-precision weights (MixedPrecision, the distributed
+                                                   optimizer), full as well
+    <root>/step_00001000/extra.pt                  the caller's ``extra``: scheduler, loss scaler, data position
+    <root>/step_00001000/rng_rank{r}.pt            RNG states of global rank r (torch CPU/CUDA, numpy, python)
+    <root>/step_00001000/meta.json                 format, step, the saving layout (tensor-, pipeline- and
+                                                   data-parallel sizes, virtual pipeline size, distributed
+                                                   optimizer or not), every parameter's full shape, dtype,
+                                                   stage and the files holding its weights and its state
+    <root>/latest                                  the name of the newest complete step directory
 
-A save is atomic: everything is written into ``<root>/.tmp-step_...`` (files fsynced), which is renamed to
-its final name, and ``latest`` is replaced (atomically) last; a process killed at any point leaves the
-previous checkpoint loadable. Loading splits the full tensors for this rank (``split_weight``; vocab tables
-padded with zero rows to the model's padded vocab), so a checkpoint saved at one tensor-parallel size loads at
-any other. Pipeline parallelism is not supported.
+Without pipeline parallelism the one stage's files are ``model.safetensors`` and ``optimizer.pt``, the names
+of format version 1 (one file of every parameter), which is still read.
+
+Saving: the data-parallel-rank-0 replica of each stage gathers its shards (a collective within each TP
+group; the distributed optimizer first gathers its state over the DP group), and each stage's writer
+(tensor- and data-parallel rank 0 of the stage) writes that stage's two files, in parallel with the other
+stages' writers; every rank writes its RNG file. A save is atomic: everything is written into
+``<root>/.tmp-step_...`` (files fsynced); once every rank has reported success, rank 0 writes meta.json,
+renames the directory to its final name and replaces ``latest`` (atomically) last; a process killed at any
+point leaves the previous checkpoint loadable.
+
+Loading works at any layout: each rank reads only the tensors of the parameters it holds (from whichever
+stage's file meta.json names), takes its tensor-parallel shard of them (``shard_of``: vocab tables padded
+with zero rows to the model's padded vocab), fills a tied copy from the first stage's entry, and loads the
+optimizer state the same way into a plain torch optimizer, fp32 masters (MixedPrecision) or the distributed
+optimizer (``load_full_state``), whatever the saving layout and optimizer were.
 """
 
 from __future__ import annotations
@@ -27,6 +46,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -35,19 +55,22 @@ import torch.distributed as dist
 from torch import nn
 
 from megacore._files import PathLike, atomic_write_text, umask
-from megacore.parallel import state
+from megacore.parallel import pipeline, state
 from megacore.parallel.sharding import ParamShard, gather_full, param_shards, shard_of
 from megacore.parallel.timeouts import barrier
 
 FORMAT = "megacore-checkpoint"
-FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 2
+WEIGHTS_NAME = "model.safetensors"  # the weights file without pipeline parallelism (and in format version 1)
 OPTIMIZER_NAME = "optimizer.pt"
 EXTRA_NAME = "extra.pt"
 META_NAME = "meta.json"
 LATEST_NAME = "latest"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_RESERVED = re.compile(r"^(model-pp\d+\.safetensors|optimizer-pp\d+\.pt|rng_rank\d+\.pt)$")
+# AdamW settings that say how a step is computed, not what it computes: a loaded optimizer keeps its own.
+_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def step_directory_name(step: int) -> str:
@@ -55,19 +78,53 @@ def step_directory_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def stage_file_names(stage: int, pipeline_size: int) -> tuple[str, str]:
+    """(weights file, optimizer file) of pipeline stage ``stage`` of ``pipeline_size``:
+    ``model-pp{stage:03d}.safetensors`` and ``optimizer-pp{stage:03d}.pt``; ``model.safetensors`` and
+    ``optimizer.pt`` when there is one stage."""
+    if pipeline_size == 1:
+        return WEIGHTS_NAME, OPTIMIZER_NAME
+    return f"model-pp{stage:03d}.safetensors", f"optimizer-pp{stage:03d}.pt"
+
+
 # --------------------------------------------------------------------------------------------------------
-# Parameters: names, sharding and vocab padding
+# Where this process sits: its ranks and its part of the model
 
 
-def _tensor_parallel(fn: str) -> tuple[Optional[dist.ProcessGroup], int, int, int]:
-    """(TP group, TP rank, TP size, DP rank) of this process; (None, 0, 1, 0) without model parallelism."""
-    if not state.model_parallel_is_initialized():
-        return None, 0, 1, 0
-    s = state.get_parallel_state()
-    if s.pipeline_parallel_size > 1:
-        raise NotImplementedError(f"megacore.training.{fn}: pipeline_parallel_size={s.pipeline_parallel_size}; "
-                                  "checkpoints support tensor and data parallelism only")
-    return s.tensor_parallel_group, s.tensor_parallel_rank, s.tensor_parallel_size, s.data_parallel_rank
+@dataclass(frozen=True)
+class _Place:
+    """This process's place in the parallel grid, and whether its model is one pipeline stage."""
+
+    rank: int
+    world_size: int
+    tp_group: Optional[dist.ProcessGroup]
+    tp_rank: int
+    tp: int
+    dp_rank: int
+    dp: int
+    pp_rank: int
+    pp: int
+    virtual: int  # the model's virtual pipeline chunks (1 when not cut)
+    cut: bool  # the model is one stage of several (megacore.parallel.pipeline.cut_stage)
+
+
+def _place(model: nn.Module, fn: str) -> _Place:
+    """Raises ValueError when the model is a pipeline stage other than this process's pipeline rank."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    group, tp_rank, tp, dp_rank, dp, pp_rank, pp = None, 0, 1, 0, world_size, 0, 1
+    if state.model_parallel_is_initialized():
+        s = state.get_parallel_state()
+        group, tp_rank, tp = s.tensor_parallel_group, s.tensor_parallel_rank, s.tensor_parallel_size
+        dp_rank, dp = s.data_parallel_rank, s.data_parallel_size
+        pp_rank, pp = s.pipeline_parallel_rank, s.pipeline_parallel_size
+    stages = pipeline.layout_of(model)
+    cut = stages is not None and stages.size > 1
+    if cut and state.model_parallel_is_initialized() and (stages.rank, stages.size) != (pp_rank, pp):
+        raise ValueError(f"megacore.training.{fn}: the model is pipeline stage {stages.rank} of {stages.size} "
+                         f"(cut_stage), but this process is pipeline-parallel rank {pp_rank} of {pp}")
+    return _Place(rank, world_size, group, tp_rank, tp, dp_rank, dp, pp_rank, pp,
+                  stages.virtual_size if stages is not None else 1, cut)
 
 
 def _gather(info: ParamShard, t: torch.Tensor, group) -> torch.Tensor:
@@ -112,50 +169,151 @@ def _optimizer_params(optimizer: torch.optim.Optimizer, params: list[ParamShard]
     return [[(match[id(p)], p) for p in group["params"]] for group in optimizer.param_groups]
 
 
-def _optimizer_full_state(optimizer, params, group, fn: str) -> dict:
-    pairs = _optimizer_params(optimizer, params, fn)
+def _is_distributed_optimizer(optimizer) -> bool:
+    """The distributed optimizer (megacore.training.DistributedOptimizer) keeps 1/DP of the state per rank and
+    hands it over whole through ``full_state`` / ``load_full_state`` (collectives over the DP group)."""
+    return hasattr(optimizer, "full_state") and hasattr(optimizer, "load_full_state")
+
+
+def _hyper_parameters(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in ("params", "names") + _IMPLEMENTATION_KEYS}
+
+
+def _local_optimizer_state(optimizer, params: list[ParamShard], fn: str) -> dict:
+    """A torch optimizer's state in ``full_state``'s form: {"param_groups": [{hyper-parameters, "params":
+    names}], "state": {name: {key: value}}, "master_params": {name: fp32 master}}, tensors of this rank's
+    (tensor-parallel shard's) shapes, not copied."""
     groups, states, masters = [], {}, {}
-    for g, members in zip(optimizer.param_groups, pairs):
-        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [info.name for info, _ in members]})
+    for g, members in zip(optimizer.param_groups, _optimizer_params(optimizer, params, fn)):
+        groups.append({**{k: v for k, v in g.items() if k not in ("params", "names")},
+                       "params": [info.name for info, _ in members]})
         for info, p in members:
-            entry = {}
-            for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0:
-                    entry[key] = _gather(info, value, group)  # a moment: sharded like the parameter
-                else:
-                    entry[key] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
-            states[info.name] = entry
+            states[info.name] = dict(optimizer.state.get(p, {}))
             if p is not info.param:  # an fp32 master copy: its values are not the (half precision) model's
-                masters[info.name] = _gather(info, p, group)
+                masters[info.name] = p
+    return {"param_groups": groups, "state": states, "master_params": masters}
+
+
+def _gather_optimizer_state(local: dict, params: list[ParamShard], skip: frozenset, group, optimizer) -> dict:
+    """``local`` (``full_state``'s form, this rank's shapes) with every tensor shaped like its parameter
+    merged over the tensor-parallel group (a collective: every TP rank calls it, in the same order), as CPU
+    copies; the parameters in ``skip`` (tied copies) left out."""
+    info_of = {info.name: info for info in params}
+    states, masters = {}, {}
+    for info in params:
+        if info.name in skip:
+            continue
+        entry = {}
+        for key in sorted(local["state"].get(info.name, {})):
+            value = local["state"][info.name][key]
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == tuple(info.param.shape):
+                entry[key] = _gather(info, value, group)  # a moment: sharded like the parameter
+            else:
+                entry[key] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
+        if entry:
+            states[info.name] = entry
+        if info.name in local["master_params"]:
+            masters[info.name] = _gather(info_of[info.name], local["master_params"][info.name], group)
+    groups = [{**_hyper_parameters(g), **{k: g[k] for k in _IMPLEMENTATION_KEYS if k in g},
+               "params": [n for n in g["params"] if n not in skip]} for g in local["param_groups"]]
     return {"format": FORMAT, "optimizer_class": type(optimizer).__name__, "param_groups": groups, "state": states,
             "master_params": masters}
 
 
-def _load_optimizer(optimizer, params, saved: dict, rank: int, path: str, fn: str) -> None:
-    pairs = _optimizer_params(optimizer, params, fn)
-    if len(saved["param_groups"]) != len(pairs):
-        raise ValueError(f"megacore.training.{fn}: {path} has {len(saved['param_groups'])} parameter groups, the "
-                         f"optimizer {len(pairs)}")
+def _same(a: dict, b: dict) -> bool:
+    def plain(d):
+        return {k: v.tolist() if torch.is_tensor(v) else v for k, v in d.items()}
+    return plain(a) == plain(b)
+
+
+def _regroup(saved_groups: list[dict], group_names: list[list[str]], current: list[dict], path: str,
+             fn: str) -> list[dict]:
+    """This optimizer's parameter groups (``group_names``: the names in each) with the hyper-parameters of
+    the saved groups that held those names, whatever the saving layout's grouping was (each stage saves its
+    own groups). An empty group keeps its current hyper-parameters. ValueError when the checkpoint has no
+    group holding a name, or one group's names come from saved groups whose hyper-parameters differ."""
+    holder = {name: g for g in saved_groups for name in g["params"]}
+    out = []
+    for gi, (names, group) in enumerate(zip(group_names, current)):
+        absent = [n for n in names if n not in holder]
+        if absent:
+            raise ValueError(f"megacore.training.{fn}: {path} has no optimizer state for {absent} (in parameter "
+                             f"group {gi} of the optimizer)")
+        hyper = _hyper_parameters(holder[names[0]]) if names else _hyper_parameters(group)
+        for n in names[1:]:
+            if not _same(_hyper_parameters(holder[n]), hyper):
+                raise ValueError(f"megacore.training.{fn}: parameter group {gi} of the optimizer holds {names[0]} and "
+                                 f"{n}, which {path} kept in groups with different hyper-parameters "
+                                 f"({hyper} and {_hyper_parameters(holder[n])}); group them as the saving run did")
+        out.append({**hyper, "params": list(names)})
+    return out
+
+
+def _read_optimizer_files(path: str, meta: dict, names: list[str], fn: str) -> dict:
+    """The saved optimizer state of ``names`` (full tensors), merged from the files meta.json names for them."""
+    if meta.get("optimizer") is None:
+        raise FileNotFoundError(f"megacore.training.{fn}: an optimizer was given but {path} was saved without "
+                                "one")
+    entries = meta["parameters"]
+    files = sorted({entries[n].get("optimizer_file", OPTIMIZER_NAME) for n in names if n in entries})
+    merged: dict[str, Any] = {"param_groups": [], "state": {}, "master_params": {}}
+    for file in files:
+        # mmap: a rank reads only the tensors it takes its shard of, not the whole stage's state
+        saved = _read(os.path.join(path, file), "optimizer state", fn,
+                      lambda p: torch.load(p, map_location="cpu", weights_only=True, mmap=True))
+        merged["param_groups"] += saved["param_groups"]
+        merged["state"].update(saved["state"])
+        merged["master_params"].update(saved.get("master_params") or {})
+    return merged
+
+
+def _load_optimizer(optimizer, params: list[ParamShard], weights: dict[str, torch.Tensor], path: str, meta: dict,
+                    tp_rank: int, fn: str) -> None:
+    """Loads the saved state of this rank's parameters into ``optimizer``: moments and masters split for
+    this tensor-parallel rank; a master the checkpoint lacks (saved without one: an fp32 run) is the
+    checkpoint's weight (``weights``: this rank's shards, as read)."""
+    distributed = _is_distributed_optimizer(optimizer)
+    if distributed:
+        # every rank's param_groups list only the pieces it holds; the groups' names are the same everywhere
+        group_names = [list(names) for names in optimizer._group_names]
+    else:
+        pairs = _optimizer_params(optimizer, params, fn)
+        group_names = [[info.name for info, _ in members] for members in pairs]
+    names = [n for group in group_names for n in group]
+    saved = _read_optimizer_files(path, meta, names, fn)
+    groups = _regroup(saved["param_groups"], group_names, optimizer.param_groups, path, fn)
+    info_of = {info.name: info for info in params}
+    states, masters = {}, {}
+    for name in names:
+        info = info_of[name]
+        entry = {}
+        for key, value in saved["state"].get(name, {}).items():
+            if torch.is_tensor(value):  # a copy: the file is memory-mapped, and the optimizer keeps what it is given
+                value = (_shard(info, value, tp_rank, f"optimizer state {key!r} of {name}", fn) if value.dim() > 0
+                         else value).clone()
+            entry[key] = value
+        if entry:
+            states[name] = entry
+        master = saved["master_params"].get(name)
+        masters[name] = (weights[name] if master is None
+                         else _shard(info, master, tp_rank, f"master weight {name}", fn)).to(torch.float32)
+    if distributed:
+        optimizer.load_full_state({"param_groups": groups, "state": states, "master_params": masters}, fn)
+        return
     state_dict: dict[str, Any] = {"state": {}, "param_groups": []}
     index = 0
-    for gi, (saved_group, members) in enumerate(zip(saved["param_groups"], pairs)):
-        names = [info.name for info, _ in members]
-        if sorted(saved_group["params"]) != sorted(names):
-            raise ValueError(f"megacore.training.{fn}: parameter group {gi} of {path} holds "
-                             f"{sorted(set(saved_group['params']) ^ set(names))} where the optimizer's does not (or "
-                             "the other way round)")
-        state_dict["param_groups"].append({**saved_group, "params": list(range(index, index + len(members)))})
+    for group, current, members in zip(groups, optimizer.param_groups, pairs):
+        loaded = {**group, **{k: current[k] for k in _IMPLEMENTATION_KEYS if k in current},
+                  "params": list(range(index, index + len(members)))}
+        if "names" in current:
+            loaded["names"] = current["names"]
+        state_dict["param_groups"].append(loaded)
         for info, p in members:
-            entry = {}
-            for key, value in saved["state"].get(info.name, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    value = _shard(info, value, rank, f"optimizer state {key!r} of {info.name}", fn)
-                entry[key] = value
-            if entry:
-                state_dict["state"][index] = entry
-            if p is not info.param and info.name in saved["master_params"]:
+            if info.name in states:
+                state_dict["state"][index] = states[info.name]
+            if p is not info.param:
                 with torch.no_grad():
-                    p.copy_(_shard(info, saved["master_params"][info.name], rank, f"master weight {info.name}", fn))
+                    p.copy_(masters[info.name])
             index += 1
     optimizer.load_state_dict(state_dict)
 
@@ -178,7 +336,9 @@ def _rng_state() -> dict:
 def _set_rng_state(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # one state per device the saving process saw; a process that sees fewer devices sets those it has
+        for device, cuda_state in zip(range(torch.cuda.device_count()), rng["cuda"]):
+            torch.cuda.set_rng_state(cuda_state, device)
     n = rng["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = rng["python"]
@@ -236,6 +396,16 @@ def _all_ok(ok: bool) -> bool:
         flag = flag.cuda()
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _gather_on_rank_0(obj) -> Optional[list]:
+    """Every rank's ``obj`` (picklable), in rank order, on global rank 0; None on the others. Call it where
+    the ranks have just met (after ``_all_ok``), so that the collective's timeout is not a bound on work."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 class CheckpointSaveError(OSError):
@@ -335,10 +505,13 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
     Args:
         directory: the checkpoint root (created if missing).
         step: the training step (int >= 0).
-        model: a megacore model (or any module; a DistributedDataParallel wrapper is fine). Sharded parameters
-            (``tensor_parallel`` + ``partition_dim`` tags) are all-gathered over the tensor-parallel group.
+        model: a megacore model (or any module; a DistributedDataParallel wrapper is fine), whole or one
+            pipeline stage (``megacore.parallel.pipeline.cut_stage``). Sharded parameters (``tensor_parallel``
+            + ``partition_dim`` tags) are all-gathered over the tensor-parallel group.
         optimizer: a torch optimizer over the model's parameters, or over fp32 master copies of them (one per
-            parameter, same shapes, in ``named_parameters()`` order; their values are saved too).
+            parameter, same shapes, in ``named_parameters()`` order; their values are saved too), or the
+            distributed optimizer (``megacore.training.DistributedOptimizer``: its state is gathered over the
+            data-parallel group).
         extra: anything else to resume (scheduler and loss-scaler ``state_dict()``s, consumed samples, the config
             as a dict): tensors, numbers, strings, None, lists, tuples and dicts of them (``torch.load``'s
             ``weights_only`` types), returned by :func:`load_checkpoint`.
@@ -348,15 +521,17 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
         overwrite: replace a complete checkpoint of the same step; by default that is refused
             (FileExistsError), so a complete checkpoint is never lost to a later save.
 
-    Under torch.distributed every rank must call it: the data-parallel-rank-0 replica gathers its shards, global
-    rank 0 writes the merged files, every rank writes its own RNG state; all ranks return once the checkpoint is
-    complete (the root must be on a file system every rank sees).
+    Under torch.distributed every rank must call it: the data-parallel-rank-0 replica of each pipeline stage
+    gathers its shards, the stage's writer (its tensor- and data-parallel rank 0) writes the stage's files,
+    global rank 0 the rest, every rank its own RNG state; all ranks return once the checkpoint is complete (the
+    root must be on a file system every rank sees).
 
     Failures leave nothing behind: weights with a NaN or inf are refused (ValueError) before anything is
     written; an estimated size larger than the free space, or any error while writing (a full disk, no
     permission), raises CheckpointSaveError (an OSError, ``"checkpoint step N: no space left on device (needed
     ~X MB, ...)"``) on every rank, after the partial step directory is removed; ``latest`` and the earlier
-    checkpoints are untouched. Raises ValueError/TypeError for bad arguments.
+    checkpoints are untouched. Raises ValueError/TypeError for bad arguments, and ValueError for a model that is
+    not cut into this process's pipeline stage under pipeline parallelism.
     """
     fn = "save_checkpoint"
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -369,41 +544,81 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
     if not isinstance(model, nn.Module):
         raise TypeError(f"megacore.training.{fn}: model must be an nn.Module, got {type(model).__name__}")
     for key, src in (files or {}).items():
-        if key in (WEIGHTS_NAME, OPTIMIZER_NAME, EXTRA_NAME, META_NAME) or "/" in key or key.startswith(".") or not key:
+        if (key in (WEIGHTS_NAME, OPTIMIZER_NAME, EXTRA_NAME, META_NAME) or _RESERVED.match(key) or "/" in key
+                or key.startswith(".") or not key):
             raise ValueError(f"megacore.training.{fn}: files key {key!r} is not a plain name of its own")
         if not os.path.exists(src):
             raise FileNotFoundError(f"megacore.training.{fn}: files[{key!r}] = {src} does not exist")
     from safetensors.torch import save_file
 
     root = os.path.abspath(os.fspath(directory))
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    group, tp_rank, tp, dp_rank = _tensor_parallel(fn)
-    params = param_shards(model, tp)
+    where = _place(model, fn)
+    stages = pipeline.layout_of(model)
+    if where.pp > 1 and not where.cut:
+        raise ValueError(f"megacore.training.{fn}: pipeline_parallel_size={where.pp} but the model is not cut into "
+                         "pipeline stages (megacore.parallel.pipeline.cut_stage)")
+    if where.cut and where.pp == 1:
+        raise ValueError(f"megacore.training.{fn}: the model is pipeline stage {stages.rank} of {stages.size} "
+                         "(cut_stage) but model parallel is not initialized with that pipeline size; a checkpoint "
+                         "holds every stage")
+    rank, group = where.rank, where.tp_group
+    params = param_shards(model, where.tp)
+    copies = pipeline.tied_copy_names(model)  # the first stage saves these
+    weights_file, optimizer_file = stage_file_names(where.pp_rank, where.pp)
     name = step_directory_name(step)
     final, tmp = os.path.join(root, name), os.path.join(root, TMP_PREFIX + name)
     if not overwrite and os.path.isfile(os.path.join(final, META_NAME)):
         raise FileExistsError(f"megacore.training.{fn}: {final} is a complete checkpoint; refusing to overwrite it "
                               "(pass overwrite=True to replace it)")
 
+    distributed_optimizer = optimizer is not None and _is_distributed_optimizer(optimizer)
+    local_state = None
+    if distributed_optimizer:
+        optimizer.wait_for_params()  # the parameters are written by all-gathers that may still be in flight
+        local_state = optimizer.full_state(fn)  # a collective over the data-parallel group
+        # an fp32 model's masters are its weights: not saved twice (loading takes the weights)
+        dtype_of = {info.name: info.param.dtype for info in params}
+        local_state["master_params"] = {n: t for n, t in local_state["master_params"].items()
+                                        if dtype_of.get(n) != torch.float32}
     weights = optimizer_state = None
-    if dp_rank == 0:  # one replica gathers (a collective within each of its TP groups)
-        weights = {info.name: _gather(info, info.param, group) for info in params}
+    if where.dp_rank == 0:  # one replica of each stage gathers (a collective within each of its TP groups)
+        weights = {info.name: _gather(info, info.param, group) for info in params if info.name not in copies}
         if optimizer is not None:
-            optimizer_state = _optimizer_full_state(optimizer, params, group, fn)
+            if local_state is None:
+                local_state = _local_optimizer_state(optimizer, params, fn)
+            optimizer_state = _gather_optimizer_state(local_state, params, copies, group, optimizer)
+    local_state = None
+    writer = where.dp_rank == 0 and where.tp_rank == 0
+    if not writer:  # the other tensor-parallel ranks took part in the gathers only
+        weights = optimizer_state = None
     problem: Optional[BaseException] = None
-    if rank == 0:
+    if writer:
         try:
             _check_finite(weights, step, fn)
         except ValueError as e:
             problem = e
     if not _all_ok(problem is None):
-        raise problem or ValueError(f"megacore.training.{fn}: refusing to save step {step}: rank 0 found "
-                                    "non-finite weights")
+        raise problem or ValueError(f"megacore.training.{fn}: refusing to save step {step}: another pipeline "
+                                    "stage has non-finite weights (NaN or inf); the run diverged")
 
-    needed = _nbytes(weights) + _nbytes(optimizer_state) + _nbytes(extra) + (1 << 20)
+    # What each stage's writer holds, for meta.json; the ranks have just met, so this collective waits for none.
+    stage_meta = None
+    if writer:
+        stage_meta = {
+            "stage": where.pp_rank, "bytes": _nbytes(weights) + _nbytes(optimizer_state),
+            "parameters": {info.name: {"shape": info.full_shape(), "dtype": str(info.param.dtype).replace("torch.", ""),
+                                       "partition_dim": getattr(info.param, "partition_dim", None),
+                                       "vocab_size": info.vocab_size, "stage": where.pp_rank, "file": weights_file,
+                                       "optimizer_file": optimizer_file if optimizer_state is not None else None}
+                           for info in params if info.name not in copies},
+        }
+    stage_metas = _gather_on_rank_0(stage_meta)
+
     try:
+        needed = 0
         if rank == 0:
+            stage_metas = sorted((m for m in stage_metas if m is not None), key=lambda m: m["stage"])
+            needed = sum(m["bytes"] for m in stage_metas) + _nbytes(extra) + (1 << 20)
             os.makedirs(root, exist_ok=True)
             remove_stale_temporaries(root)  # left by a save that was killed
             free = shutil.disk_usage(root).free
@@ -413,16 +628,19 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
     except OSError as e:
         problem = _disk_error(e, step, needed, root)
     if not _all_ok(problem is None):  # the tmp directory exists
-        raise problem or CheckpointSaveError(errno.EIO, f"checkpoint step {step}: rank 0 could not create {tmp}")
+        raise problem or CheckpointSaveError(errno.EIO, f"checkpoint step {step}: rank 0 could not create {tmp} "
+                                                        "(or there is not enough space)")
 
+    needed = _nbytes(weights) + _nbytes(optimizer_state) + (_nbytes(extra) if rank == 0 else 0)
     try:
         _torch_save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-        if rank == 0:
-            save_file(weights, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-            os.chmod(os.path.join(tmp, WEIGHTS_NAME), 0o666 & ~umask())  # safetensors writes 0600
-            _fsync(os.path.join(tmp, WEIGHTS_NAME))
+        if writer:
+            save_file(weights, os.path.join(tmp, weights_file), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, weights_file), 0o666 & ~umask())  # safetensors writes 0600
+            _fsync(os.path.join(tmp, weights_file))
             if optimizer_state is not None:
-                _torch_save(optimizer_state, os.path.join(tmp, OPTIMIZER_NAME))
+                _torch_save(optimizer_state, os.path.join(tmp, optimizer_file))
+        if rank == 0:
             _torch_save(dict(extra or {}), os.path.join(tmp, EXTRA_NAME))
             for key, src in (files or {}).items():
                 dest = os.path.join(tmp, key)
@@ -434,18 +652,21 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
         problem = _disk_error(e, step, needed, root)
     except Exception as e:  # noqa: BLE001 - any failure: clean up on every rank, then re-raise
         problem = e
-    ok = _all_ok(problem is None)  # every rank's RNG file is written
+    ok = _all_ok(problem is None)  # every stage's files and every rank's RNG file are written
 
     if ok and rank == 0:
         try:
+            inner = getattr(model, "module", model)
             meta = {
-                "format": FORMAT, "version": FORMAT_VERSION, "step": step, "world_size": world_size,
-                "tensor_parallel_size": tp, "data_parallel_size": world_size // tp, "model": type(model).__name__,
-                "optimizer": type(optimizer).__name__ if optimizer is not None else None,
-                "parameters": {info.name: {"shape": info.full_shape(),
-                                           "dtype": str(info.param.dtype).replace("torch.", ""),
-                                           "partition_dim": getattr(info.param, "partition_dim", None),
-                                           "vocab_size": info.vocab_size} for info in params},
+                "format": FORMAT, "version": FORMAT_VERSION, "step": step, "world_size": where.world_size,
+                "tensor_parallel_size": where.tp, "pipeline_parallel_size": where.pp,
+                "data_parallel_size": where.world_size // (where.tp * where.pp),
+                "virtual_pipeline_parallel_size": where.virtual, "distributed_optimizer": distributed_optimizer,
+                "model": type(inner).__name__, "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+                "stages": [{"weights": stage_file_names(m["stage"], where.pp)[0],
+                            "optimizer": stage_file_names(m["stage"], where.pp)[1] if optimizer is not None else None}
+                           for m in stage_metas],
+                "parameters": {n: entry for m in stage_metas for n, entry in m["parameters"].items()},
             }
             atomic_write_text(os.path.join(tmp, META_NAME), json.dumps(meta, indent=1) + "\n")
             _fsync(tmp)
@@ -527,28 +748,7 @@ def _read(path: str, what: str, fn: str, read):
                          f"({type(e).__name__}: {e})") from e
 
 
-def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    restore_rng: bool = True) -> dict:
-    """Loads a checkpoint written by :func:`save_checkpoint` into ``model`` (in place: the parameters keep
-    their identity, so an optimizer built on them stays valid) and ``optimizer``; returns the saved ``extra``
-    dict, with ``"step"`` set to the checkpoint's step unless ``extra`` held that key.
-
-    Args:
-        directory: a step directory, or a checkpoint root (its ``latest``; see :func:`resolve_checkpoint`).
-        model: built at any tensor-parallel size: each rank takes its shard of the full tensors (vocab tables
-            padded to the model's padded vocab). The parameters are cast to the model's dtype and device.
-        optimizer: as for :func:`save_checkpoint`; its state (moments resharded, step counts, hyper-parameters)
-            is replaced. The checkpoint must have been saved with one.
-        restore_rng: set this rank's torch/CUDA/numpy/python RNG states from ``rng_rank{rank}.pt``; only when
-            the world size is the one saved (otherwise the RNG is left alone: ranks do not map one to one).
-
-    Every rank calls it (no collectives: each reads the files). Raises FileNotFoundError for a missing
-    checkpoint or file, ValueError for a corrupt file or one that does not match the model (names, shapes).
-    """
-    fn = "load_checkpoint"
-    from safetensors.torch import load_file
-
-    path = resolve_checkpoint(directory, fn)
+def _read_meta(path: str, fn: str) -> dict:
     meta = _read(os.path.join(path, META_NAME), "metadata", fn, _read_json)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"megacore.training.{fn}: {os.path.join(path, META_NAME)} is not a megacore checkpoint's "
@@ -556,34 +756,102 @@ def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[t
     if meta.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"megacore.training.{fn}: {path} has format version {meta['version']}; this megacore reads "
                          f"up to {FORMAT_VERSION}")
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    group, tp_rank, tp, _ = _tensor_parallel(fn)
-    params = param_shards(model, tp)
+    return meta
 
-    weights = _read(os.path.join(path, WEIGHTS_NAME), "weights file", fn, load_file)
-    names = {info.name for info in params}
-    missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
+
+def _check_names(path: str, meta: dict, model: nn.Module, names: list[str], where: _Place, fn: str) -> None:
+    """ValueError naming the parameters the model has and the checkpoint lacks, and those the checkpoint has
+    and no stage of the model holds (a collective over the pipeline group for a cut model, whose other stages
+    hold the rest; skipped for a stage loaded without model parallelism)."""
+    saved = meta["parameters"]
+    missing = sorted(n for n in names if n not in saved)
+    held: Optional[set] = set(names)
+    if where.cut:
+        held = None
+        if state.model_parallel_is_initialized():
+            every = [None] * where.pp
+            dist.all_gather_object(every, names, group=state.get_parallel_state().pipeline_parallel_group)
+            held = {n for stage in every for n in stage}
+    unexpected = sorted(set(saved) - held) if held is not None else []
     if missing or unexpected:
-        raise ValueError(f"megacore.training.{fn}: {path} does not match the model ({type(model).__name__}): "
+        inner = getattr(model, "module", model)
+        raise ValueError(f"megacore.training.{fn}: {path} does not match the model ({type(inner).__name__}): "
                          f"missing {missing}, unexpected {unexpected}")
+
+
+def _read_weights(path: str, meta: dict, names: list[str], fn: str) -> dict[str, torch.Tensor]:
+    """The full tensors of ``names``, each read alone from the file meta.json names for it."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        by_file.setdefault(meta["parameters"][n].get("file", WEIGHTS_NAME), []).append(n)
+    out = {}
+    for file, wanted in sorted(by_file.items()):
+        def read(p, wanted=wanted):
+            with safe_open(p, framework="pt") as f:
+                return {n: f.get_tensor(n) for n in wanted}
+        out.update(_read(os.path.join(path, file), "weights file", fn, read))
+    return out
+
+
+def load_checkpoint(directory: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    restore_rng: bool = True) -> dict:
+    """Loads a checkpoint written by :func:`save_checkpoint`, at any layout, into ``model`` (in place: the
+    parameters keep their identity, so an optimizer built on them stays valid) and ``optimizer``; returns the
+    saved ``extra`` dict, with ``"step"`` set to the checkpoint's step unless ``extra`` held that key.
+
+    Args:
+        directory: a step directory, or a checkpoint root (its ``latest``; see :func:`resolve_checkpoint`).
+        model: whole or one pipeline stage (``cut_stage``), at any tensor-parallel size, whatever the saving
+            run's: each rank reads the tensors of the parameters it holds and takes its shard of them (vocab
+            tables padded to the model's padded vocab); the last stage's tied copy of the word embedding is the
+            first stage's. The parameters are cast to the model's dtype and device.
+        optimizer: a torch optimizer (over the model's parameters or fp32 masters of them, as for
+            :func:`save_checkpoint`) or the distributed optimizer, whichever the saving run had; its state
+            (moments resharded, step counts, hyper-parameters) is replaced; fp32 masters take the saved masters,
+            or the saved weights when the checkpoint has none (an fp32 run). How the optimizer computes a step
+            (``foreach``, ``fused``) stays its own. The checkpoint must have been saved with one.
+        restore_rng: set this rank's torch/CUDA/numpy/python RNG states. At the saving layout (the same world,
+            tensor-, pipeline- and virtual-pipeline-parallel sizes: each rank holds the layers it held) each rank
+            takes its own ``rng_rank{rank}.pt``, so a resumed run continues bit for bit. At another layout ranks
+            do not correspond: every rank takes global rank 0's state (the first stage's), so the streams
+            continue from the saving run's and every rank draws alike, as tensor-parallel ranks must (their
+            dropout seeds come from it) and as a run seeded alike does; the draws after the load differ from
+            those the saving layout would have made.
+
+    Every rank calls it. Collectives: over the pipeline group for a cut model (checking that every saved
+    parameter has a stage), and the distributed optimizer's over the data-parallel group. Raises
+    FileNotFoundError for a missing checkpoint or file, ValueError for a corrupt file or one that does not match
+    the model (names, shapes) or the optimizer (which names the function and the parameter).
+    """
+    fn = "load_checkpoint"
+    path = resolve_checkpoint(directory, fn)
+    meta = _read_meta(path, fn)
+    where = _place(model, fn)
+    params = param_shards(model, where.tp)
+    names = [info.name for info in params]
+    _check_names(path, meta, model, names, where, fn)
+    full = _read_weights(path, meta, names, fn)
+    if optimizer is not None and _is_distributed_optimizer(optimizer):
+        optimizer.wait_for_params()  # an all-gather in flight would overwrite what is loaded here
+    weights = {}
     with torch.no_grad():
         for info in params:
-            t = _shard(info, weights[info.name], tp_rank, f"parameter {info.name}", fn)
-            info.param.copy_(t)
-
+            weights[info.name] = _shard(info, full[info.name], where.tp_rank, f"parameter {info.name}", fn)
+            info.param.copy_(weights[info.name])
+    del full
     if optimizer is not None:
-        opt_path = os.path.join(path, OPTIMIZER_NAME)
-        if not os.path.isfile(opt_path):
-            raise FileNotFoundError(f"megacore.training.{fn}: an optimizer was given but {path} was saved without "
-                                    f"one (no {OPTIMIZER_NAME})")
-        saved = _read(opt_path, "optimizer state", fn, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-        _load_optimizer(optimizer, params, saved, tp_rank, path, fn)
+        _load_optimizer(optimizer, params, weights, path, meta, where.tp_rank, fn)
+    del weights
 
     extra = _read(os.path.join(path, EXTRA_NAME), "extra state", fn,
                   lambda p: torch.load(p, map_location="cpu", weights_only=True))
-    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
-    if restore_rng and meta.get("world_size") == world_size and os.path.isfile(rng_path):
+    if restore_rng:
+        saved_layout = (meta.get("world_size"), meta.get("tensor_parallel_size"), meta.get("pipeline_parallel_size", 1),
+                        meta.get("virtual_pipeline_parallel_size", 1))
+        source = where.rank if saved_layout == (where.world_size, where.tp, where.pp, where.virtual) else 0
+        rng_path = os.path.join(path, f"rng_rank{source}.pt")
         _set_rng_state(_read(rng_path, "RNG state", fn, lambda p: torch.load(p, map_location="cpu", weights_only=True)))
     extra.setdefault("step", meta["step"])
     return extra
@@ -593,10 +861,9 @@ def read_checkpoint_meta(directory: PathLike) -> dict:
     """The ``meta.json`` of the checkpoint :func:`resolve_checkpoint` picks (step, parallel sizes, parameter
     shapes), plus ``"path"``: its step directory."""
     path = resolve_checkpoint(directory, "read_checkpoint_meta")
-    meta = _read(os.path.join(path, META_NAME), "metadata", "read_checkpoint_meta",
-                 _read_json)
-    return {**meta, "path": path}
+    return {**_read_meta(path, "read_checkpoint_meta"), "path": path}
 
 
 __all__ = ["CheckpointSaveError", "latest_mismatch", "load_checkpoint", "newest_checkpoint", "read_checkpoint_meta",
-           "remove_stale_temporaries", "resolve_checkpoint", "save_checkpoint", "step_directory_name"]
+           "remove_stale_temporaries", "resolve_checkpoint", "save_checkpoint", "stage_file_names",
+           "step_directory_name"]
