@@ -275,7 +275,7 @@ def _load_optimizer(optimizer, params: list[ParamShard], weights: dict[str, torc
     distributed = _is_distributed_optimizer(optimizer)
     if distributed:
         # every rank's param_groups list only the pieces it holds; the groups' names are the same everywhere
-        group_names = [list(names) for names in optimizer._group_names]
+        group_names = optimizer.group_names
     else:
         pairs = _optimizer_params(optimizer, params, fn)
         group_names = [[info.name for info, _ in members] for members in pairs]

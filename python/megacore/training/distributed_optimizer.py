@@ -211,6 +211,12 @@ class DistributedOptimizer(torch.optim.AdamW):
         self._hook_handles = [module.register_forward_pre_hook(self._before_forward) for module in model.modules()]
         self._hook_handles.append(model.register_state_dict_pre_hook(lambda *args: self.wait_for_params()))
 
+    @property
+    def group_names(self) -> list[list[str]]:
+        """Every parameter group's parameter names, whole model (the same on every data-parallel rank; a
+        rank's ``param_groups`` hold only its pieces)."""
+        return [list(names) for names in self._group_names]
+
     # ---- the masters protocol (the Trainer's precision) ------------------------------------------------------
 
     def parameters(self) -> list[nn.Parameter]:
