@@ -91,3 +91,20 @@ def test_interleaving_needs_whole_rounds_of_micro_batches(one_process, tmp_path)
     assert r.returncode != 0
     assert ("needs the micro-batches per step, --global-batch-size 6 / (--micro-batch-size 2 x data-parallel size 1) "
             "= 3, to be a multiple of --pipeline-parallel-size 2") in r.stderr
+
+
+def test_a_pipeline_run_resumes_in_one_process_like_a_one_process_run(one_process, tmp_path):
+    """Saved at PP 2 x V 2 under torchrun, resumed in one process: the next steps' losses are the ones a run
+    that was one process throughout takes (its checkpoint and the pipeline's hold the same state)."""
+    import shutil
+
+    root, _ = one_process
+    r = _torchrun(2, root, tmp_path / "pp", "--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    shutil.copytree(root / "gpt-tiny", tmp_path / "one")
+    for run in ("pp", "one"):
+        config = TrainConfig(model="gpt-tiny", cache_dir=str(root / "cache"), output=str(tmp_path / run),
+                             **dict(TINY, train_steps=STEPS + 2))
+        train(config, log=lambda m: None)
+    assert _losses(tmp_path / "pp")[STEPS:] == pytest.approx(_losses(tmp_path / "one")[STEPS:], rel=2e-4)
+    assert len(_losses(tmp_path / "pp")) == STEPS + 2
