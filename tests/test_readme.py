@@ -46,6 +46,9 @@ NOT_RUN = {
     "megacore evaluate --checkpoint runs/gpt-tiny/checkpoints": "the same, for evaluate",
     "torchrun --nproc-per-node 4 -m megacore train --tensor-parallel-size 2":
         "a full training run; tests/training/test_run.py runs it shrunk under torchrun",
+    "torchrun --nproc-per-node 8 -m megacore train --tensor-parallel-size 2 --pipeline-parallel-size 2 "
+    "--use-distributed-optimizer":
+        "a full training run on 8 processes; tests/training/test_run_pipeline.py runs it shrunk under torchrun",
     "megacore train --model bert-tiny": "a full training run; tests/training/test_run.py runs it shrunk",
     "megacore train --model electra-small": "a full training run; tests/training/test_run.py runs it shrunk",
 }
