@@ -275,7 +275,7 @@ def test_activation_checkpointing_gives_the_same_gradients(recompute, device):
 def _tensor_parallel_bert(rank, world):
     from megacore.parallel import initialize_model_parallel
     from megacore.parallel.layers import merge_weights
-    from tests.parallel.utils import gather_shards
+    from tests.parallel.utils import gather_shards, shard_dims
 
     group = initialize_model_parallel(world).tensor_parallel_group
     ids, mask, types, labels = _inputs(pad=(0, 2, 5))
@@ -288,8 +288,9 @@ def _tensor_parallel_bert(rank, world):
         model = BertModel(encoder_config(vocab_size=99, tensor_parallel=tp, sequence_parallel=sp))
         out = model(ids, mask, types, labels=labels, next_sentence_label=nsp)
         out.loss.backward()
-        grads = {n: merge_weights(gather_shards(p.grad, group, world), p.partition_dim)
-                 if tp and getattr(p, "tensor_parallel", False) else p.grad for n, p in model.named_parameters()}
+        dims = shard_dims(model, world)
+        grads = {n: merge_weights(gather_shards(p.grad, group, world), dims[n])
+                 if dims[n] is not None else p.grad for n, p in model.named_parameters()}
         results[tp, sp] = out, grads
     base, base_grads = results[False, False]
     for key in ((True, False), (True, True)):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megacore.parallel.placement import placement_of
 from tests.parallel.utils import gather_shards, run_distributed
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -35,7 +36,7 @@ def _check_layers(rank, world):
     # ColumnParallelLinear(gather_output=True): [3, 5, 6] -> [3, 5, 8].
     torch.manual_seed(7)
     col = ColumnParallelLinear(6, 8, gather_output=True)
-    assert col.weight.shape == (8 // world, 6) and col.weight.partition_dim == 0
+    assert col.weight.shape == (8 // world, 6) and placement_of(col, "weight").dim == 0
     torch.manual_seed(7)
     w = torch.empty(8, 6).normal_(0.0, 0.02)
     torch.testing.assert_close(merged(col.weight.detach(), 0), w, rtol=0, atol=0)
@@ -58,7 +59,7 @@ def _check_layers(rank, world):
     torch.manual_seed(11)
     fc1 = ColumnParallelLinear(6, 12, gather_output=False)
     fc2 = RowParallelLinear(12, 6, input_is_parallel=True)
-    assert fc2.weight.shape == (6, 12 // world) and fc2.weight.partition_dim == 1
+    assert fc2.weight.shape == (6, 12 // world) and placement_of(fc2, "weight").dim == 1
     torch.manual_seed(11)
     w1, w2 = torch.empty(12, 6).normal_(0.0, 0.02), torch.empty(6, 12).normal_(0.0, 0.02)
     torch.testing.assert_close(merged(fc1.weight.detach(), 0), w1, rtol=0, atol=0)

@@ -5,7 +5,7 @@ parallelism, and with a vocab size that does not divide by the tensor-parallel s
 import pytest
 import torch
 
-from tests.parallel.utils import gather_shards, run_distributed
+from tests.parallel.utils import gather_shards, run_distributed, shard_dims
 
 TOL = dict(atol=2e-5, rtol=2e-4)
 
@@ -26,10 +26,11 @@ def _compare(rank, world, make_model, make_batch, run, what):
         outputs, loss = run(model, batch)
         loss.backward()
         grads = {}
+        dims = shard_dims(model, world)
         for name, p in model.named_parameters():
             g = p.grad
-            if getattr(p, "tensor_parallel", False):
-                g = merge_weights(gather_shards(g, group, world), p.partition_dim)
+            if dims[name] is not None:
+                g = merge_weights(gather_shards(g, group, world), dims[name])
             grads[name] = g
         results.append((outputs, grads, model))
     (full_out, full_grads, full_model), (tp_out, tp_grads, _) = results

@@ -242,7 +242,7 @@ def _pipelined(rank, world, family, tp, pp, vp, m, sequence_parallel, dtype, dis
     model = pipeline.cut_stage(_build(family, **overrides), virtual_size=vp)
     batches = [_batches(family, m * dp, seed=step)[s.data_parallel_rank * m:(s.data_parallel_rank + 1) * m]
                for step in range(STEPS)]
-    ddp = (lambda mod: DistributedDataParallel(mod, grad_dtype=torch.float32, reduce_scatter=distributed_optimizer)
+    ddp = ((lambda mod: DistributedDataParallel(mod, grad_dtype=torch.float32, reduce_scatter=distributed_optimizer))
            if dp > 1 else None)
     losses = _train(model, family, batches, dtype, ddp, distributed_optimizer)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)

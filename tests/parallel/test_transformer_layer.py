@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.parallel.utils import gather_shards, run_distributed
+from tests.parallel.utils import gather_shards, run_distributed, shard_dims
 
 SEQ, BATCH, HIDDEN, HEADS, FFN = 8, 2, 32, 4, 64
 VARIANTS = {
@@ -75,8 +75,9 @@ def _check_layer(rank, world, dtypes):
         assert_close_relative(out, expected_out, dtype, f"TP output ({where})")
         expected_gx = full_grads[0][rank * chunk:(rank + 1) * chunk] if sp else full_grads[0]
         assert_close_relative(grads[0], expected_gx, dtype, f"TP input gradient ({where})")
+        dims = shard_dims(tp_layer, world)
         for (name, p), g, g_full in zip(tp_layer.named_parameters(), grads[1:], full_grads[1:]):
-            merged = merge_weights(gather_shards(g, group, world), p.partition_dim) if p.tensor_parallel else g
+            merged = merge_weights(gather_shards(g, group, world), dims[name]) if dims[name] is not None else g
             assert_close_relative(merged, g_full, dtype, f"TP gradient of {name} ({where})")
     destroy_model_parallel()
 

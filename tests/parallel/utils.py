@@ -75,3 +75,11 @@ def gather_shards(t, group, world: int) -> list:
     out = [t.new_empty(t.shape) for _ in range(world)]
     dist.all_gather(out, t.contiguous(), group=group)
     return out
+
+
+def shard_dims(model, world: int) -> dict:
+    """name -> the dim each parameter of ``model`` is sharded along over ``world`` ranks (None: replicated), as
+    the parallel plan reads the modules' declarations."""
+    from megacore.parallel.sharding import param_shards
+
+    return {shard.name: shard.dim for shard in param_shards(model, world)}

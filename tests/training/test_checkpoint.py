@@ -297,12 +297,12 @@ def test_an_optimizer_without_saved_state_and_bad_arguments_are_clear_errors(tmp
 
 def _full(model, tensors: dict[str, torch.Tensor], group, world: int) -> dict[str, torch.Tensor]:
     """Test-side unsharding of this rank's ``tensors`` (parameter name -> tensor of the parameter's shape)."""
-    from tests.parallel.utils import gather_shards
+    from tests.parallel.utils import gather_shards, shard_dims
 
-    params = dict(model.named_parameters())
+    dims = shard_dims(model, world)
     out = {}
     for name, t in tensors.items():
-        dim = getattr(params[name], "partition_dim", None)
+        dim = dims[name]
         if world > 1 and dim is not None:
             t = torch.cat(gather_shards(t, group, world), dim)
         out[name] = t[:VOCAB] if name == "embedding.word.weight" else t

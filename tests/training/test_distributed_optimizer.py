@@ -138,14 +138,15 @@ def test_data_parallel_2_with_the_distributed_optimizer_trains_like_one_process(
 
 
 def _check_with_tensor_parallel(rank, world):
-    """TP 2 x DP 2: pieces of tensor-parallel shards keep their tags, so the norm counts each element once."""
+    """TP 2 x DP 2: pieces of tensor-parallel shards are shards in the parallel plan (through model_param), so the
+    norm counts each element once."""
     from megacore import parallel as mp
 
     mp.initialize_model_parallel(tensor_parallel_size=2)
     try:
         dp, dp_rank = mp.get_data_parallel_world_size(), mp.get_data_parallel_rank()
         allreduce, zero1 = _ddp_trainer(torch.float32, distributed_optimizer=False), _ddp_trainer(torch.float32)
-        assert any(getattr(p, "tensor_parallel", False) for p in zero1.optimizer.parameters())
+        assert any(zero1.plan.is_sharded(p) for p in zero1.optimizer.parameters())
         for mbs in _global_batches(3):
             base, got = allreduce.train_step(_shard(mbs, dp_rank, dp)), zero1.train_step(_shard(mbs, dp_rank, dp))
             assert got["loss"] == pytest.approx(base["loss"], rel=1e-6)

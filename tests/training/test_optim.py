@@ -8,7 +8,7 @@ import torch
 
 from megacore.models import GPTModel, ModelConfig
 from megacore.training import LRSchedule, build_optimizer, clip_grad_norm, parameter_groups
-from tests.parallel.utils import gather_shards, run_distributed
+from tests.parallel.utils import gather_shards, run_distributed, shard_dims
 
 
 def tiny_gpt(**overrides):
@@ -129,12 +129,13 @@ def _check_clip_tensor_parallel(rank, world):
             torch.manual_seed(0)
             model = tiny_gpt(tensor_parallel=tp, sequence_parallel=sp and tp)
             (model(ids, labels=labels).mean() * 50).backward()  # a large norm, so clipping acts
-            norm = clip_grad_norm(model.parameters(), 0.5)
+            norm = clip_grad_norm(model, 0.5)
             grads = {}
+            dims = shard_dims(model, world)
             for name, p in model.named_parameters():
                 g = p.grad
-                if getattr(p, "tensor_parallel", False):
-                    g = merge_weights(gather_shards(g, group, world), p.partition_dim)
+                if dims[name] is not None:
+                    g = merge_weights(gather_shards(g, group, world), dims[name])
                 grads[name] = g[: 101] if name == "embedding.word.weight" else g
             results.append((norm, grads))
         (norm_full, grads_full), (norm_tp, grads_tp) = results

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megacore.training import LRSchedule, Trainer, build_optimizer
-from tests.parallel.utils import gather_shards, run_distributed
+from tests.parallel.utils import gather_shards, run_distributed, shard_dims
 from tests.training.test_optim import tiny_gpt
 
 VOCAB = 101
@@ -98,10 +98,11 @@ def _check_tensor_parallel_training(rank, world):
             trainer = make_trainer(micro=2, tensor_parallel=tp, sequence_parallel=sp and tp)
             metrics = [trainer.train_step(mbs) for mbs in batches]
             weights = {}
+            dims = shard_dims(trainer.model, world)
             for name, p in trainer.model.named_parameters():
                 w = p.detach()
-                if getattr(p, "tensor_parallel", False):
-                    w = merge_weights(gather_shards(w, group, world), p.partition_dim)
+                if dims[name] is not None:
+                    w = merge_weights(gather_shards(w, group, world), dims[name])
                 weights[name] = w[:VOCAB] if name == "embedding.word.weight" else w
             runs.append((metrics, weights))
         (m1, w1), (m2, w2) = runs

@@ -20,6 +20,7 @@ from megacore import ops
 from megacore.parallel import state
 from megacore.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megacore.parallel.layers import INIT_STD, VocabParallelEmbedding
+from megacore.parallel.placement import place
 from megacore.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -208,6 +209,8 @@ class Norm(nn.Module):
         self.weight = _param(torch.ones(size), config, device)
         self.bias = _param(torch.zeros(size), config, device) if self.kind == "layernorm" else None
         self.group = state.get_tensor_parallel_group() if sequence_parallel else None
+        for name in ("weight", "bias"):
+            place(self, name, None, sequence_parallel=self.group is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -364,7 +367,7 @@ class MaskedLMHead(nn.Module):
         self.dense.bias = _param(torch.zeros(config.embedding_dim), config, device)
         self.norm = Norm(config, config.embedding_dim, device, sequence_parallel=config.sequence_parallel)
         self.bias = _param(torch.zeros(word.weight.shape[0]), config, device)
-        self.bias.tensor_parallel, self.bias.partition_dim = word.group is not None, 0
+        place(self, "bias", 0 if word.group is not None else None)  # vocab-parallel, like the table
 
     def transform(self, x: torch.Tensor, word: WordEmbedding) -> torch.Tensor:
         """dense -> GeLU -> norm, the features the logits are taken of: ``[s(/tp), b, hidden] ->

@@ -5,8 +5,8 @@ field (``build("gpt2-small", tensor_parallel=True, params_dtype=torch.bfloat16)`
 one tensor at a time and each rank keeps only its shard; ``device="meta"`` (or building under
 ``with torch.device("meta")``) allocates nothing, for inspecting a large model's shapes and sizes. To load
 weights into a model without a random init, use ``megacore.interop.hf`` (it builds on the meta device and
-sets each rank's shards itself); ``Module.to_empty`` would create new Parameter objects without the
-``tensor_parallel`` / ``partition_dim`` tags that checkpoint resharding reads.
+sets each rank's shards itself). ``Module.to_empty`` works too: how a parameter is sharded is declared by its
+module (``megacore.parallel.placement``), not stored on the Parameter object it replaces.
 """
 
 from __future__ import annotations

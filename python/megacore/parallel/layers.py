@@ -8,9 +8,9 @@ RowParallelLinear          ``[out, in / tp]``          dim 1 of the full ``[out,
 VocabParallelEmbedding     ``[padded_vocab / tp, h]``  dim 0 of the full ``[padded_vocab, h]``
 =========================  ==========================  =========================================
 
-Each sharded parameter carries ``tensor_parallel = True`` and ``partition_dim`` (the dim above), so
-checkpoint code can rebuild the full tensor with :func:`merge_weights` and reshard it with
-:func:`split_weight`. The embedding's vocab is padded up to a multiple of the tensor-parallel size;
+Each layer declares its parameters' sharded dim (the dim above; ``megacore.parallel.placement.place``), which
+the parallel plan (``megacore.parallel.sharding``) reads, so checkpoint code can rebuild the full tensor with
+:func:`merge_weights` and reshard it with :func:`split_weight`. The embedding's vocab is padded up to a multiple of the tensor-parallel size;
 the padded rows are zeros and no id ever selects them (``merge_weights(...)[:num_embeddings]`` is the
 unpadded table).
 
@@ -30,6 +30,7 @@ from torch import nn
 
 from megacore import _C
 from megacore.parallel import state
+from megacore.parallel.placement import place
 from megacore.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_tensor_parallel_region,
@@ -65,11 +66,10 @@ def _master_normal(*shape: int) -> torch.Tensor:
     return torch.empty(*shape, dtype=torch.float32).normal_(0.0, INIT_STD)
 
 
-def _param(shard: torch.Tensor, dtype, device, partition_dim: Optional[int]) -> nn.Parameter:
-    p = nn.Parameter(shard.to(device=device, dtype=dtype))
-    p.tensor_parallel = partition_dim is not None
-    p.partition_dim = partition_dim
-    return p
+def _param(module: nn.Module, name: str, shard: torch.Tensor, dtype, device, partition_dim: Optional[int]) -> None:
+    """Registers ``shard`` as ``module.<name>`` and declares it sharded along ``partition_dim`` (None: replicated)."""
+    setattr(module, name, nn.Parameter(shard.to(device=device, dtype=dtype)))
+    place(module, name, partition_dim)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -87,9 +87,9 @@ class ColumnParallelLinear(nn.Module):
         self.group, rank, world = _tp("ColumnParallelLinear", out_features=out_features)
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
         self.out_features_per_partition = _C.divide(out_features, world)
-        self.weight = _param(split_weight(_master_normal(out_features, in_features), 0, rank, world), dtype, device, 0)
+        _param(self, "weight", split_weight(_master_normal(out_features, in_features), 0, rank, world), dtype, device, 0)
         if bias:
-            self.bias = _param(torch.zeros(self.out_features_per_partition), dtype, device, 0)
+            _param(self, "bias", torch.zeros(self.out_features_per_partition), dtype, device, 0)
         else:
             self.register_parameter("bias", None)
 
@@ -117,9 +117,9 @@ class RowParallelLinear(nn.Module):
         self.group, rank, world = _tp("RowParallelLinear", in_features=in_features)
         self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, input_is_parallel
         self.in_features_per_partition = _C.divide(in_features, world)
-        self.weight = _param(split_weight(_master_normal(out_features, in_features), 1, rank, world), dtype, device, 1)
+        _param(self, "weight", split_weight(_master_normal(out_features, in_features), 1, rank, world), dtype, device, 1)
         if bias:
-            self.bias = _param(torch.zeros(out_features), dtype, device, None)
+            _param(self, "bias", torch.zeros(out_features), dtype, device, None)
         else:
             self.register_parameter("bias", None)
 
@@ -154,7 +154,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start, self.vocab_end = _C.vocab_range(self.padded_vocab, rank, world)
         full = torch.zeros(self.padded_vocab, embedding_dim)
         full[:num_embeddings] = _master_normal(num_embeddings, embedding_dim)  # same draws as TP=1
-        self.weight = _param(split_weight(full, 0, rank, world), dtype, device, 0 if self.group is not None else None)
+        _param(self, "weight", split_weight(full, 0, rank, world), dtype, device, 0 if self.group is not None else None)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling() and ids.numel():

@@ -1,12 +1,18 @@
-"""How a model's parameters are laid out over the tensor-parallel group, and the one gather/scatter
-between full tensors and this rank's shards, used by checkpoints and the Hugging Face interop alike.
+"""The parallel plan: how a model's parameters lie over the tensor- and pipeline-parallel grid, declared once
+by the modules that create them, and the one gather/scatter between full tensors and this rank's shards,
+used by checkpoints and the Hugging Face interop alike.
 
-A parameter is either replicated (every rank holds the whole tensor) or sharded along one dim, as its
-layer tagged it (``partition_dim``: megacore.parallel's layers and the transformer layer). A *vocab
-table* is one whose dim 0 is the vocabulary, padded with zero rows to a multiple of the tensor-parallel
-size: every :class:`~megacore.parallel.layers.VocabParallelEmbedding`'s table, and the output bias of a
-masked-LM head (``MaskedLMHead.bias``). Full tensors are always unpadded: padding rows are added on the
-way in and cut on the way out.
+A module that creates a parameter declares its placement with :func:`place`: sharded along one dim over the
+tensor-parallel group (megacore.parallel's layers, the transformer layer, a masked-LM head's output bias), or
+replicated, possibly used on a sequence shard under sequence parallelism (its gradient is then summed over
+the group by its user). The declaration is an attribute of the *module*, so it survives what replaces a
+module's Parameter objects (``Module.to_empty``, loading shards) and needs no copying onto fp32 masters or
+optimizer pieces: those name their model parameter (``model_param``) and :class:`ParallelPlan` follows it.
+
+A *vocab table* is one whose dim 0 is the vocabulary, padded with zero rows to a multiple of the
+tensor-parallel size: every :class:`~megacore.parallel.layers.VocabParallelEmbedding`'s table, and the output
+bias of a masked-LM head (``MaskedLMHead.bias``). Full tensors are always unpadded: padding rows are added on
+the way in and cut on the way out.
 """
 
 from __future__ import annotations
@@ -18,32 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megacore.parallel import state as parallel_state
 from megacore.parallel.collectives import all_gather
 from megacore.parallel.layers import VocabParallelEmbedding, merge_weights, split_weight
-
-
-# The attributes a layer tags its parameters with (megacore.parallel.layers, the transformer layer).
-LAYOUT_TAGS = ("tensor_parallel", "partition_dim", "sequence_parallel")
-
-
-def copy_layout_tags(src: nn.Parameter, dst: nn.Parameter) -> nn.Parameter:
-    """Gives ``dst`` (a new parameter standing for ``src``: a loaded shard, an fp32 master) ``src``'s
-    layout tags; returns ``dst``."""
-    for tag in LAYOUT_TAGS:
-        if hasattr(src, tag):
-            setattr(dst, tag, getattr(src, tag))
-    return dst
+from megacore.parallel.placement import Placement, place, placement_of
 
 
 @dataclass(frozen=True)
 class ParamShard:
-    """One parameter of a model and its layout over a tensor-parallel group of ``world`` ranks."""
+    """One parameter of a model and its place in the grid (tensor-parallel group of ``world`` ranks)."""
 
     name: str  # the first name model.named_parameters() gives it (a tied parameter appears once)
     param: nn.Parameter
     dim: Optional[int]  # the dim it is sharded along; None: this rank holds the whole tensor
     vocab_size: Optional[int]  # the unpadded rows of a vocab table (dim 0); None: not a vocab table
     world: int
+    sequence_parallel: bool = False  # replicated, used on sequence shards (its user sums its gradient)
+    tied_copy: bool = False  # a pipeline stage's copy of a parameter the first stage owns (the tied embedding)
 
     def full_shape(self) -> list[int]:
         """The full, unpadded shape: shards merged, vocab padding cut."""
@@ -69,14 +66,56 @@ def _vocab_tables(model: nn.Module) -> dict[int, int]:
 
 
 def param_shards(model: nn.Module, world: int) -> list[ParamShard]:
-    """Every parameter of ``model`` (tied ones once, under their first name) with its layout over a
-    tensor-parallel group of ``world`` ranks (world 1: nothing is sharded)."""
+    """Every parameter of ``model`` (tied ones once, under their first name) with its placement over a
+    tensor-parallel group of ``world`` ranks (world 1: nothing is sharded), as its module declared it
+    (:func:`place`), and whether it is a pipeline stage's tied copy."""
+    from megacore.parallel.pipeline import tied_copy_names  # pipeline imports the models' layers; not at the top
+
     vocab = _vocab_tables(model)
+    copies = tied_copy_names(model)
+    owner = {}  # id(parameter) -> (the module holding it, its name there)
+    for module in model.modules():
+        for local, p in module.named_parameters(recurse=False):
+            owner.setdefault(id(p), (module, local))
     out = []
-    for name, p in model.named_parameters():
-        sharded = world > 1 and getattr(p, "tensor_parallel", False) and getattr(p, "partition_dim", None) is not None
-        out.append(ParamShard(name, p, p.partition_dim if sharded else None, vocab.get(id(p)), world))
+    for name, p in model.named_parameters():  # names as the model gives them (a DDP wrapper strips its prefix)
+        placement = placement_of(*owner[id(p)])
+        dim = placement.dim if world > 1 else None
+        out.append(ParamShard(name, p, dim, vocab.get(id(p)), world, placement.sequence_parallel, name in copies))
     return out
+
+
+class ParallelPlan:
+    """The parallel layout of one model on this process: the grid (``state``: the ParallelState, None
+    without model parallelism) and every parameter's :class:`ParamShard`. The one place the optimizer's
+    gradient norm, checkpoints and the interop read a parameter's layout from.
+
+    ``layout(p)`` finds a parameter's entry from the parameter itself or from a stand-in that names it in
+    ``model_param`` (MixedPrecision's fp32 masters, DistributedOptimizer's pieces)."""
+
+    def __init__(self, model: nn.Module):
+        inner = getattr(model, "module", model)  # through a DistributedDataParallel wrapper
+        self.state = parallel_state.get_parallel_state() if parallel_state.model_parallel_is_initialized() else None
+        self.tensor_parallel_size = self.state.tensor_parallel_size if self.state is not None else 1
+        self.params = param_shards(inner, self.tensor_parallel_size)
+        self._by_id = {id(shard.param): shard for shard in self.params}
+
+    def layout(self, p: torch.Tensor) -> Optional[ParamShard]:
+        """``p``'s entry (following ``p.model_param``), None for a tensor that is no parameter of the model."""
+        shard = self._by_id.get(id(p))
+        if shard is None and getattr(p, "model_param", None) is not None:
+            shard = self._by_id.get(id(p.model_param))
+        return shard
+
+    def is_sharded(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` (or the parameter it stands for) is split over the tensor-parallel group."""
+        shard = self.layout(p)
+        return shard is not None and shard.dim is not None
+
+    def is_tied_copy(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` (or the parameter it stands for) is a stage's copy of a first-stage parameter."""
+        shard = self.layout(p)
+        return shard is not None and shard.tied_copy
 
 
 @torch.no_grad()
@@ -108,4 +147,5 @@ def shard_of(shard: ParamShard, full: torch.Tensor, rank: int) -> Optional[torch
     return t
 
 
-__all__ = ["LAYOUT_TAGS", "ParamShard", "copy_layout_tags", "gather_full", "param_shards", "shard_of"]
+__all__ = ["ParallelPlan", "ParamShard", "Placement", "gather_full", "param_shards", "place", "placement_of",
+           "shard_of"]

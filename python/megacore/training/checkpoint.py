@@ -506,8 +506,8 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
         directory: the checkpoint root (created if missing).
         step: the training step (int >= 0).
         model: a megacore model (or any module; a DistributedDataParallel wrapper is fine), whole or one
-            pipeline stage (``megacore.parallel.pipeline.cut_stage``). Sharded parameters (``tensor_parallel``
-            + ``partition_dim`` tags) are all-gathered over the tensor-parallel group.
+            pipeline stage (``megacore.parallel.pipeline.cut_stage``). Sharded parameters (as their modules declare,
+            ``megacore.parallel.sharding``) are all-gathered over the tensor-parallel group.
         optimizer: a torch optimizer over the model's parameters, or over fp32 master copies of them (one per
             parameter, same shapes, in ``named_parameters()`` order; their values are saved too), or the
             distributed optimizer (``megacore.training.DistributedOptimizer``: its state is gathered over the
@@ -607,7 +607,7 @@ def save_checkpoint(directory: PathLike, step: int, model: nn.Module, optimizer:
         stage_meta = {
             "stage": where.pp_rank, "bytes": _nbytes(weights) + _nbytes(optimizer_state),
             "parameters": {info.name: {"shape": info.full_shape(), "dtype": str(info.param.dtype).replace("torch.", ""),
-                                       "partition_dim": getattr(info.param, "partition_dim", None),
+                                       "partition_dim": info.dim,
                                        "vocab_size": info.vocab_size, "stage": where.pp_rank, "file": weights_file,
                                        "optimizer_file": optimizer_file if optimizer_state is not None else None}
                            for info in params if info.name not in copies},

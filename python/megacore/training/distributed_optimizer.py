@@ -30,7 +30,6 @@ from torch import nn
 
 from megacore.parallel.collectives import all_gather, all_reduce
 from megacore.parallel.distributed import DistributedDataParallel
-from megacore.parallel.sharding import copy_layout_tags
 from megacore.parallel.timeouts import group_timeout
 from megacore.training.optim import NO_DECAY, check_adamw_arguments, fused_supported, parameter_groups
 from megacore.training.precision import MixedPrecision
@@ -186,8 +185,7 @@ class DistributedOptimizer(torch.optim.AdamW):
                         source = fp32_of.get(id(p))
                         source = value if source is None else source.detach().reshape(-1)[lo - offset: hi - offset]
                         master = nn.Parameter(source.to(torch.float32, copy=True))
-                    copy_layout_tags(p, master)
-                    master.model_param = p  # which model parameter this is a piece of (the Trainer's norm reads it)
+                    master.model_param = p  # which model parameter this is a piece of (the parallel plan follows it)
                     self._pieces.append(_Piece(name_of[id(p)], p, b, lo - offset, hi - offset, lo, master,
                                                grads[lo:hi], value))
         self._piece_of = {id(piece.master): piece for piece in self._pieces}

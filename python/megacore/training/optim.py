@@ -4,13 +4,16 @@ across tensor-parallel ranks."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megacore.parallel import state
 from megacore.parallel.collectives import all_reduce
+
+if TYPE_CHECKING:
+    from megacore.parallel.sharding import ParallelPlan
 
 NO_DECAY = ("bias", "norm", "embedding")
 DECAYS = ("cosine", "linear", "constant")
@@ -217,14 +220,16 @@ def reduction_device(grads: list[torch.Tensor], group) -> torch.device:
     return torch.device("cpu")
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, data_parallel_sharded: bool = False,
-                   excluded: Optional[set] = None) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, data_parallel_sharded: bool = False,
+                   plan: Optional["ParallelPlan"] = None) -> torch.Tensor:
     """Scales the gradients in place so that their global L2 norm is at most ``max_norm``; returns the norm
     before clipping (a 0-dim fp32 tensor, the same on every tensor-parallel rank).
 
-    The norm is the whole model's: parameters tagged ``tensor_parallel=True`` are shards, so their squared
-    norms are summed over the tensor-parallel group; replicated parameters (``sequence_parallel`` ones
-    included: their layer already summed their gradient) are counted once. Without
+    ``params``: a model (an nn.Module: its parameters, laid out as its ``ParallelPlan`` says), or tensors
+    with ``plan``, the model's ``megacore.parallel.sharding.ParallelPlan`` (which also knows fp32 masters and
+    distributed-optimizer pieces by the ``model_param`` they name). The norm is the whole model's: shards
+    are summed over the tensor-parallel group; replicated parameters (``sequence_parallel`` ones included:
+    their user already summed their gradient) are counted once. Without
     ``data_parallel_sharded`` there is no data-parallel reduction: after DistributedDataParallel the
     gradients are identical across data-parallel ranks. With ``data_parallel_sharded=True`` (the
     ``DistributedOptimizer``'s pieces: each data-parallel rank holds a disjoint part of the gradients) the
@@ -233,16 +238,27 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, data_paralle
     present, else ``p.grad``; parameters without a gradient are skipped. ``max_norm <= 0`` or ``inf``
     computes the norm without clipping. A non-finite norm leaves the gradients as they are (the loss
     scaler's overflow check should catch it first). Under pipeline
-    parallelism the squared norms are summed over the stages; ``excluded`` (ids of parameters) are left out
-    of the norm but clipped: the last stage's copy of the tied word embedding, counted on the first stage.
+    parallelism the squared norms are summed over the stages; a stage's tied copy (the last stage's word
+    embedding, ``ParallelPlan.is_tied_copy``) is clipped but counted on the first stage only.
 
-    Raises ValueError for a NaN ``max_norm``.
+    Raises ValueError for a NaN ``max_norm``, and for tensors without ``plan`` under tensor or pipeline
+    parallelism (shards could not be told from replicated parameters).
     """
+    from megacore.parallel.sharding import ParallelPlan
+
+    if isinstance(params, torch.nn.Module):
+        plan = plan or ParallelPlan(params)
+        params = list(params.parameters())
     if isinstance(params, torch.Tensor):
         params = [params]
     max_norm = float(max_norm)
     if math.isnan(max_norm):
         raise ValueError("megacore.training.clip_grad_norm: max_norm is NaN")
+    if plan is None and state.model_parallel_is_initialized() and (
+            state.get_tensor_parallel_world_size() > 1 or state.get_pipeline_parallel_world_size() > 1):
+        raise ValueError("megacore.training.clip_grad_norm: under tensor or pipeline parallelism pass the model "
+                         "(clip_grad_norm(model, ...)) or plan=ParallelPlan(model): shards must be told from "
+                         "replicated parameters")
     params = [p for p in params if grad_of(p) is not None]
     tp_world, tp_rank = 1, 0
     if state.model_parallel_is_initialized():
@@ -251,9 +267,9 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, data_paralle
     device = reduction_device([grad_of(p) for p in params[:1]], dp_group)
     # Squared sums: sharded params on every rank; replicated ones only on tensor-parallel rank 0, so that
     # one all-reduce over the group counts each exactly once.
-    counted_params = [p for p in params if id(p) not in (excluded or ())]
-    sharded = [grad_of(p) for p in counted_params if getattr(p, "tensor_parallel", False)]
-    replicated = [grad_of(p) for p in counted_params if not getattr(p, "tensor_parallel", False)]
+    counted_params = [p for p in params if plan is None or not plan.is_tied_copy(p)]
+    sharded = [grad_of(p) for p in counted_params if plan is not None and plan.is_sharded(p)]
+    replicated = [grad_of(p) for p in counted_params if plan is None or not plan.is_sharded(p)]
     total = torch.zeros((), dtype=torch.float32, device=device)
     counted = sharded + (replicated if tp_rank == 0 else [])
     if counted:

@@ -15,7 +15,6 @@ from torch import nn
 
 from megacore.parallel import state
 from megacore.parallel.collectives import all_reduce
-from megacore.parallel.sharding import copy_layout_tags
 from megacore.training.optim import data_parallel_group, grad_of, reduction_device
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,10 +48,10 @@ class MixedPrecision:
         else:
             self._masters = []
             for _, p in self._named:
-                # masters carry the layout tags, so clipping and checkpoint resharding treat a master like its
-                # model parameter
-                master = copy_layout_tags(p, nn.Parameter(p.detach().to(torch.float32, copy=True)))
-                master.model_param = p  # which model parameter this is the master of (checkpoints read it)
+                master = nn.Parameter(p.detach().to(torch.float32, copy=True))
+                # which model parameter this is the master of: the parallel plan (clipping) and checkpoints
+                # treat a master like its model parameter through it
+                master.model_param = p
                 self._masters.append(master)
         model.to(dtype)  # in place: param.data is replaced, the Parameter objects (and tags) stay
 

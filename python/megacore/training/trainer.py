@@ -18,6 +18,7 @@ from torch import nn
 from megacore._profiling import ProfileWindow, phase
 from megacore.parallel import pipeline
 from megacore.parallel.collectives import all_reduce
+from megacore.parallel.sharding import ParallelPlan
 from megacore.training.optim import LRSchedule, clip_grad_norm
 from megacore.training.precision import DynamicLossScaler, MixedPrecision
 
@@ -126,13 +127,8 @@ class Trainer:
         self.pipeline_timings = pipeline_timings
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.stages = pipeline.layout_of(model)  # None unless pipeline-parallel
-        # The tied word embedding's copy on the last stage: its gradient equals the first stage's after
-        # sync_tied_gradients, so the global norm counts it there only.
-        copies = pipeline.tied_copy_names(model)
-        by_name = dict((ddp or model).named_parameters()) if copies else {}
-        copy_ids = {id(by_name[n]) for n in copies}
-        self.norm_excluded = {id(p) for p in self.params if id(p) in copy_ids or id(getattr(p, "model_param", None))
-                              in copy_ids}
+        # The model's layout (shards, tied copies), which the gradient norm reads for the masters too.
+        self.plan = ParallelPlan(model)
         self.step_count = 0
         self.max_skipped_steps, self.loss_spike_factor = max_skipped_steps, loss_spike_factor
         self.consecutive_skips = 0
@@ -198,7 +194,7 @@ class Trainer:
                 grad_norm = float("nan")
                 if not found_inf:
                     grad_norm = float(clip_grad_norm(self.params, self.clip, data_parallel_sharded=getattr(
-                        self.precision, "sharded_over_data_parallel", False), excluded=self.norm_excluded))
+                        self.precision, "sharded_over_data_parallel", False), plan=self.plan))
                     if not math.isfinite(grad_norm):
                         raise TrainingDivergedError(step, f"{_FN}: step {step}: the gradient norm is {grad_norm} "
                                                           f"(loss {loss:.4g}); stopping before the optimizer step, "

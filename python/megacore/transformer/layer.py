@@ -32,6 +32,7 @@ from megacore.ops.rotary import rotary_tables
 from megacore.parallel import state
 from megacore.parallel.collectives import _world_size
 from megacore.parallel.layers import split_weight
+from megacore.parallel.placement import place
 from megacore.transformer.config import TransformerConfig
 
 _lib = torch.ops.megacore
@@ -255,17 +256,8 @@ def _tensor_parallel(config: TransformerConfig) -> tuple[str, int, int]:
     return s.tensor_parallel_group_name, s.tensor_parallel_rank, s.tensor_parallel_size
 
 
-def _parameter(value: torch.Tensor, config: TransformerConfig, device, partition_dim: Optional[int],
-               sequence_parallel: bool = False) -> nn.Parameter:
-    """A parameter tagged like megacore.parallel's layers (``tensor_parallel``, ``partition_dim``), plus
-    ``sequence_parallel`` for replicated ones whose gradient the layer sums over the group itself."""
-    p = nn.Parameter(value.to(device=device, dtype=config.params_dtype))
-    if not config.tensor_parallel:
-        partition_dim = None  # a whole layer: nothing is sharded
-    p.tensor_parallel = partition_dim is not None
-    p.partition_dim = partition_dim
-    p.sequence_parallel = sequence_parallel
-    return p
+def _parameter(value: torch.Tensor, config: TransformerConfig, device) -> nn.Parameter:
+    return nn.Parameter(value.to(device=device, dtype=config.params_dtype))
 
 
 def _master(rows: int, cols: int, std: float) -> torch.Tensor:
@@ -274,12 +266,18 @@ def _master(rows: int, cols: int, std: float) -> torch.Tensor:
 
 
 class _Params(nn.Module):
-    """A named group of parameters (``weight``, optional ``bias``); the C++ layer does the computing."""
+    """A named group of parameters (``weight``, optional ``bias``); the C++ layer does the computing. Each declares
+    its placement (``megacore.parallel.placement.place``): ``dims`` per name (None: replicated), and
+    ``sequence_parallel`` for replicated ones whose gradient the layer sums over the group itself."""
 
-    def __init__(self, weight: Optional[nn.Parameter], bias: Optional[nn.Parameter]):
+    def __init__(self, weight: Optional[nn.Parameter], bias: Optional[nn.Parameter], config: TransformerConfig,
+                 weight_dim: Optional[int] = None, bias_dim: Optional[int] = None, sequence_parallel: bool = False):
         super().__init__()
         self.weight = weight
         self.bias = bias
+        for name, dim in (("weight", weight_dim), ("bias", bias_dim)):
+            if config.tensor_parallel:
+                place(self, name, dim, sequence_parallel and dim is None)
 
 
 class TransformerLayer(nn.Module):
@@ -308,19 +306,20 @@ class TransformerLayer(nn.Module):
         bias, sp = config.add_bias_linear, config.sequence_parallel
 
         def norm():
-            weight = _parameter(torch.ones(h), config, device, None, sp)
+            weight = _parameter(torch.ones(h), config, device)
             has_bias = config.normalization == "layernorm"
-            return _Params(weight, _parameter(torch.zeros(h), config, device, None, sp) if has_bias else None)
+            return _Params(weight, _parameter(torch.zeros(h), config, device) if has_bias else None, config,
+                           sequence_parallel=sp)
 
         def column(out_features: int, std: float):  # [out, in] split along out
-            weight = _parameter(split_weight(_master(out_features, h, std), 0, rank, world),
-                                config, device, 0)
-            return _Params(weight, _parameter(torch.zeros(out_features // world), config, device, 0) if bias else None)
+            weight = _parameter(split_weight(_master(out_features, h, std), 0, rank, world), config, device)
+            return _Params(weight, _parameter(torch.zeros(out_features // world), config, device) if bias else None,
+                           config, 0, 0)
 
-        def row(in_features: int, std: float):  # [h, in] split along in
-            weight = _parameter(split_weight(_master(h, in_features, std), 1, rank, world),
-                                config, device, 1)
-            return _Params(weight, _parameter(torch.zeros(h), config, device, None, sp) if bias else None)
+        def row(in_features: int, std: float):  # [h, in] split along in; the bias is replicated
+            weight = _parameter(split_weight(_master(h, in_features, std), 1, rank, world), config, device)
+            return _Params(weight, _parameter(torch.zeros(h), config, device) if bias else None, config, 1,
+                           sequence_parallel=sp)
 
         self.attention_norm = norm()
         self.attention = nn.Module()

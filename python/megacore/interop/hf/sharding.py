@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from megacore.models.common import tensor_parallel_world
-from megacore.parallel.sharding import copy_layout_tags, gather_full, param_shards, shard_of
+from megacore.parallel.sharding import gather_full, param_shards, shard_of
 
 
 def load_full_state(model: nn.Module, full: dict[str, torch.Tensor], device, fn: str) -> nn.Module:
@@ -40,8 +40,8 @@ def load_full_state(model: nn.Module, full: dict[str, torch.Tensor], device, fn:
                 raise ValueError(f"megacore.interop.hf.{fn}: {shard.name} has shape {list(full[shard.name].shape)}, "
                                  f"the model expects {shard.full_shape()}"
                                  + (f" (this rank's shard {list(p.shape)} of {world})" if shard.dim is not None else ""))
-            new = copy_layout_tags(p, nn.Parameter(t.to(device=device, dtype=p.dtype).clone(),
-                                                   requires_grad=p.requires_grad))
+            # the placement is the module's declaration: a new Parameter under the same name keeps it
+            new = nn.Parameter(t.to(device=device, dtype=p.dtype).clone(), requires_grad=p.requires_grad)
             replaced[id(p)] = new
             setattr(module, name, new)
     return model
