@@ -679,26 +679,10 @@ std::vector<at::Tensor> backward(const Config& c, const at::Tensor& grad_out, co
 
   std::vector<at::Tensor> grads{g_x, g_n1w, g_n1b, g_qkvw, g_qkvb, g_projw, g_projb, g_n2w, g_n2b, g_fc1w, g_fc1b, g_fc2w, g_fc2b};
   // Under sequence parallelism the replicated parameters used on the sequence shard (the norms and the
-  // row-parallel biases) got this shard's part of their gradient only: sum the parts over the group,
-  // all of them in one all-reduce.
-  if (c.sequence_parallel && c.tp_size > 1) {
-    ProfilePhase phase("megacore.transformer_layer_backward.sequence_parallel_grads");
-    std::vector<at::Tensor*> partial;
-    for (int64_t i : {1, 2, 6, 7, 8, 12}) {
-      if (grads[i].defined()) partial.push_back(&grads[i]);
-    }
-    if (!partial.empty()) {
-      std::vector<at::Tensor> flat;
-      for (auto* t : partial) flat.push_back(t->reshape({-1}));
-      at::Tensor summed = all_reduce(c, at::cat(flat));
-      int64_t offset = 0;
-      for (auto* t : partial) {
-        const int64_t n = t->numel();
-        *t = summed.narrow(0, offset, n).view(t->sizes()).clone();  // outputs may not alias each other
-        offset += n;
-      }
-    }
-  }
+  // row-parallel biases) got this shard's part of their gradient only. They are summed over the group once
+  // per step, with every other such parameter of the model, in one all-reduce
+  // (megacore.parallel.sum_sequence_parallel_gradients; the Trainer calls it), as Megatron's
+  // finalize_model_grads does: not here, once per layer and micro-batch.
   for (auto& t : grads) {
     if (!t.defined()) t = empty_like_nothing(x);
   }

@@ -330,6 +330,7 @@ def test_activation_checkpointing_gives_the_same_gradients(recompute, device):
 def _tensor_parallel_electra(rank, world):
     from megacore.parallel import initialize_model_parallel
     from megacore.parallel.layers import merge_weights
+    from megacore.parallel import sum_sequence_parallel_gradients
     from tests.parallel.utils import gather_shards, shard_dims
 
     group = initialize_model_parallel(world).tensor_parallel_group
@@ -345,6 +346,7 @@ def _tensor_parallel_electra(rank, world):
         torch.manual_seed(1)
         out = model(ids, attention, types, mlm_labels=labels)
         out.loss.backward()
+        sum_sequence_parallel_gradients(model)  # what the Trainer does after the last backward
         dims = shard_dims(model, world)
         grads = {n: merge_weights(gather_shards(p.grad, group, world), dims[n])
                  if dims[n] is not None else p.grad for n, p in model.named_parameters()}

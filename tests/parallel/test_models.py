@@ -5,6 +5,7 @@ parallelism, and with a vocab size that does not divide by the tensor-parallel s
 import pytest
 import torch
 
+from megacore.parallel import sum_sequence_parallel_gradients
 from tests.parallel.utils import gather_shards, run_distributed, shard_dims
 
 TOL = dict(atol=2e-5, rtol=2e-4)
@@ -25,6 +26,7 @@ def _compare(rank, world, make_model, make_batch, run, what):
         torch.manual_seed(1)
         outputs, loss = run(model, batch)
         loss.backward()
+        sum_sequence_parallel_gradients(model)  # what the Trainer does after the last backward
         grads = {}
         dims = shard_dims(model, world)
         for name, p in model.named_parameters():

@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megacore.parallel.collectives import all_reduce
+from megacore.parallel.sharding import ParallelPlan
 from tests.parallel.utils import gather_shards, run_distributed, shard_dims
 
 SEQ, BATCH, HIDDEN, HEADS, FFN = 8, 2, 32, 4, 64
@@ -76,7 +78,12 @@ def _check_layer(rank, world, dtypes):
         expected_gx = full_grads[0][rank * chunk:(rank + 1) * chunk] if sp else full_grads[0]
         assert_close_relative(grads[0], expected_gx, dtype, f"TP input gradient ({where})")
         dims = shard_dims(tp_layer, world)
+        # parameters used on sequence shards hold their shard's part: the once-per-step sum the Trainer does
+        partial = {s.name for s in ParallelPlan(tp_layer).params if s.sequence_parallel}
+        assert bool(partial) == bool(sp), partial
         for (name, p), g, g_full in zip(tp_layer.named_parameters(), grads[1:], full_grads[1:]):
+            if name in partial:
+                g = all_reduce(g, group)
             merged = merge_weights(gather_shards(g, group, world), dims[name]) if dims[name] is not None else g
             assert_close_relative(merged, g_full, dtype, f"TP gradient of {name} ({where})")
     destroy_model_parallel()

@@ -8,6 +8,7 @@ import torch
 
 from megacore.models import GPTModel, ModelConfig
 from megacore.training import LRSchedule, build_optimizer, clip_grad_norm, parameter_groups
+from megacore.parallel import sum_sequence_parallel_gradients
 from tests.parallel.utils import gather_shards, run_distributed, shard_dims
 
 
@@ -129,6 +130,7 @@ def _check_clip_tensor_parallel(rank, world):
             torch.manual_seed(0)
             model = tiny_gpt(tensor_parallel=tp, sequence_parallel=sp and tp)
             (model(ids, labels=labels).mean() * 50).backward()  # a large norm, so clipping acts
+            sum_sequence_parallel_gradients(model)
             norm = clip_grad_norm(model, 0.5)
             grads = {}
             dims = shard_dims(model, world)

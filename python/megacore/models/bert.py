@@ -33,7 +33,8 @@ from megacore.models.common import (
     tensor_parallel_world,
     to_sequence_first_mask,
 )
-from megacore.parallel.mappings import copy_to_tensor_parallel_region, gather_from_tensor_parallel_region
+from megacore.parallel.mappings import gather_from_tensor_parallel_region
+from megacore.parallel.placement import place
 
 BINARY_HEADS = ("nsp", "sop")
 
@@ -57,24 +58,24 @@ class BertOutput(NamedTuple):
     hidden: torch.Tensor
 
 
-def dense(out_features: int, in_features: int, config: ModelConfig, device=None) -> nn.Module:
+def dense(out_features: int, in_features: int, config: ModelConfig, device=None,
+          on_sequence_shard: bool = False) -> nn.Module:
     """A small replicated linear layer's parameters (``weight [out, in]`` ~ normal(0, init_method_std),
-    ``bias [out]`` zeros): the heads' dense layers, identical on every tensor-parallel rank."""
+    ``bias [out]`` zeros): the heads' dense layers, identical on every tensor-parallel rank.
+    ``on_sequence_shard``: applied to sequence shards; under sequence parallelism the parameters are then
+    declared ``sequence_parallel`` (each rank's gradient is its shard's part, summed once per step by
+    ``megacore.parallel.sum_sequence_parallel_gradients``)."""
     m = nn.Module()
     m.weight = _param(_normal(out_features, in_features, std=config.init_method_std), config, device)
     m.bias = _param(torch.zeros(out_features), config, device)
+    for name in ("weight", "bias"):
+        place(m, name, None, sequence_parallel=on_sequence_shard and config.sequence_parallel)
     return m
 
 
-def replicated_linear(x: torch.Tensor, module: nn.Module, sequence_parallel_group=None) -> torch.Tensor:
-    """``x @ module.weight.T + module.bias`` with replicated weights. ``sequence_parallel_group``: the
-    tensor-parallel group when ``x`` is this rank's sequence shard (sequence parallelism); each rank
-    then holds part of the weights' gradient, which the copy sums over the group in backward."""
-    w, b = module.weight, module.bias
-    if sequence_parallel_group is not None:
-        w = copy_to_tensor_parallel_region(w, sequence_parallel_group)
-        b = copy_to_tensor_parallel_region(b, sequence_parallel_group)
-    return F.linear(x, w, b)
+def replicated_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x @ module.weight.T + module.bias`` with replicated weights (a :func:`dense` module)."""
+    return F.linear(x, module.weight, module.bias)
 
 
 def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:

@@ -200,8 +200,9 @@ class Embedding(nn.Module):
 
 class Norm(nn.Module):
     """The model-level norm (final norm, embedding norm, head norms): LayerNorm or RMSNorm over the last
-    dim. ``sequence_parallel=True`` marks a norm applied to sequence shards: its weight gradient is then
-    summed over the tensor-parallel group."""
+    dim. ``sequence_parallel=True`` marks a norm applied to sequence shards: its parameters are declared
+    ``sequence_parallel``, so their gradients (each rank's shard's part) are summed over the tensor-parallel
+    group once per step (``megacore.parallel.sum_sequence_parallel_gradients``)."""
 
     def __init__(self, config: ModelConfig, size: int, device=None, sequence_parallel: bool = False):
         super().__init__()
@@ -213,13 +214,9 @@ class Norm(nn.Module):
             place(self, name, None, sequence_parallel=self.group is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if self.group is not None:
-            w = copy_to_tensor_parallel_region(w, self.group)
-            b = copy_to_tensor_parallel_region(b, self.group) if b is not None else None
         if self.kind == "layernorm":
-            return ops.layer_norm(x, w, b, self.eps)
-        return ops.rms_norm(x, w, self.eps)
+            return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class TransformerStack(nn.Module):
@@ -365,6 +362,8 @@ class MaskedLMHead(nn.Module):
         self.dense = nn.Module()
         self.dense.weight = _param(_normal(config.embedding_dim, config.hidden_size), config, device)
         self.dense.bias = _param(torch.zeros(config.embedding_dim), config, device)
+        for name in ("weight", "bias"):  # replicated, used on sequence shards under sequence parallelism
+            place(self.dense, name, None, sequence_parallel=config.sequence_parallel)
         self.norm = Norm(config, config.embedding_dim, device, sequence_parallel=config.sequence_parallel)
         self.bias = _param(torch.zeros(word.weight.shape[0]), config, device)
         place(self, "bias", 0 if word.group is not None else None)  # vocab-parallel, like the table
@@ -372,10 +371,8 @@ class MaskedLMHead(nn.Module):
     def transform(self, x: torch.Tensor, word: WordEmbedding) -> torch.Tensor:
         """dense -> GeLU -> norm, the features the logits are taken of: ``[s(/tp), b, hidden] ->
         [s(/tp), b, embedding_dim]`` (ELECTRA's generator reuses them to sample from its logits)."""
-        w, b = self.dense.weight, self.dense.bias
-        if self.config.sequence_parallel:  # replicated weights used on a sequence shard: sum their gradients
-            w, b = copy_to_tensor_parallel_region(w, word.group), copy_to_tensor_parallel_region(b, word.group)
-        h = ops.bias_gelu(F.linear(x, w), b, "none" if self.config.activation == "gelu" else "tanh")
+        h = ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias,
+                          "none" if self.config.activation == "gelu" else "tanh")
         return self.norm(h)
 
     def forward(self, x: torch.Tensor, word: WordEmbedding, labels: Optional[torch.Tensor] = None) -> torch.Tensor:

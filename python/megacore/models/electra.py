@@ -33,7 +33,6 @@ from megacore.models.bert import (
 )
 from megacore.models.common import (Embedding, MaskedLMHead, ModelConfig, StagedModel, TransformerStack, lm_output,
                                     tensor_parallel_world)
-from megacore.parallel.mappings import copy_to_tensor_parallel_region
 
 # Fields the generator and the discriminator must agree on: they share the embedding (and its norm).
 # The mask kind too: both read the same attention_mask.
@@ -70,7 +69,7 @@ class _EncoderTrunk(nn.Module):
         super().__init__()
         self.config = config
         self.group, _, _ = tensor_parallel_world(config, "ElectraModel")
-        self.projection = (dense(config.hidden_size, config.embedding_dim, config, device)
+        self.projection = (dense(config.hidden_size, config.embedding_dim, config, device, on_sequence_shard=True)
                            if config.embedding_dim != config.hidden_size else None)
         self.encoder = TransformerStack(config, device)
 
@@ -80,7 +79,7 @@ class _EncoderTrunk(nn.Module):
 
     def encode(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.projection is not None:
-            x = replicated_linear(x, self.projection, self.sequence_parallel_group)
+            x = replicated_linear(x, self.projection)
         return self.encoder(x, mask)
 
 
@@ -106,8 +105,8 @@ class ElectraDiscriminator(_EncoderTrunk):
         super().__init__(config, device)
         h = config.hidden_size
         self.head = nn.Module()
-        self.head.dense = dense(h, h, config, device)
-        self.head.dense_prediction = dense(1, h, config, device)
+        self.head.dense = dense(h, h, config, device, on_sequence_shard=True)
+        self.head.dense_prediction = dense(1, h, config, device, on_sequence_shard=True)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                 return_hidden: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -117,14 +116,11 @@ class ElectraDiscriminator(_EncoderTrunk):
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head on the encoder's output ``[s(/tp), b, h]`` -> logits ``[b, s]`` (whole sequence, every rank)."""
-        group = self.sequence_parallel_group
-        w, b = self.head.dense.weight, self.head.dense.bias
-        if group is not None:  # replicated weights on a sequence shard (as replicated_linear): sum their gradients
-            w, b = copy_to_tensor_parallel_region(w, group), copy_to_tensor_parallel_region(b, group)
-        h = ops.bias_gelu(F.linear(x, w), b, "none" if self.config.activation == "gelu" else "tanh")
-        logits = replicated_linear(h, self.head.dense_prediction, group)[..., 0]  # [s(/tp), b]
+        h = ops.bias_gelu(F.linear(x, self.head.dense.weight), self.head.dense.bias,
+                          "none" if self.config.activation == "gelu" else "tanh")
+        logits = replicated_linear(h, self.head.dense_prediction)[..., 0]  # [s(/tp), b]
         # the loss is computed alike on every rank from the whole sequence
-        return gather_sequence(logits, group).t()
+        return gather_sequence(logits, self.sequence_parallel_group).t()
 
 
 def replaced_token_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -319,7 +315,7 @@ class ElectraModel(StagedModel):
         labels = sampled_ids != original
         x = self.embedding(sampled_ids, token_type_ids, position_ids)
         if self.discriminator.projection is not None:
-            x = replicated_linear(x, self.discriminator.projection, self.discriminator.sequence_parallel_group)
+            x = replicated_linear(x, self.discriminator.projection)
         return generator_loss, sampled_ids, labels, x
 
     def stage_input(self, batch: dict):

@@ -56,6 +56,7 @@ from megacore.parallel.state import (
     rank_layout,
     require_tensor_parallel,
 )
+from megacore.parallel.sharding import ParallelPlan, sum_sequence_parallel_gradients
 from megacore.parallel.timeouts import (
     StalledRanksError,
     default_timeout_minutes,
@@ -66,11 +67,13 @@ from megacore.parallel.timeouts import (
 __all__ = [
     "ColumnParallelLinear",
     "DistributedDataParallel",
+    "ParallelPlan",
     "ParallelState",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "merge_weights",
     "split_weight",
+    "sum_sequence_parallel_gradients",
     "vocab_parallel_cross_entropy",
     "all_gather",
     "all_reduce",

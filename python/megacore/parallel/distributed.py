@@ -24,6 +24,13 @@ from megacore.parallel import state
 _NAME = "megacore.parallel.DistributedDataParallel"
 
 
+def grad_of(p: torch.Tensor):
+    """The gradient an optimizer step reads: ``p.main_grad`` (DistributedDataParallel's bucket view) when
+    present, else ``p.grad`` (None when the parameter got none)."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
 def _data_parallel_group(group: Union[dist.ProcessGroup, str, None]) -> dist.ProcessGroup:
     """The group to average over: ``group``, else the data-parallel group, else WORLD (see the class doc)."""
     if not (dist.is_available() and dist.is_initialized()):

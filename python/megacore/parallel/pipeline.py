@@ -199,7 +199,7 @@ def sync_tied_gradients(model: nn.Module) -> None:
     after a reduce-scatter (the distributed optimizer) only this rank's slice of it is meaningful, and it is
     the same slice on both stages because the parameter has a bucket of its own there
     (:func:`tied_parameters`). A no-op on the stages in between and without pipeline parallelism."""
-    from megacore.training.optim import grad_of
+    from megacore.parallel.distributed import grad_of
 
     inner = getattr(model, "module", model)
     layout = getattr(inner, "pipeline", None)

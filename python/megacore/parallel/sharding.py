@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacore.parallel import state as parallel_state
-from megacore.parallel.collectives import all_gather
+from megacore.parallel.collectives import all_gather, all_reduce
 from megacore.parallel.layers import VocabParallelEmbedding, merge_weights, split_weight
 from megacore.parallel.placement import Placement, place, placement_of
 
@@ -112,10 +112,40 @@ class ParallelPlan:
         shard = self.layout(p)
         return shard is not None and shard.dim is not None
 
+    @property
+    def has_sequence_parallel(self) -> bool:
+        """Whether some parameter's gradient must be summed over the tensor-parallel group after backward
+        (:func:`sum_sequence_parallel_gradients`)."""
+        return self.tensor_parallel_size > 1 and any(shard.sequence_parallel for shard in self.params)
+
     def is_tied_copy(self, p: torch.Tensor) -> bool:
         """Whether ``p`` (or the parameter it stands for) is a stage's copy of a first-stage parameter."""
         shard = self.layout(p)
         return shard is not None and shard.tied_copy
+
+
+@torch.no_grad()
+def sum_sequence_parallel_gradients(model_or_plan) -> None:
+    """Sums over the tensor-parallel group the gradients of every parameter declared ``sequence_parallel``
+    (replicated, used on this rank's sequence shard: the transformer layers' norms and row-parallel biases,
+    the models' final norm and head layers), one all-reduce per gradient dtype, in place: what Megatron's
+    ``finalize_model_grads`` does once per step, after the last backward (and after data-parallel reduction:
+    the two sums commute). ``model_or_plan``: the model (a DistributedDataParallel wrapper is fine) or its
+    :class:`ParallelPlan`. Reads ``main_grad`` when DistributedDataParallel made one. A collective over the
+    tensor-parallel group: every rank of it must call it; a no-op without tensor parallelism."""
+    from megacore.parallel.distributed import grad_of
+
+    plan = model_or_plan if isinstance(model_or_plan, ParallelPlan) else ParallelPlan(model_or_plan)
+    if plan.tensor_parallel_size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for shard in plan.params:
+        g = grad_of(shard.param) if shard.sequence_parallel else None
+        if g is not None:
+            by_dtype.setdefault(g.dtype, []).append(g)
+    for grads in by_dtype.values():
+        summed = all_reduce(torch.cat([g.reshape(-1) for g in grads]), plan.state.tensor_parallel_group)
+        torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(summed.split([g.numel() for g in grads]), grads)])
 
 
 @torch.no_grad()
@@ -148,4 +178,4 @@ def shard_of(shard: ParamShard, full: torch.Tensor, rank: int) -> Optional[torch
 
 
 __all__ = ["ParallelPlan", "ParamShard", "Placement", "gather_full", "param_shards", "place", "placement_of",
-           "shard_of"]
+           "shard_of", "sum_sequence_parallel_gradients"]

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megacore.parallel import state
 from megacore.parallel.collectives import all_reduce
+from megacore.parallel.distributed import grad_of
 
 if TYPE_CHECKING:
     from megacore.parallel.sharding import ParallelPlan
@@ -195,13 +196,6 @@ class LRSchedule:
         self.warmup_steps, self.total_steps = int(state_dict["warmup_steps"]), int(state_dict["total_steps"])
         self.decay = state_dict["decay"]
         self._apply()
-
-
-def grad_of(p: torch.Tensor):
-    """The gradient an optimizer step reads: ``p.main_grad`` (DistributedDataParallel's bucket view) when
-    present, else ``p.grad`` (None when the parameter got none)."""
-    main = getattr(p, "main_grad", None)
-    return main if main is not None else p.grad
 
 
 def data_parallel_group() -> "dist.ProcessGroup":

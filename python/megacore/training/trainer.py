@@ -18,7 +18,7 @@ from torch import nn
 from megacore._profiling import ProfileWindow, phase
 from megacore.parallel import pipeline
 from megacore.parallel.collectives import all_reduce
-from megacore.parallel.sharding import ParallelPlan
+from megacore.parallel.sharding import ParallelPlan, sum_sequence_parallel_gradients
 from megacore.training.optim import LRSchedule, clip_grad_norm
 from megacore.training.precision import DynamicLossScaler, MixedPrecision
 
@@ -177,6 +177,9 @@ class Trainer:
             loss = self._pipeline_forward_backward(micro_batches)
         else:
             loss = self._forward_backward(micro_batches)
+        if self.plan.has_sequence_parallel:  # replicated parameters used on sequence shards: sum their parts
+            with phase("megacore.sequence_parallel_grads"):
+                sum_sequence_parallel_gradients(self.plan)
 
         with phase("megacore.loss_sync"):  # float() waits for the device: the step's one host sync
             if self.ddp is not None and self.ddp.data_parallel_group.size() > 1:

@@ -40,9 +40,9 @@ def transformer_layer_reference(
 ) -> torch.Tensor:
     """The layer of :func:`megacore.transformer.layer.transformer_layer`, composed in Python.
 
-    Arguments as there, except ``seed`` is a Python int. Parameter gradients under sequence
-    parallelism are summed over the group (the replicated parameters pass through
-    ``copy_to_tensor_parallel_region``), as the C++ layer does.
+    Arguments as there, except ``seed`` is a Python int. Under sequence parallelism the gradients of the
+    replicated parameters used on the shard (norms, row-parallel biases) are this rank's part, as the C++
+    layer's: ``megacore.parallel.sum_sequence_parallel_gradients`` sums them.
     """
     tp_size, tp_rank = _group(group_name)
     sp = config.sequence_parallel and tp_size > 1
@@ -50,12 +50,11 @@ def transformer_layer_reference(
     p_hidden = config.hidden_dropout if training else 0.0
     residual_rank = tp_rank if config.sequence_parallel else 0
 
-    def param(name: str, replicated_on_shard: bool = False):
-        t = params.get(name)
-        return _tp_copy(t, group_name) if (t is not None and replicated_on_shard and sp) else t
+    def param(name: str):
+        return params.get(name)
 
     def norm(x, prefix):
-        w, b = param(prefix + ".weight", True), param(prefix + ".bias", True)
+        w, b = param(prefix + ".weight"), param(prefix + ".bias")
         if config.normalization == "layernorm":
             return ops.layer_norm(x, w, b, config.norm_epsilon)
         return ops.rms_norm(x, w, config.norm_epsilon)
@@ -94,12 +93,12 @@ def transformer_layer_reference(
         probs = _lib.bias_dropout_add(probs, None, torch.zeros_like(probs), p_attn, seed_of(0, tp_rank))
     context = (probs @ v).permute(2, 0, 1, 3).reshape(s, b, heads * d)  # [s, b, heads * d]
     attn = leave(F.linear(context, params["attention.proj.weight"]))
-    res1 = _lib.bias_dropout_add(attn, param("attention.proj.bias", True), x, p_hidden, seed_of(1, residual_rank))
+    res1 = _lib.bias_dropout_add(attn, param("attention.proj.bias"), x, p_hidden, seed_of(1, residual_rank))
     mlp_in = norm(res1, "mlp_norm" if config.pre_norm else "attention_norm")
     fc1 = F.linear(enter(mlp_in), params["mlp.fc1.weight"])
     act = ops.bias_gelu(fc1, params.get("mlp.fc1.bias"), "none" if config.activation == "gelu" else "tanh")
     mlp = leave(F.linear(act, params["mlp.fc2.weight"]))
-    out = _lib.bias_dropout_add(mlp, param("mlp.fc2.bias", True), res1 if config.pre_norm else mlp_in, p_hidden,
+    out = _lib.bias_dropout_add(mlp, param("mlp.fc2.bias"), res1 if config.pre_norm else mlp_in, p_hidden,
                                 seed_of(2, residual_rank))
     return out if config.pre_norm else norm(out, "mlp_norm")
 
