@@ -48,6 +48,8 @@ def _torchrun(nproc: int, root, out, *flags: str, model: str = "gpt-tiny") -> su
 
 
 LAYOUTS = {  # name: (processes, flags, model)
+    "pp4": (4, ["--pipeline-parallel-size", "4"], "gpt-tiny"),
+    "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"], "gpt-tiny"),
     "pp2_interleaved": (2, ["--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2"], "gpt-tiny"),
     "tp2_pp2_sequence_parallel": (4, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
                                       "--sequence-parallel"], "gpt-tiny"),
@@ -63,7 +65,8 @@ def test_torchrun_layout_trains_like_one_process(one_process, tmp_path, name):
     nproc, flags, model = LAYOUTS[name]
     r = _torchrun(nproc, root, tmp_path / "run", *flags, model=model)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "pipeline-parallel 2" in r.stdout and "validation loss" in r.stdout
+    assert ("pipeline-parallel" in r.stdout) == ("--pipeline-parallel-size" in flags) and "validation loss" in r.stdout
+    assert ("(distributed optimizer)" in r.stdout) == ("distributed_optimizer" in name)
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
     assert _losses(tmp_path / "run") == pytest.approx(reference[model], rel=2e-4)
 

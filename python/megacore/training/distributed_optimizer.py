@@ -88,9 +88,9 @@ class DistributedOptimizer(torch.optim.AdamW):
     The model's parameters become views into one flat buffer per bucket (their values and the Parameter
     objects stay); do not move or cast the model afterwards. Every bucket's parameters must share a dtype.
     AdamW is ``torch.optim.AdamW`` (this class), fused where torch supports it, else ``foreach``; its
-    ``param_groups`` (lr, weight_decay per group, for ``LRSchedule``) hold the pieces. Pieces carry their
-    parameter's layout tags (``tensor_parallel`` ...), so ``clip_grad_norm`` and the loss scaler count
-    them like their parameters; both must be told ``data_parallel_sharded=True`` (the ``Trainer`` reads
+    ``param_groups`` (lr, weight_decay per group, for ``LRSchedule``) hold the pieces. A piece names its
+    parameter (``model_param``), so ``clip_grad_norm`` with the model's ``ParallelPlan`` counts it like its
+    parameter; it and the loss scaler must be told ``data_parallel_sharded=True`` (the ``Trainer`` reads
     ``sharded_over_data_parallel``).
 
     When forward waits: a parameter's *owner* is the module holding it if that module's forward ran in the
