@@ -55,3 +55,17 @@ def test_param_shards_finds_the_vocab_tables_of_every_family_once():
         assert all(s.vocab_size == model.config.vocab_size for s in shards if s.vocab_size is not None)
         assert len({id(s.param) for s in shards}) == len(shards)
         assert all(s.dim is None for s in shards)  # world 1: nothing is sharded
+
+
+def test_the_plan_knows_each_parameters_stage_and_tied_copies():
+    from megacore.models.registry import build
+    from megacore.parallel import pipeline
+    from megacore.parallel.sharding import param_shards
+
+    tiny = dict(vocab_size=61, hidden_size=32, num_layers=4, num_attention_heads=4, max_position_embeddings=16)
+    torch.manual_seed(0)
+    last = pipeline.cut_stage(build("gpt-tiny", **tiny), 1, 2)
+    shards = {s.name: s for s in param_shards(last, 1)}
+    assert shards["embedding.word.weight"].tied_copy and shards["embedding.word.weight"].stage == 0
+    assert shards["decoder.layers.3.attention.qkv.weight"].stage == 1 and not shards["final_norm.weight"].tied_copy
+    assert all(s.stage == 0 and not s.tied_copy for s in param_shards(build("gpt-tiny", **tiny), 1))

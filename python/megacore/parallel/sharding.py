@@ -41,6 +41,7 @@ class ParamShard:
     world: int
     sequence_parallel: bool = False  # replicated, used on sequence shards (its user sums its gradient)
     tied_copy: bool = False  # a pipeline stage's copy of a parameter the first stage owns (the tied embedding)
+    stage: int = 0  # the pipeline stage that owns it (a tied copy: the first stage); 0 without pipeline parallelism
 
     def full_shape(self) -> list[int]:
         """The full, unpadded shape: shards merged, vocab padding cut."""
@@ -68,11 +69,13 @@ def _vocab_tables(model: nn.Module) -> dict[int, int]:
 def param_shards(model: nn.Module, world: int) -> list[ParamShard]:
     """Every parameter of ``model`` (tied ones once, under their first name) with its placement over a
     tensor-parallel group of ``world`` ranks (world 1: nothing is sharded), as its module declared it
-    (:func:`place`), and whether it is a pipeline stage's tied copy."""
-    from megacore.parallel.pipeline import tied_copy_names  # pipeline imports the models' layers; not at the top
+    (:func:`place`), whether it is a pipeline stage's tied copy, and the pipeline stage that owns it."""
+    from megacore.parallel.pipeline import layout_of, tied_copy_names  # pipeline imports the models' layers
 
     vocab = _vocab_tables(model)
     copies = tied_copy_names(model)
+    layout = layout_of(model)
+    stage = layout.rank if layout is not None else 0
     owner = {}  # id(parameter) -> (the module holding it, its name there)
     for module in model.modules():
         for local, p in module.named_parameters(recurse=False):
@@ -81,7 +84,9 @@ def param_shards(model: nn.Module, world: int) -> list[ParamShard]:
     for name, p in model.named_parameters():  # names as the model gives them (a DDP wrapper strips its prefix)
         placement = placement_of(*owner[id(p)])
         dim = placement.dim if world > 1 else None
-        out.append(ParamShard(name, p, dim, vocab.get(id(p)), world, placement.sequence_parallel, name in copies))
+        tied = name in copies
+        out.append(ParamShard(name, p, dim, vocab.get(id(p)), world, placement.sequence_parallel, tied,
+                              0 if tied else stage))
     return out
 
 
