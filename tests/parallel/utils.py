@@ -34,6 +34,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, er
         raise
     finally:
         if dist.is_initialized():
+            from megacore.parallel import state
+
+            state.finish_pending_work()  # e.g. the distributed optimizer's last all-gathers
             dist.destroy_process_group()
 
 

@@ -314,6 +314,9 @@ def _worker(rank: int, world: int, port: int, layout: Layout, settings: Settings
         results.put(("error", rank, traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            from megacore.parallel import state
+
+            state.finish_pending_work()  # the distributed optimizer's last parameter all-gathers
             dist.destroy_process_group()
 
 

@@ -180,6 +180,24 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_s
     return _STATE
 
 
+_PENDING_WORK_HOOKS: list = []  # callables that wait for asynchronous collectives still in flight
+
+
+def add_pending_work_hook(hook) -> None:
+    """Registers ``hook()``, which waits for asynchronous collectives its owner left in flight (the distributed
+    optimizer's last parameter all-gathers); :func:`finish_pending_work` runs every hook."""
+    if hook not in _PENDING_WORK_HOOKS:
+        _PENDING_WORK_HOOKS.append(hook)
+
+
+def finish_pending_work() -> None:
+    """Waits for every registered owner's collectives still in flight. Call it before destroying process
+    groups (``destroy_model_parallel`` does; call it before ``torch.distributed.destroy_process_group``): a gloo
+    collective still running when its group is destroyed aborts the process."""
+    for hook in list(_PENDING_WORK_HOOKS):
+        hook()
+
+
 def model_parallel_is_initialized() -> bool:
     """Returns True between ``initialize_model_parallel`` and ``destroy_model_parallel``. Never raises."""
     return _STATE is not None
@@ -190,6 +208,8 @@ def destroy_model_parallel() -> None:
     again. A no-op when model parallel is not initialized; if the default group was already destroyed
     (which destroys every group) it only resets the state. Never raises for those cases."""
     global _STATE
+    if _STATE is not None and dist.is_initialized():
+        finish_pending_work()
     state, _STATE = _STATE, None
     if state is None or not dist.is_initialized():
         return

@@ -20,6 +20,8 @@ Per rank this keeps 12/DP bytes per parameter of optimizer state (fp32 master + 
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional, Sequence
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megacore.parallel import state as parallel_state
 from megacore.parallel.collectives import all_gather, all_reduce
 from megacore.parallel.distributed import DistributedDataParallel
 from megacore.parallel.timeouts import group_timeout
@@ -36,6 +39,20 @@ from megacore.training.precision import MixedPrecision
 
 _NAME = "megacore.training.DistributedOptimizer"
 _DEFAULT_TIMEOUT = timedelta(seconds=300)  # the bound when the backend hides the group's timeout (as group.h)
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()  # every DistributedOptimizer, for wait_for_all_params
+
+
+def wait_for_all_params() -> None:
+    """Waits for the parameter all-gathers still in flight of every live DistributedOptimizer. The last step's
+    are left running (the next forward would wait for them): call this before
+    ``torch.distributed.destroy_process_group``, since a gloo collective still running when its group is
+    destroyed aborts the process. Also run at interpreter exit (atexit)."""
+    for optimizer in list(_LIVE):
+        optimizer.wait_for_params()
+
+
+atexit.register(wait_for_all_params)
+parallel_state.add_pending_work_hook(wait_for_all_params)  # destroy_model_parallel / finish_pending_work wait first
 # AdamW settings that say how the step is computed here, not what it computes: a loaded state keeps ours.
 _IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -208,6 +225,7 @@ class DistributedOptimizer(torch.optim.AdamW):
         self._waits: dict[int, tuple[int, ...]] = {}  # module -> the buckets it waits for, last first
         self._hook_handles = [module.register_forward_pre_hook(self._before_forward) for module in model.modules()]
         self._hook_handles.append(model.register_state_dict_pre_hook(lambda *args: self.wait_for_params()))
+        _LIVE.add(self)
 
     @property
     def group_names(self) -> list[list[str]]:
