@@ -48,7 +48,8 @@ def test_measured_bubble_is_a_fraction_next_to_the_schedules(quick_run):
     assert 0 <= pp2["bubble_measured"] < 1 and all(0 <= b < 1 for b in pp2["bubble_measured_per_rank"])
     assert pp2["bubble_theory"] == pytest.approx(1 / 5)  # (P - 1) / (m + P - 1), m = 4
     assert all(r["total_s"] > 0 and r["wait_s"] >= 0 for r in pp2["rounds"][0])
-    assert all(r["exit_code"] == 0 for row in rows.values() for r in row["rounds"][0])
+    exits = {name: [(r["exit_code"], r.get("teardown_error")) for r in row["rounds"][0]] for name, row in rows.items()}
+    assert all(code == 0 for row in exits.values() for code, _ in row), exits
     assert all(row["step_ms"] > 0 and row["cpu_ms"] > 0 for row in rows.values())
 
 

@@ -307,17 +307,24 @@ def _worker(rank: int, world: int, port: int, layout: Layout, settings: Settings
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    ok = False
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         results.put(("ok", rank, measure_rank(rank, layout, settings)))
+        ok = True
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put(("error", rank, traceback.format_exc()))
-    finally:
+    try:
         if dist.is_initialized():
             from megacore.parallel import state
 
             state.finish_pending_work()  # the distributed optimizer's last parameter all-gathers
+            if ok:  # (after a failure the parent stops every rank)
+                dist.barrier()  # no rank closes its connections while a peer still talks to it
             dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported next to the result, which already went back
+        results.put(("teardown", rank, traceback.format_exc()))
+        raise
 
 
 def _free_port() -> int:
@@ -359,15 +366,21 @@ def run_layout(layout: Layout, settings: Settings, timeout_s: float = 600.0) -> 
                 time.sleep(0.05)
     finally:
         for p in procs:
-            p.join(5.0)
+            p.join(60.0)  # tearing down waits for every rank (a barrier); a loaded machine is slow at it
             if p.is_alive():
                 p.kill()
                 p.join()
+    teardown: dict[int, str] = {}  # rank -> the traceback of a failure after its result came back
+    while not results.empty():
+        status, rank, payload = results.get()
+        if status == "teardown":
+            teardown[rank] = payload
     for r, p in enumerate(procs):  # a crash while tearing down, after the result came back: say so, keep the result
         got[r]["exit_code"] = p.exitcode
+        got[r]["teardown_error"] = teardown.get(r)
         if p.exitcode != 0:
             print(f"{_NAME}: warning: {layout.name}: rank {r} exited with code {p.exitcode} after reporting its "
-                  "result", file=sys.stderr, flush=True)
+                  f"result{(':' + chr(10) + teardown[r]) if r in teardown else ''}", file=sys.stderr, flush=True)
     return [got[r] for r in range(world)]
 
 
