@@ -10,6 +10,7 @@
 #include "data/helpers.h"
 #include "parallel/shard.h"
 #include "parallel/wait.h"
+#include "transformer/config.h"
 
 namespace py = pybind11;
 
@@ -66,6 +67,27 @@ py::array_t<int64_t> int64_vector(const char* fn, const char* name, const py::ha
   return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
+/// \brief A torch dtype's short name ("float32", "bfloat16", "float16", "float64") as a ScalarType.
+c10::ScalarType scalar_type_of(const std::string& name) {
+  if (name == "float32") return c10::kFloat;
+  if (name == "float64") return c10::kDouble;
+  if (name == "float16") return c10::kHalf;
+  if (name == "bfloat16") return c10::kBFloat16;
+  throw py::value_error("megacore._C: dtype '" + name + "' is not one of float32, float64, float16, bfloat16");
+}
+
+/// \brief A ScalarType's torch name ("float32", "int64", ...), as torch.<name>.
+std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return "float32";
+    case c10::kDouble: return "float64";
+    case c10::kHalf: return "float16";
+    case c10::kBFloat16: return "bfloat16";
+    case c10::kLong: return "int64";
+    default: throw py::value_error(std::string("megacore._C: no torch name for dtype ") + c10::toString(t));
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -116,6 +138,76 @@ PYBIND11_MODULE(_C, m) {
         "(start, end) of rank's piece of an even split of size; ValueError when world_size does not divide size.");
   m.def("vocab_range", value_errors(&sh::vocab_range), py::arg("padded_vocab"), py::arg("rank"),
         py::arg("world_size"), "(start, end) of the vocab ids rank owns in a padded vocab (divisible by world_size).");
+
+  // The transformer layer's one definition (cpp/transformer/config.h): python/megacore/transformer/spec.py reads it.
+  namespace tf = megacore::transformer;
+  m.def(
+      "transformer_layer_spec",
+      [] {
+        py::dict d;
+        py::list params, slots, fields;
+        for (const auto& p : tf::param_table()) params.append(py::make_tuple(p.arg, p.name, p.required));
+        for (const char* s : tf::slot_names()) slots.append(s);
+        for (const auto& [name, def] : tf::config_fields()) {
+          fields.append(py::make_tuple(name, def.has_value() ? py::object(py::str(*def)) : py::object(py::none())));
+        }
+        d["params"] = params;
+        d["saved"] = slots;
+        d["config_fields"] = fields;
+        py::dict sites;
+        sites["attention"] = static_cast<int64_t>(tf::DropoutSite::kAttention);
+        sites["after_attention"] = static_cast<int64_t>(tf::DropoutSite::kAfterAttention);
+        sites["after_mlp"] = static_cast<int64_t>(tf::DropoutSite::kAfterMlp);
+        d["dropout_sites"] = sites;
+        return d;
+      },
+      "The transformer layer ops' definition: params [(schema argument, module parameter name, required)] in schema "
+      "order, saved [slot names] in order, config_fields [(name, default or None if required)], dropout_sites.");
+  m.def(
+      "transformer_layer_config",
+      [](const std::vector<std::pair<std::string, std::string>>& fields) {
+        return rethrow_value_errors([&] { return tf::canonical_config(fields); });
+      },
+      py::arg("fields"),
+      "The canonical `config` string of the transformer layer ops from (field, value-as-string) pairs; ValueError "
+      "naming the field for an unknown field or a bad value.");
+  m.def(
+      "transformer_layer_uses_flash",
+      [](const std::string& config, const std::string& device, const std::string& dtype, int64_t head_dim) {
+        return rethrow_value_errors([&] {
+          return tf::uses_flash(*tf::config_of(config), c10::Device(device).type(), scalar_type_of(dtype), head_dim);
+        });
+      },
+      py::arg("config"), py::arg("device"), py::arg("dtype"), py::arg("head_dim"),
+      "Whether the layer runs PyTorch's flash kernel for this config on device (\"cpu\", \"cuda\") and dtype "
+      "(\"float32\", \"bfloat16\", ...).");
+  m.def(
+      "transformer_layer_saved_shapes",
+      [](const std::string& config, const std::string& device, const std::string& dtype, int64_t s_local, int64_t b,
+         int64_t h, int64_t f, int64_t tp_size, int64_t memory_local) {
+        return rethrow_value_errors([&] {
+          const auto c = tf::config_of(config);
+          const tf::TensorParallel tp{tp_size, 0};
+          const auto t = scalar_type_of(dtype);
+          const auto type = c10::Device(device).type();
+          py::list out;
+          for (const auto& slot : tf::saved_shapes(*c, tp, type, t, tf::dims_of(*c, tp, s_local, b, h, f, memory_local))) {
+            out.append(py::make_tuple(slot.from_flash ? py::object(py::none()) : py::object(py::cast(slot.shape)),
+                                      dtype_name(slot.dtype)));
+          }
+          return out;
+        });
+      },
+      py::arg("config"), py::arg("device"), py::arg("dtype"), py::arg("s_local"), py::arg("batch"), py::arg("hidden"),
+      py::arg("fc1_rows"), py::arg("tensor_parallel_size"), py::arg("memory_local") = 0,
+      "[(shape, dtype name)] of each saved slot of megacore::transformer_layer (shape None: the CUDA flash kernel's "
+      "own tensor).");
+  m.def("transformer_layer_dropout_seed",
+        [](int64_t seed, int64_t site, int64_t rank) {
+          return tf::site_seed(seed, static_cast<tf::DropoutSite>(site), rank);
+        },
+        py::arg("seed"), py::arg("site"), py::arg("rank"),
+        "The Philox seed of one dropout site of the layer (config.h's site_seed).");
 
   // Dataset index builders (cpp/data/helpers.h); python/megacore/data/index_reference.py has the same
   // functions in pure Python, with the same signatures.

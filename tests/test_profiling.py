@@ -117,8 +117,8 @@ def test_the_launcher_check_catches_a_missing_or_misnamed_range():
 
 def test_docs_profiling_names_every_range_and_phase():
     doc = (ROOT / "docs" / "profiling.md").read_text()
-    layer = (ROOT / "cpp" / "transformer" / "layer.cpp").read_text()
-    phases = set(re.findall(r'"(megacore\.transformer_layer(?:_backward)?\.\w+)"', layer))
+    layer = "".join(p.read_text() for p in sorted((ROOT / "cpp" / "transformer").glob("*.cpp")))
+    phases = set(re.findall(r'"(megacore\.transformer_layer(?:_backward|_decode)?\.\w+)"', layer))
     python = "".join(p.read_text() for p in (ROOT / "python" / "megacore").rglob("*.py"))
     steps = set(re.findall(r'\bphase\("(megacore\.\w+)"\)', python))
     assert len(phases) >= 12 and len(steps) >= 8, (phases, steps)

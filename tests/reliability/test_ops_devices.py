@@ -17,7 +17,7 @@ from torch import nn
 
 import megacore
 from megacore.transformer import TransformerConfig, TransformerLayer, transformer_layer
-from megacore.transformer.layer import PARAM_NAMES, _config_args
+from megacore.transformer.layer import PARAM_NAMES, op_config
 
 # (the device every argument is on, the device one argument is moved to)
 PLACEMENTS = [("cpu", "meta")] + ([("cuda", "meta"), ("cuda", "cpu")] if torch.cuda.is_available() else [])
@@ -56,7 +56,8 @@ def _seed():
 def _layer_config() -> TransformerConfig:
     # Every optional tensor present: layernorm (norm biases), biases, a padding mask, RoPE.
     return TransformerConfig(hidden_size=16, num_attention_heads=2, ffn_hidden_size=32, attention_mask_type="padding",
-                             position_embedding_type="rope", hidden_dropout=0.0, attention_dropout=0.0)
+                             position_embedding_type="rope", hidden_dropout=0.0, attention_dropout=0.0,
+                             cross_attention=True)
 
 
 def _layer_forward_args(device) -> dict:
@@ -69,13 +70,29 @@ def _layer_forward_args(device) -> dict:
     return dict(hidden=torch.randn(seq, batch, 16, device=device),
                 **dict(zip(op_param_names, layer.layer_params().values())),
                 attention_mask=torch.zeros(batch, 1, 1, seq, dtype=torch.bool, device=device),
-                rotary_cos=cos, rotary_sin=sin, seed=_seed(), **_config_args(config, "", True))
+                rotary_cos=cos, rotary_sin=sin, attention_bias=None, memory=torch.randn(4, batch, 16, device=device),
+                memory_mask=torch.zeros(batch, 1, 1, 4, dtype=torch.bool, device=device), seed=_seed(),
+                config=op_config(config, "", True))
 
 
 def _layer_backward_args(device) -> dict:
     args = _layer_forward_args(device)
     out, saved = _call("transformer_layer", args)
     return dict(args, grad_out=torch.randn_like(out), saved=saved)
+
+
+def _layer_decode_args(device) -> dict:
+    args = _layer_forward_args(device)
+    del args["seed"]
+    new, position, batch = 2, 3, 2
+    cache = dict(size=(batch, 2, 8, 8), device=device)
+    return dict(args, hidden=args["hidden"][:new], rotary_cos=args["rotary_cos"][position:position + new],
+                rotary_sin=args["rotary_sin"][position:position + new],
+                attention_mask=torch.zeros(batch, 1, 1, position + new, dtype=torch.bool, device=device),
+                key_cache=torch.zeros(**cache), value_cache=torch.zeros(**cache),
+                cross_key_cache=torch.zeros(batch, 2, 4, 8, device=device),
+                cross_value_cache=torch.zeros(batch, 2, 4, 8, device=device), position=position,
+                config=op_config(_layer_config(), "", False))
 
 
 def _examples(device) -> dict:
@@ -110,6 +127,7 @@ def _examples(device) -> dict:
                                                            ignore_index=-100),
         "transformer_layer": lambda: _layer_forward_args(device),
         "transformer_layer_backward": lambda: _layer_backward_args(device),
+        "transformer_layer_decode": lambda: _layer_decode_args(device),
     }
 
 

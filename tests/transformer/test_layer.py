@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megacore.transformer import PARAM_NAMES, TransformerConfig, TransformerLayer, transformer_layer
-from megacore.transformer.layer import SAVED_SLOTS, _config_args
+from megacore.transformer.layer import SAVED_SLOTS, op_config
 from megacore.transformer.reference import transformer_layer_reference
 from tests.ops.utils import compile_fullgraph
 from tests.transformer.utils import assert_layer_close, make_mask, run_layer, run_reference
@@ -94,9 +94,9 @@ def test_auto_backend_picks_flash_only_where_it_applies():
     def saved(**kw):
         config = _config(torch.float32, **kw)
         layer = TransformerLayer(config)
-        args = _config_args(config, "", True)
+        args = op_config(config, "", True)
         _, slots = torch.ops.megacore.transformer_layer(
-            x, *layer.layer_params().values(), make_mask(config, 2, 6), None, None, torch.tensor([1]), *args.values())
+            x, *layer.layer_params().values(), make_mask(config, 2, 6), None, None, None, None, None, torch.tensor([1]), args)
         return dict(zip(SAVED_SLOTS, slots))
 
     flash = saved(attention_dropout=0.0)
@@ -118,9 +118,9 @@ def test_selective_recompute_keeps_no_probabilities_and_changes_nothing():
     torch.testing.assert_close(out_r, out, atol=0, rtol=0)
     for a, b in zip(grads_r, grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    args = _config_args(recompute.config, "", True)
+    args = op_config(recompute.config, "", True)
     _, slots = torch.ops.megacore.transformer_layer(x, *recompute.layer_params().values(), None, None, None,
-                                                    torch.tensor([9]), *args.values())
+                                                    None, None, None, torch.tensor([9]), args)
     assert dict(zip(SAVED_SLOTS, slots))["probs"].numel() == 0
 
 
@@ -133,7 +133,7 @@ def test_reference_matches_a_plain_pytorch_block():
         config = _config(torch.float64, pre_norm=pre_norm, hidden_dropout=0.0, attention_dropout=0.0,
                          position_embedding_type="rope")
         layer = TransformerLayer(config)
-        p = {n: t.detach() for n, t in layer.layer_params().items()}
+        p = {n: t.detach() if t is not None else None for n, t in layer.layer_params().items()}
         for n in ("attention.qkv.bias", "attention.proj.bias", "mlp.fc1.bias", "mlp.fc2.bias"):
             p[n] = torch.randn_like(p[n]) * 0.1  # zeros would hide a misplaced bias
         x = torch.randn(10, 2, 48, dtype=torch.float64)
@@ -212,7 +212,7 @@ def test_opcheck(pre_norm):
     layer = TransformerLayer(config)
     x = torch.randn(7, 2, 48, requires_grad=True)
     args = (x, *layer.layer_params().values(), make_mask(config, 2, 7), *layer.rotary_tables(7, x.device),
-            torch.tensor([3]), *_config_args(config, "", True).values())
+            None, None, None, torch.tensor([3]), op_config(config, "", True))
     torch.library.opcheck(torch.ops.megacore.transformer_layer.default, args)
 
 
@@ -312,7 +312,7 @@ def test_bad_inputs_name_the_op_and_argument():
     padded = TransformerLayer(_config(torch.float32, attention_mask_type="padding"))
     with pytest.raises(ValueError, match="mask_kind 'padding' needs attention_mask"):
         padded(x)
-    with pytest.raises(ValueError, match="attention_mask has shape \\[2, 1, 1, 5\\], expected \\[batch or 1, 1, seq or 1, seq\\]"):
+    with pytest.raises(ValueError, match="attention_mask has shape \\[2, 1, 1, 5\\], expected \\[batch or 1, 1, queries or 1, keys\\] = \\[2, 1, 6, 6\\]"):
         padded(x, torch.zeros(2, 1, 1, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="attention_mask has dtype Float, expected Bool"):
         padded(x, torch.zeros(2, 1, 1, 6))

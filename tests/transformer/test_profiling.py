@@ -32,9 +32,9 @@ def _phases(events, prefix: str) -> list[str]:
 def test_layer_phases_show_in_torch_profiler_in_order(pre_norm):
     events = _events(pre_norm)
     if pre_norm:
-        forward = ["attention_norm", "qkv", "attention", "proj", "mlp_norm", "mlp"]
+        forward = ["attention_norm", "qkv", "attention", "proj", "residual", "mlp_norm", "mlp", "residual"]
     else:  # post-LN normalizes after each residual, with the attention norm first
-        forward = ["qkv", "attention", "proj", "attention_norm", "mlp", "mlp_norm"]
+        forward = ["qkv", "attention", "proj", "residual", "attention_norm", "mlp", "residual", "mlp_norm"]
     assert _phases(events, FORWARD) == forward
     assert _phases(events, BACKWARD) == forward[::-1]
 
@@ -43,14 +43,15 @@ def test_each_phase_holds_its_fused_ops():
     events = _events(pre_norm=True)
 
     def inside(phase: str, op: str) -> bool:
-        (outer,) = [e for e in events if e.name == phase]
         return any(e.name == op and outer.time_range.start <= e.time_range.start
-                   and e.time_range.end <= outer.time_range.end for e in events)
+                   and e.time_range.end <= outer.time_range.end
+                   for outer in events if outer.name == phase for e in events)
 
     assert inside(FORWARD + "mlp", "megacore::bias_gelu")
     assert inside(FORWARD + "attention_norm", "megacore::layer_norm")
     assert inside(FORWARD + "attention", "megacore::scaled_causal_softmax")
-    assert inside(FORWARD + "proj", "megacore::bias_dropout_add")
+    assert inside(FORWARD + "residual", "megacore::bias_dropout_add")
+    assert not inside(FORWARD + "proj", "megacore::bias_dropout_add")
     assert inside(BACKWARD + "mlp", "megacore::bias_gelu_backward")
     assert inside(BACKWARD + "attention", "megacore::scaled_softmax_backward")
     assert not inside(FORWARD + "qkv", "megacore::bias_gelu")

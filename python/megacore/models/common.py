@@ -175,25 +175,29 @@ class Embedding(nn.Module):
             self.projection = None
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, start: Optional[int] = None) -> torch.Tensor:
+        """``start``: decoding: the tokens continue a sequence at position ``start`` (its cache's length); the output
+        is then never sequence-split and has no dropout."""
+        decoding = start is not None
+        start = start or 0
         b, s = input_ids.shape
         x = self.word(input_ids.t())  # [s, b, e]
         if self.position is not None:
-            if s > self.config.max_position_embeddings:
-                raise ValueError(f"megacore.models: sequence length {s} exceeds max_position_embeddings="
+            if start + s > self.config.max_position_embeddings:
+                raise ValueError(f"megacore.models: sequence length {start + s} exceeds max_position_embeddings="
                                  f"{self.config.max_position_embeddings}")
-            pos = position_ids.t() if position_ids is not None else torch.arange(s, device=x.device)[:, None]
+            pos = position_ids.t() if position_ids is not None else torch.arange(start, start + s, device=x.device)[:, None]
             x = x + F.embedding(pos, self.position.weight)
         if self.token_type is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             x = x + F.embedding(types.t(), self.token_type.weight)
         if self.norm is not None:
             x = self.norm(x)
-        if self.training and self.config.hidden_dropout > 0:
+        if self.training and self.config.hidden_dropout > 0 and not decoding:
             x = F.dropout(x, self.config.hidden_dropout)
         if self.projection is not None:
             x = F.linear(x, self.projection.weight, self.projection.bias)
-        if self.config.sequence_parallel:
+        if self.config.sequence_parallel and not decoding:
             x = scatter_to_sequence_parallel_region(x, self.word.group)
         return x
 
@@ -217,6 +221,28 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             return ops.layer_norm(x, self.weight, self.bias, self.eps)
         return ops.rms_norm(x, self.weight, self.eps)
+
+
+class KVCache:
+    """The keys and values of every layer of a stack for a batch of sequences being decoded: layer ``i``'s are
+    ``keys[i]``, ``values[i]``, each ``[b, heads / tp, capacity, head_dim]`` in the parameters' dtype; positions
+    ``[0, length)`` are filled (the layers write the new tokens', :meth:`advance` moves ``length`` on)."""
+
+    def __init__(self, stack: "TransformerStack", batch: int, capacity: int):
+        self.keys, self.values = {}, {}
+        for index in stack.layer_indices():
+            layer = stack.layer(index)
+            weight = layer.attention.qkv.weight
+            shape = layer.cache_shape(batch, capacity)
+            self.keys[index] = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+            self.values[index] = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        self.batch, self.capacity, self.length = batch, capacity, 0
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[index], self.values[index]
+
+    def advance(self, n: int) -> None:
+        self.length += n
 
 
 class TransformerStack(nn.Module):
@@ -244,11 +270,15 @@ class TransformerStack(nn.Module):
         return self.layers[str(index)] if isinstance(self.layers, nn.ModuleDict) else self.layers[index]
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                indices: Optional[list[int]] = None) -> torch.Tensor:
-        """Runs the layers ``indices`` (global indices, in order; None: every layer held) on ``x [s(/tp), b, h]``."""
+                indices: Optional[list[int]] = None, kv_cache: Optional["KVCache"] = None) -> torch.Tensor:
+        """Runs the layers ``indices`` (global indices, in order; None: every layer held) on ``x [s(/tp), b, h]``.
+        With ``kv_cache`` (decoding), ``x [n, b, h]`` are the new tokens after the cache's ``length`` positions:
+        each layer reads and extends its part of the cache (the caller advances ``length``)."""
         for index in (self.layer_indices() if indices is None else indices):
             layer = self.layer(index)
-            if self.full_recompute and self.training and torch.is_grad_enabled():
+            if kv_cache is not None:
+                x = layer(x, attention_mask, kv_cache=kv_cache.layer(index), position=kv_cache.length)
+            elif self.full_recompute and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, attention_mask, use_reentrant=False)
             else:
                 x = layer(x, attention_mask)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from megacore.models.common import (Embedding, ModelConfig, Norm, StagedModel, TransformerStack, lm_output,
+from megacore.models.common import (Embedding, KVCache, ModelConfig, Norm, StagedModel, TransformerStack, lm_output,
                                     tensor_parallel_world)
 
 
@@ -53,6 +53,26 @@ class GPTModel(StagedModel):
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         return self.run_stages(batch)[0]
+
+    @torch.no_grad()
+    def forward_with_cache(self, input_ids: torch.Tensor, kv_cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Decoding: ``input_ids [b, n]`` continue the sequences held in ``kv_cache`` (``new_cache``) at its
+        ``length``; their keys and values are appended. Returns fp32 logits ``[b, vocab_size]`` of the last new
+        position, or ``[b, n, vocab_size]`` with ``all_logits=True`` (the full vocabulary on every rank). No dropout,
+        no autograd. Raises ValueError when the cache or the position table is too short."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != kv_cache.batch:
+            raise ValueError(f"megacore.models.GPTModel.forward_with_cache: input_ids has shape "
+                             f"{list(input_ids.shape)}, expected [{kv_cache.batch}, n] (the cache's batch)")
+        x = self.embedding(input_ids, start=kv_cache.length)  # [n, b, h]
+        x = self.decoder(x, kv_cache=kv_cache)
+        kv_cache.advance(input_ids.shape[1])
+        x = self.final_norm(x if all_logits else x[-1:])
+        logits = lm_output(x, self.embedding.word, sequence_parallel=False).float()  # [b, n, vocab]
+        return logits if all_logits else logits[:, -1]
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty key/value cache for ``batch`` sequences of up to ``capacity`` positions."""
+        return KVCache(self.decoder, batch, capacity)
 
     def stage_input(self, batch: dict):
         input_ids = batch["input_ids"]

@@ -42,6 +42,7 @@ class ParamShard:
     sequence_parallel: bool = False  # replicated, used on sequence shards (its user sums its gradient)
     tied_copy: bool = False  # a pipeline stage's copy of a parameter the first stage owns (the tied embedding)
     stage: int = 0  # the pipeline stage that owns it (a tied copy: the first stage); 0 without pipeline parallelism
+    chunks: int = 1  # the sharded dim stacks this many pieces, each split over the ranks (see placement.place)
 
     def full_shape(self) -> list[int]:
         """The full, unpadded shape: shards merged, vocab padding cut."""
@@ -86,7 +87,7 @@ def param_shards(model: nn.Module, world: int) -> list[ParamShard]:
         dim = placement.dim if world > 1 else None
         tied = name in copies
         out.append(ParamShard(name, p, dim, vocab.get(id(p)), world, placement.sequence_parallel, tied,
-                              0 if tied else stage))
+                              0 if tied else stage, placement.chunks))
     return out
 
 
@@ -161,7 +162,8 @@ def gather_full(shard: ParamShard, t: torch.Tensor, group) -> torch.Tensor:
     t = t.detach()
     if shard.dim is not None:
         gathered = all_gather(t.unsqueeze(0).contiguous(), 0, group)  # [world, *piece]
-        t = merge_weights(gathered.unbind(0), shard.dim)
+        pieces = [p.chunk(shard.chunks, shard.dim) for p in gathered.unbind(0)]  # [rank][chunk]
+        t = torch.cat([merge_weights([p[c] for p in pieces], shard.dim) for c in range(shard.chunks)], shard.dim)
     if shard.vocab_size is not None:
         t = t[: shard.vocab_size]
     return t
@@ -178,7 +180,8 @@ def shard_of(shard: ParamShard, full: torch.Tensor, rank: int) -> Optional[torch
         padded = shard.param.shape[0] * (shard.world if shard.dim == 0 else 1)
         t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, padded - t.shape[0]))
     if shard.dim is not None:
-        t = split_weight(t, shard.dim, rank, shard.world)
+        t = torch.cat([split_weight(c, shard.dim, rank, shard.world) for c in t.chunk(shard.chunks, shard.dim)],
+                      shard.dim)
     return t
 
 

@@ -1,66 +1,32 @@
 """Text generation from a GPTModel with a KV cache: greedy, temperature, top-k and top-p sampling, under
 tensor parallelism too, streaming each token as it is produced.
 
-The C++ TransformerLayer computes attention over a whole sequence only, so decoding runs its own layer
-step here, composed from ``megacore.ops`` over the layer's parameters (the math of
-``megacore.transformer.reference``, without dropout): the new positions' q, k, v are computed, k and v
-appended to the layer's cache, and the new queries attend to every cached key through
-``scaled_causal_softmax`` (queries aligned to the end of the keys; sliding windows included). Prefill is
-the same step over the whole prompt, so one code path fills the cache and decodes.
+Generation runs the model's own modules (``GPTModel.forward_with_cache``): the embedding at the new positions,
+each C++ TransformerLayer through its decoding op (``megacore::transformer_layer_decode``, the same block as
+training: the new tokens' keys and values are written into the layer's cache and their queries attend to every
+cached position), the final norm and the tied LM head. Prefill is the same call over the whole prompt.
 
-Tensor parallelism: heads are sharded, each rank caches its own heads; the column-parallel GEMMs take
-the input as is and the row-parallel ones all-reduce over the layer's group, as in the layer. The
-logits are gathered over the vocab, and the token chosen on tensor-parallel rank 0 is broadcast, so
-every rank draws the same tokens. A sequence-parallel model decodes without splitting the sequence
-(its replicated parameters are whole on every rank).
+Tensor parallelism: heads are sharded, each rank caches its own heads; the logits are gathered over the vocab,
+and the token chosen on tensor-parallel rank 0 is broadcast, so every rank draws the same tokens. A
+sequence-parallel model decodes without splitting the sequence (its replicated parameters are whole on every
+rank).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from megacore import ops
-from megacore.models.common import lm_logits
-from megacore.parallel.mappings import _tp_reduce, gather_from_tensor_parallel_region
-from megacore.transformer.layer import TransformerLayer
+from megacore.models.common import KVCache
 
 _NAME = "megacore.training.generate"
 
 
-class KVCache:
-    """Per-layer key/value caches of a batch: ``keys[i]``, ``values[i]`` are ``[b, heads_local, capacity, d]``
-    in the parameters' dtype; positions ``[0, length)`` are filled."""
-
-    def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, capacity: int, dtype, device):
-        shape = (batch, heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.capacity = capacity
-        self.length = 0
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes ``k, v [b, heads, n, d]`` at ``[length, length + n)`` and returns the layer's keys and values
-        ``[b, heads, length + n, d]`` (``length`` advances once per step, in :meth:`advance`)."""
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"{_NAME}: KV cache of {self.capacity} positions is full (need {end})")
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-
 def _check_model(model) -> None:
-    for attr in ("embedding", "decoder", "final_norm", "config"):
-        if not hasattr(model, attr):
-            raise TypeError(f"{_NAME}: model must be a megacore GPTModel (a causal LM), got {type(model).__name__}")
+    if not hasattr(model, "forward_with_cache") or not hasattr(model, "config"):
+        raise TypeError(f"{_NAME}: model must be a megacore GPTModel (a causal LM), got {type(model).__name__}")
     if model.config.attention_mask_type not in ("causal", "sliding_window"):
         raise TypeError(f"{_NAME}: model has attention_mask_type={model.config.attention_mask_type!r}; "
                         "generation needs a causal LM")
@@ -69,102 +35,16 @@ def _check_model(model) -> None:
 def new_cache(model, batch: int, capacity: int) -> KVCache:
     """An empty KV cache for ``model`` (a GPTModel), ``batch`` sequences of up to ``capacity`` positions."""
     _check_model(model)
-    layers = list(model.decoder.layers)
-    first = layers[0]
-    d = first.config.head_dim
-    heads_local = first.attention.qkv.weight.shape[0] // (3 * d)
-    return KVCache(len(layers), batch, heads_local, d, capacity, first.attention.qkv.weight.dtype,
-                   first.attention.qkv.weight.device)
+    return model.new_cache(batch, capacity)
 
 
-def _embed(model, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """``ids [b, n]`` at positions ``[start, start + n)`` -> ``[n, b, hidden]`` (the model's Embedding without
-    dropout and without the sequence-parallel split)."""
-    emb, config = model.embedding, model.config
-    n = ids.shape[1]
-    x = emb.word(ids.t())  # [n, b, e]
-    if emb.position is not None:
-        if start + n > config.max_position_embeddings:
-            raise ValueError(f"{_NAME}: position {start + n - 1} exceeds max_position_embeddings="
-                             f"{config.max_position_embeddings} - 1")
-        pos = torch.arange(start, start + n, device=ids.device)[:, None]  # [n, 1]
-        x = x + F.embedding(pos, emb.position.weight)
-    if emb.token_type is not None:
-        x = x + emb.token_type.weight[0]
-    if emb.norm is not None:
-        x = emb.norm(x)
-    if emb.projection is not None:
-        x = F.linear(x, emb.projection.weight, emb.projection.bias)
-    return x
-
-
-def _layer_step(layer: TransformerLayer, x: torch.Tensor, cache: KVCache, index: int) -> torch.Tensor:
-    """One layer over the new positions ``x [n, b, h]`` at ``[cache.length, cache.length + n)``, attending to
-    the cached keys and values and adding its own: returns ``[n, b, h]``."""
-    config, group = layer.config, layer.group_name
-    params = layer.layer_params()
-
-    def norm(t, prefix):
-        w, b = params[prefix + ".weight"], params[prefix + ".bias"]
-        if config.normalization == "layernorm":
-            return ops.layer_norm(t, w, b, config.norm_epsilon)
-        return ops.rms_norm(t, w, config.norm_epsilon)
-
-    def leave(t):  # after a row-parallel GEMM: sum the partial results of the heads / FFN shards
-        return _tp_reduce(t, group) if group else t
-
-    def add_bias(t, name):
-        b = params[name]
-        return t if b is None else t + b
-
-    n, b = x.shape[:2]
-    d = config.head_dim
-    attn_in = norm(x, "attention_norm") if config.pre_norm else x
-    qkv = F.linear(attn_in, params["attention.qkv.weight"], params["attention.qkv.bias"])  # [n, b, np * 3 * d]
-    heads = qkv.shape[-1] // (3 * d)
-    q, k, v = qkv.view(n, b, heads, 3, d).unbind(3)  # each [n, b, np, d]
-    if config.rotary_dim:
-        start = cache.length
-        cos, sin = ops.rotary_tables(start + n, config.rotary_dim, config.rotary_base, device=x.device)
-        cos, sin = cos[start:], sin[start:]  # [n, rotary_dim]: the new positions' rows
-        q, k = ops.apply_rotary_emb(q, cos, sin), ops.apply_rotary_emb(k, cos, sin)
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, np, n, d]
-    keys, values = cache.append(index, k, v)  # [b, np, length + n, d]
-    scores = q @ keys.transpose(-2, -1)  # [b, np, n, length + n]
-    probs = ops.scaled_causal_softmax(scores, 1.0 / math.sqrt(d), config.window_size)
-    context = (probs @ values).permute(2, 0, 1, 3).reshape(n, b, heads * d)  # [n, b, np * d]
-    res1 = add_bias(leave(F.linear(context, params["attention.proj.weight"])), "attention.proj.bias") + x
-    mlp_in = norm(res1, "mlp_norm" if config.pre_norm else "attention_norm")
-    fc1 = F.linear(mlp_in, params["mlp.fc1.weight"])  # [n, b, f / tp]
-    act = ops.bias_gelu(fc1, params["mlp.fc1.bias"], "none" if config.activation == "gelu" else "tanh")
-    out = add_bias(leave(F.linear(act, params["mlp.fc2.weight"])), "mlp.fc2.bias")
-    out = out + (res1 if config.pre_norm else mlp_in)
-    return out if config.pre_norm else norm(out, "mlp_norm")
-
-
-@torch.no_grad()
 def forward_with_cache(model, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
     """Runs ``ids [b, n]`` (the positions after the cached ones) through the model, appending their keys and
     values to ``cache``. Returns fp32 logits ``[b, vocab_size]`` of the last position, or ``[b, n,
     vocab_size]`` with ``all_logits=True`` (every rank gets the full vocabulary under tensor parallelism).
     Dropout is never applied. Raises ValueError when the cache or the position table is too short."""
     _check_model(model)
-    if ids.dim() != 2 or ids.shape[0] != cache.keys[0].shape[0]:
-        raise ValueError(f"{_NAME}.forward_with_cache: ids has shape {list(ids.shape)}, expected "
-                         f"[{cache.keys[0].shape[0]}, n] (the cache's batch)")
-    x = _embed(model, ids, cache.length)  # [n, b, h]
-    for i, layer in enumerate(model.decoder.layers):
-        x = _layer_step(layer, x, cache, i)
-    cache.advance(ids.shape[1])
-    if not all_logits:
-        x = x[-1:]
-    x = model.final_norm(x)
-    word = model.embedding.word
-    logits = lm_logits(x, word, sequence_parallel=False)  # [n, b, v_local]
-    if word.group is not None:
-        logits = gather_from_tensor_parallel_region(logits, word.group)
-    logits = logits[..., : word.vocab_size].transpose(0, 1).float()  # [b, n, vocab]
-    return logits if all_logits else logits[:, -1]
+    return model.forward_with_cache(ids, cache, all_logits)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch
 _NAME = "megacore.transformer.TransformerConfig"
 
 NORMALIZATIONS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "geglu", "geglu_erf", "swiglu", "reglu")
+GATED_ACTIVATIONS = ("geglu", "geglu_erf", "swiglu", "reglu")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
 MASK_KINDS = ("causal", "padding", "sliding_window", "none")
 ATTENTION_BACKENDS = ("auto", "fused_softmax", "flash")
@@ -31,7 +32,10 @@ class TransformerConfig:
             (BERT: block -> residual add -> norm).
         hidden_dropout: dropout on each block's output before the residual add.
         attention_dropout: dropout on the attention probabilities.
-        activation: ``"gelu"`` (exact, erf) or ``"gelu_tanh"`` (the tanh approximation).
+        activation: the MLP's: ``"gelu"`` (exact, erf), ``"gelu_tanh"`` (the tanh approximation), ``"relu"``
+            (T5), or a gated one on fc1's two halves ``[gate; up]`` (fc1 is then ``2 * ffn_hidden_size`` wide):
+            ``"geglu"`` (gelu_tanh(gate) * up, T5 v1.1), ``"geglu_erf"``, ``"swiglu"`` (silu, LLaMA),
+            ``"reglu"``.
         position_embedding_type: ``"rope"`` applies rotary embeddings to q and k inside the layer;
             ``"learned_absolute"`` and ``"none"`` leave positions to the model's embedding.
         rotary_percent, rotary_base: the fraction of head_dim rotated, and RoPE's base.
@@ -49,6 +53,14 @@ class TransformerConfig:
         attention_backend: ``"fused_softmax"`` (GEMM + megacore's fused masked softmax, every mask),
             ``"flash"`` (PyTorch's flash kernel: causal or no mask; on CPU without attention dropout,
             on CUDA in fp16/bf16) or ``"auto"`` (flash where it applies, else fused_softmax).
+        softmax_scale: multiplies the attention scores before the softmax; None: ``1 / sqrt(head_dim)``
+            (T5 uses 1.0).
+        attention_bias: the layer's forward takes an additive bias on the self-attention scores
+            (``[b or 1, heads, s, s]``: T5's relative-position bias, ALiBi); flash attention is then not used.
+        cross_attention: a decoder layer: self-attention, then attention from the layer's queries to an
+            encoder's ``memory`` (forward's argument, with its padding mask), then the MLP.
+        overlap_tp_comm: in backward, run the tensor-parallel all-reduce (reduce-scatter under sequence
+            parallelism) of each column-parallel GEMM's input gradient while its weight gradient computes.
         init_method_std: weights are drawn from normal(0, init_method_std); the two output
             projections use ``init_method_std / sqrt(2 * num_layers)`` (Megatron's scaled init).
         num_layers: the model's depth, for that scaling.
@@ -75,6 +87,10 @@ class TransformerConfig:
     sequence_parallel: bool = False
     recompute_core_attention: bool = False
     attention_backend: str = "auto"
+    softmax_scale: Optional[float] = None
+    attention_bias: bool = False
+    cross_attention: bool = False
+    overlap_tp_comm: bool = True
     init_method_std: float = 0.02
     num_layers: int = 1
 
@@ -114,6 +130,11 @@ class TransformerConfig:
             if self.rotary_dim < 2:
                 raise ValueError(f"{_NAME}: rotary_percent={self.rotary_percent} of head_dim={self.head_dim} "
                                  "rotates fewer than 2 features")
+        if self.softmax_scale is not None and not (isinstance(self.softmax_scale, (int, float))
+                                                   and self.softmax_scale > 0):
+            raise ValueError(f"{_NAME}: softmax_scale={self.softmax_scale!r} must be None or > 0")
+        if self.attention_bias and self.attention_backend == "flash":
+            raise ValueError(f"{_NAME}: attention_backend='flash' takes no attention_bias")
         if not self.init_method_std > 0:
             raise ValueError(f"{_NAME}: init_method_std={self.init_method_std} must be > 0")
 
@@ -127,6 +148,11 @@ class TransformerConfig:
         if self.position_embedding_type != "rope":
             return 0
         return int(self.head_dim * self.rotary_percent) // 2 * 2
+
+    @property
+    def gated(self) -> bool:
+        """A gated MLP: fc1 computes ``[gate; up]``, ``2 * ffn_hidden_size`` wide."""
+        return self.activation in GATED_ACTIVATIONS
 
     @property
     def output_init_std(self) -> float:

@@ -21,13 +21,14 @@ rmsnorm has no norm biases; ``add_bias_linear=False`` drops the four GEMM biases
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-import megacore  # noqa: F401  (loads megacore._C: registers the ops)
+from megacore import _C  # loads the extension: registers the ops
 from megacore.ops.rotary import rotary_tables
 from megacore.parallel import state
 from megacore.parallel.collectives import _world_size
@@ -36,80 +37,71 @@ from megacore.parallel.placement import place
 from megacore.transformer.config import TransformerConfig
 
 _lib = torch.ops.megacore
+_spec = _C.transformer_layer_spec()  # cpp/transformer/config.h: the one definition of the ops' arguments and slots
 
-PARAM_NAMES = (
-    "attention_norm.weight",
-    "attention_norm.bias",
-    "attention.qkv.weight",
-    "attention.qkv.bias",
-    "attention.proj.weight",
-    "attention.proj.bias",
-    "mlp_norm.weight",
-    "mlp_norm.bias",
-    "mlp.fc1.weight",
-    "mlp.fc1.bias",
-    "mlp.fc2.weight",
-    "mlp.fc2.bias",
-)
+# The parameters' module names, in the ops' schema order (the C++ table's), and their schema argument names.
+PARAM_NAMES = tuple(name for _, name, _ in _spec["params"])
+PARAM_ARGS = tuple(arg for arg, _, _ in _spec["params"])
 _N_PARAMS = len(PARAM_NAMES)
-# The schema's scalar arguments, in schema order.
-CONFIG_NAMES = (
-    "num_heads", "normalization", "norm_eps", "pre_norm", "mask_kind", "window", "activation", "attention_dropout",
-    "hidden_dropout", "sequence_parallel", "recompute_attention", "attention_backend", "group_name", "training",
-)
-_N_CONFIG = len(CONFIG_NAMES)
-
-# The saved-for-backward slots of the forward op, in cpp/transformer/layer.cpp's order.
-SAVED_SLOTS = (
-    "norm1_mean", "norm1_rstd", "attn_in", "q", "k", "v", "probs", "probs_dropped", "context", "lse", "rng_state",
-    "rng_unused", "res1", "norm2_mean", "norm2_rstd", "mlp_in", "fc1_out", "gelu_out", "res2",
-)
+# The saved-for-backward slots of the forward op, in order.
+SAVED_SLOTS = tuple(_spec["saved"])
+# The configuration's fields (the op's `config` string), in canonical order.
+CONFIG_FIELDS = tuple(name for name, _ in _spec["config_fields"])
+DROPOUT_SITES = dict(_spec["dropout_sites"])  # site name -> number, for dropout_seed
 
 
 def dropout_seed(seed: int, site: int, rank: int) -> int:
-    """The Philox seed of one dropout site, as the C++ layer derives it: ``seed + (site * 65536 + rank)
-    * 0x9E3779B97F4A7C15`` modulo 2**64, as a signed int64. Sites: 0 attention probabilities (rank =
-    tensor-parallel rank), 1 and 2 the residual dropouts after attention and MLP (rank = tensor-parallel
-    rank under sequence parallelism, else 0)."""
-    mixed = (seed + (site * 65536 + rank) * 0x9E3779B97F4A7C15) % 2**64
-    return mixed - 2**64 if mixed >= 2**63 else mixed
+    """The Philox seed of one dropout site, as the C++ layer derives it (one definition, in C++):
+    ``seed + (site * 65536 + rank) * 0x9E3779B97F4A7C15`` modulo 2**64, as a signed int64. Sites
+    (``DROPOUT_SITES``): 0 attention probabilities (rank = tensor-parallel rank), 1 and 2 the residual dropouts
+    after attention and MLP (rank = tensor-parallel rank under sequence parallelism, else 0)."""
+    return _C.transformer_layer_dropout_seed(int(seed), int(site), int(rank))
 
 
-def uses_flash(config_args: dict, hidden: torch.Tensor) -> bool:
-    """Whether the C++ layer runs PyTorch's flash kernel for these arguments (the rule of
-    cpp/transformer/layer.cpp's ``use_flash``)."""
-    if config_args["attention_backend"] == "fused_softmax":
-        return False
-    if config_args["mask_kind"] not in ("causal", "none"):
-        return False
-    if hidden.device.type == "cpu":
-        return not (config_args["training"] and config_args["attention_dropout"] > 0)
-    if hidden.device.type == "cuda":
-        d = hidden.shape[-1] // config_args["num_heads"]
-        return hidden.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
-    return False
+@functools.lru_cache(maxsize=1024)
+def _canonical(fields: tuple) -> str:
+    return _C.transformer_layer_config([(k, "none" if v is None else str(v)) for k, v in fields])
 
 
-def _config_args(config: TransformerConfig, group_name: str, training: bool) -> dict:
-    """The op's scalar arguments, by schema name, in schema order (``CONFIG_NAMES``)."""
-    args = dict(
-        num_heads=config.num_attention_heads,
-        normalization=config.normalization,
-        norm_eps=float(config.norm_epsilon),
-        pre_norm=config.pre_norm,
-        mask_kind=config.attention_mask_type,
-        window=config.window_size,
-        activation=config.activation,
-        attention_dropout=float(config.attention_dropout),
-        hidden_dropout=float(config.hidden_dropout),
-        sequence_parallel=config.sequence_parallel,
-        recompute_attention=config.recompute_core_attention,
-        attention_backend=config.attention_backend,
-        group_name=group_name,
-        training=training,
-    )
-    assert tuple(args) == CONFIG_NAMES
-    return args
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the string
+def op_config(config: TransformerConfig, group_name: str = "", training: bool = True) -> str:
+    """The ``config`` string the layer ops take for ``config`` (checked by the C++ parser, which also caches
+    what it parsed per string). Raises ValueError naming the field for a value the ops reject."""
+    return _canonical((
+        ("num_heads", config.num_attention_heads),
+        ("normalization", config.normalization),
+        ("norm_eps", repr(float(config.norm_epsilon))),
+        ("pre_norm", config.pre_norm),
+        ("mask_kind", config.attention_mask_type),
+        ("window", config.window_size),
+        ("activation", config.activation),
+        ("attention_dropout", repr(float(config.attention_dropout))),
+        ("hidden_dropout", repr(float(config.hidden_dropout))),
+        ("sequence_parallel", config.sequence_parallel),
+        ("recompute_attention", config.recompute_core_attention),
+        ("attention_backend", config.attention_backend),
+        ("softmax_scale", None if config.softmax_scale is None else repr(float(config.softmax_scale))),
+        ("attention_bias", config.attention_bias),
+        ("cross_attention", config.cross_attention),
+        ("overlap_tp_comm", config.overlap_tp_comm),
+        ("group_name", group_name),
+        ("training", training),
+    ))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def uses_flash(config: str, hidden: torch.Tensor) -> bool:
+    """Whether the C++ layer runs PyTorch's flash kernel for the op config string ``config`` and this input (the
+    C++ rule, asked of C++)."""
+    head_dim = hidden.shape[-1] // int(dict(item.split("=", 1) for item in config.split(";"))["num_heads"])
+    return _C.transformer_layer_uses_flash(config, hidden.device.type, _dtype_name(hidden.dtype), head_dim)
+
+
+def _config_field(config: str, name: str) -> str:
+    return dict(item.split("=", 1) for item in config.split(";"))[name]
 
 
 def transformer_layer(
@@ -121,6 +113,9 @@ def transformer_layer(
     seed: Optional[torch.Tensor] = None,
     group_name: str = "",
     training: bool = True,
+    attention_bias: Optional[torch.Tensor] = None,
+    memory: Optional[torch.Tensor] = None,
+    memory_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One transformer layer, forward in C++ (differentiable; backward in C++ too).
 
@@ -137,6 +132,11 @@ def transformer_layer(
             samples).
         group_name: the tensor-parallel group's ``group_name``; "" for none.
         training: False turns dropout off.
+        attention_bias: with ``config.attention_bias``, added to the self-attention scores (after the scale):
+            ``[b or 1, heads / tp, s, s]`` (this rank's heads); differentiable.
+        memory: with ``config.cross_attention``, the encoder's output ``[m, b, h]`` (``[m / tp, b, h]`` with
+            sequence parallelism); differentiable.
+        memory_mask: bool ``[b or 1, 1, s or 1, m]``, True = masked out (the memory's padding), or None.
     Returns: the output, ``hidden``'s shape and dtype.
     Raises ValueError / TypeError naming ``megacore.transformer_layer`` and the argument on bad input.
     """
@@ -146,79 +146,98 @@ def transformer_layer(
         else:  # no dropout: draw nothing, so the default generator's stream does not depend on where layers run
             seed = torch.zeros(1, dtype=torch.int64, device="cpu")
     cos, sin = rotary if rotary is not None else (None, None)
-    args = _config_args(config, group_name, training)
-    out, _ = _lib.transformer_layer(hidden, *(params.get(n) for n in PARAM_NAMES), attention_mask, cos, sin, seed,
-                                    *args.values())
+    out, _ = _lib.transformer_layer(hidden, *(params.get(n) for n in PARAM_NAMES), attention_mask, cos, sin,
+                                    attention_bias, memory, memory_mask, seed, op_config(config, group_name, training))
     return out
 
 
-# ---- fake kernel and autograd --------------------------------------------------------------------------
+def transformer_layer_decode(
+    hidden: torch.Tensor,
+    params: dict[str, Optional[torch.Tensor]],
+    config: TransformerConfig,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    position: int,
+    attention_mask: Optional[torch.Tensor] = None,
+    rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    group_name: str = "",
+    attention_bias: Optional[torch.Tensor] = None,
+    memory: Optional[torch.Tensor] = None,
+    memory_mask: Optional[torch.Tensor] = None,
+    cross_key_cache: Optional[torch.Tensor] = None,
+    cross_value_cache: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The same layer over new tokens with a key/value cache (prefill of a prompt, or decoding steps), in C++.
+
+    Args:
+        hidden: ``[n, b, h]``, the new tokens at positions ``[position, position + n)`` (never sequence-split).
+        key_cache, value_cache: ``[b, heads / tp, capacity, head_dim]`` of the parameters' dtype, contiguous;
+            the new tokens' keys and values are written at ``[position, position + n)`` (in place) and attention
+            runs over ``[0, position + n)``.
+        attention_mask: with ``attention_mask_type='padding'``, bool ``[b or 1, 1, n or 1, position + n]``.
+        rotary: ``(cos, sin)`` of the new positions, each ``[n, rotary_dim]``, or None.
+        attention_bias: with ``config.attention_bias``, ``[b or 1, heads / tp, n, position + n]``.
+        memory, memory_mask, cross_key_cache, cross_value_cache: with ``config.cross_attention``: the caches
+            ``[b, heads / tp, m, head_dim]`` of the memory's keys and values; with ``memory [m, b, h]`` they are
+            computed and written (once per sequence), without they are read. ``memory_mask`` bool
+            ``[b or 1, 1, n or 1, m]``.
+    Returns: ``[n, b, h]``. No dropout; no autograd.
+    Raises ValueError naming ``megacore.transformer_layer_decode`` and the argument for bad input (e.g. a cache
+    too short for ``position + n``).
+    """
+    cos, sin = rotary if rotary is not None else (None, None)
+    return _lib.transformer_layer_decode(hidden, *(params.get(n) for n in PARAM_NAMES), attention_mask, cos, sin,
+                                         attention_bias, memory, memory_mask, key_cache, value_cache, cross_key_cache,
+                                         cross_value_cache, int(position), op_config(config, group_name, False))
+
+
+# ---- fake kernels and autograd -------------------------------------------------------------------------------
 
 
 @torch.library.register_fake("megacore::transformer_layer")
 def _transformer_layer_fake(hidden, *rest):
-    params, (mask, cos, sin, seed), config = rest[:_N_PARAMS], rest[_N_PARAMS:_N_PARAMS + 4], rest[_N_PARAMS + 4:]
-    args = dict(zip(CONFIG_NAMES, config))
-    tp = _world_size("transformer_layer", args["group_name"]) if args["group_name"] else 1
+    params, memory, config = rest[:_N_PARAMS], rest[_N_PARAMS + 4], rest[-1]
+    group_name = _config_field(config, "group_name")
+    tp = _world_size("transformer_layer", group_name) if group_name else 1
     s_local, b, h = hidden.shape
-    s = s_local * tp if args["sequence_parallel"] else s_local
-    heads, d = args["num_heads"] // tp, h // args["num_heads"]
-    f = params[8].shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    # Every slot a tensor of its own (an op's outputs may not alias each other).
-    def empty():
-        return hidden.new_empty((0,))
-
-    def stats():
-        return hidden.new_empty((s_local, b), dtype=acc)
-
-    def mean():
-        return stats() if args["normalization"] == "layernorm" else hidden.new_empty((0,), dtype=acc)
-
-    def like_hidden():
-        return hidden.new_empty(hidden.shape)
-
-    qkv = [hidden.new_empty((b, heads, s, d)) for _ in range(3)]
-    flash = uses_flash(args, hidden)
-    saved = {name: empty() for name in SAVED_SLOTS}
-    saved.update(
-        norm1_mean=mean(), norm1_rstd=stats(), attn_in=like_hidden() if args["pre_norm"] else empty(),
-        q=qkv[0], k=qkv[1], v=qkv[2], context=hidden.new_empty((s, b, heads * d)), res1=like_hidden(),
-        norm2_mean=mean(), norm2_rstd=stats(), mlp_in=like_hidden(),
-        fc1_out=hidden.new_empty((s, b, f)), gelu_out=hidden.new_empty((s, b, f)),
-        res2=empty() if args["pre_norm"] else like_hidden(),
-    )
-    scale = 1.0 / math.sqrt(d)
-    causal = args["mask_kind"] == "causal"
-    if flash and hidden.device.type == "cpu":
-        saved["lse"] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*qkv, 0.0, causal, scale=scale)[1]
-    elif flash:
-        p = args["attention_dropout"] if args["training"] else 0.0
-        r = torch.ops.aten._scaled_dot_product_flash_attention(*qkv, p, causal, False, scale=scale)
-        saved["lse"] = r[1]
-        if r[6] is not None:
-            saved["rng_state"] = r[6]
-        if r[7] is not None:
-            saved["rng_unused"] = r[7]
-    elif not args["recompute_attention"]:
-        saved["probs"] = hidden.new_empty((b, heads, s, s))
-        if args["training"] and args["attention_dropout"] > 0:
-            saved["probs_dropped"] = hidden.new_empty((b, heads, s, s))
-    return hidden.new_empty(hidden.shape), list(saved.values())
+    fc1_rows = params[PARAM_NAMES.index("mlp.fc1.weight")].shape[0]
+    shapes = _C.transformer_layer_saved_shapes(config, hidden.device.type, _dtype_name(hidden.dtype), s_local, b, h,
+                                               fc1_rows, tp, memory.shape[0] if memory is not None else 0)
+    saved = [hidden.new_empty(shape, dtype=getattr(torch, dtype)) if shape is not None else None
+             for shape, dtype in shapes]
+    if any(t is None for t in saved):  # CUDA flash: its lse and Philox state are the aten kernel's own tensors
+        heads, d = int(_config_field(config, "num_heads")) // tp, h // int(_config_field(config, "num_heads"))
+        s = s_local * tp if _config_field(config, "sequence_parallel") == "true" else s_local
+        q = hidden.new_empty((b, heads, s, d))
+        p = float(_config_field(config, "attention_dropout")) if _config_field(config, "training") == "true" else 0.0
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, q, q, p, _config_field(config, "mask_kind") == "causal",
+                                                               False, scale=1.0 / math.sqrt(d))
+        flash = {"lse": r[1], "rng_state": r[6], "rng_unused": r[7]}
+        saved = [t if t is not None else (flash[name] if flash[name] is not None else hidden.new_empty((0,)))
+                 for name, t in zip(SAVED_SLOTS, saved)]
+    return hidden.new_empty(hidden.shape), saved
 
 
 @torch.library.register_fake("megacore::transformer_layer_backward")
 def _transformer_layer_backward_fake(grad_out, hidden, *rest):
-    params = rest[:_N_PARAMS]
+    params, (bias, memory) = rest[:_N_PARAMS], rest[_N_PARAMS + 3:_N_PARAMS + 5]
     return [torch.empty_like(hidden, memory_format=torch.contiguous_format)] + [
         torch.empty_like(p, memory_format=torch.contiguous_format) if p is not None else hidden.new_empty((0,))
-        for p in params
+        for p in (*params, bias, memory)
     ]
+
+
+@torch.library.register_fake("megacore::transformer_layer_decode")
+def _transformer_layer_decode_fake(hidden, *rest):
+    return hidden.new_empty(hidden.shape)
+
+
+_N_EXTRAS = 7  # attention_mask, rotary_cos, rotary_sin, attention_bias, memory, memory_mask, seed
 
 
 def _setup_context(ctx, inputs, output):
     hidden, rest = inputs[0], inputs[1:]
-    params, extras, config = rest[:_N_PARAMS], rest[_N_PARAMS:_N_PARAMS + 4], rest[_N_PARAMS + 4:]
+    params, extras, config = rest[:_N_PARAMS], rest[_N_PARAMS:_N_PARAMS + _N_EXTRAS], rest[-1]
     _, saved = output
     # The saved slots are outputs only so that backward gets them: no gradient flows into them, and
     # autograd must not materialize zero gradients of their (large) shapes on every backward.
@@ -227,17 +246,21 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, *params, *extras, *saved)
     ctx.config = config
     ctx.has_param = [p is not None for p in params]
+    ctx.has_bias, ctx.has_memory = extras[3] is not None, extras[4] is not None
 
 
 def _backward(ctx, grad_out, _grad_saved):
     t = ctx.saved_tensors
     if grad_out is None:  # the output reached the loss only through paths with no gradient
-        return (None,) * (1 + _N_PARAMS + 4 + _N_CONFIG)
-    hidden, params, (mask, cos, sin, seed) = t[0], t[1:1 + _N_PARAMS], t[1 + _N_PARAMS:5 + _N_PARAMS]
-    saved = list(t[5 + _N_PARAMS:])
-    grads = _lib.transformer_layer_backward(grad_out, hidden, *params, mask, cos, sin, seed, saved, *ctx.config)
-    param_grads = [g if has else None for g, has in zip(grads[1:], ctx.has_param)]
-    return (grads[0], *param_grads, None, None, None, None) + (None,) * _N_CONFIG
+        return (None,) * (1 + _N_PARAMS + _N_EXTRAS + 1)
+    hidden, params, extras = t[0], t[1:1 + _N_PARAMS], t[1 + _N_PARAMS:1 + _N_PARAMS + _N_EXTRAS]
+    saved = list(t[1 + _N_PARAMS + _N_EXTRAS:])
+    # [grad_hidden, one per parameter in schema order, grad_attention_bias, grad_memory]: the op's output order
+    grads = _lib.transformer_layer_backward(grad_out, hidden, *params, *extras, saved, ctx.config)
+    param_grads = [g if has else None for g, has in zip(grads[1:1 + _N_PARAMS], ctx.has_param)]
+    g_bias = grads[1 + _N_PARAMS] if ctx.has_bias else None
+    g_memory = grads[2 + _N_PARAMS] if ctx.has_memory else None
+    return (grads[0], *param_grads, None, None, None, g_bias, g_memory, None, None, None)
 
 
 torch.library.register_autograd("megacore::transformer_layer", _backward, setup_context=_setup_context)
@@ -271,13 +294,14 @@ class _Params(nn.Module):
     ``sequence_parallel`` for replicated ones whose gradient the layer sums over the group itself."""
 
     def __init__(self, weight: Optional[nn.Parameter], bias: Optional[nn.Parameter], config: TransformerConfig,
-                 weight_dim: Optional[int] = None, bias_dim: Optional[int] = None, sequence_parallel: bool = False):
+                 weight_dim: Optional[int] = None, bias_dim: Optional[int] = None, sequence_parallel: bool = False,
+                 chunks: int = 1):
         super().__init__()
         self.weight = weight
         self.bias = bias
         for name, dim in (("weight", weight_dim), ("bias", bias_dim)):
             if config.tensor_parallel:
-                place(self, name, dim, sequence_parallel and dim is None)
+                place(self, name, dim, sequence_parallel and dim is None, chunks if dim is not None else 1)
 
 
 class TransformerLayer(nn.Module):
@@ -311,10 +335,12 @@ class TransformerLayer(nn.Module):
             return _Params(weight, _parameter(torch.zeros(h), config, device) if has_bias else None, config,
                            sequence_parallel=sp)
 
-        def column(out_features: int, std: float):  # [out, in] split along out
-            weight = _parameter(split_weight(_master(out_features, h, std), 0, rank, world), config, device)
-            return _Params(weight, _parameter(torch.zeros(out_features // world), config, device) if bias else None,
-                           config, 0, 0)
+        def column(out_features: int, std: float, chunks: int = 1):  # [out, in] split along out (each chunk)
+            master = _master(out_features, h, std)
+            weight = torch.cat([split_weight(c, 0, rank, world) for c in master.chunk(chunks, 0)], 0)
+            return _Params(_parameter(weight, config, device),
+                           _parameter(torch.zeros(out_features // world), config, device) if bias else None,
+                           config, 0, 0, chunks=chunks)
 
         def row(in_features: int, std: float):  # [h, in] split along in; the bias is replicated
             weight = _parameter(split_weight(_master(h, in_features, std), 1, rank, world), config, device)
@@ -325,15 +351,28 @@ class TransformerLayer(nn.Module):
         self.attention = nn.Module()
         self.attention.qkv = column(3 * heads * d, config.init_method_std)
         self.attention.proj = row(heads * d, config.output_init_std)
+        if config.cross_attention:  # queries from this layer, keys and values from the memory
+            self.cross_attention_norm = norm()
+            self.cross_attention = nn.Module()
+            self.cross_attention.q = column(heads * d, config.init_method_std)
+            self.cross_attention.kv = column(2 * heads * d, config.init_method_std)
+            self.cross_attention.proj = row(heads * d, config.output_init_std)
         self.mlp_norm = norm()
         self.mlp = nn.Module()
-        self.mlp.fc1 = column(f, config.init_method_std)
+        # gated: fc1 = [gate; up], each half split over the ranks (a rank holds [its gate rows; its up rows])
+        self.mlp.fc1 = column(2 * f, config.init_method_std, chunks=2) if config.gated else \
+            column(f, config.init_method_std)
         self.mlp.fc2 = row(f, config.output_init_std)
         self._rotary_cache: dict = {}
 
     def layer_params(self) -> dict[str, Optional[torch.Tensor]]:
         """The parameters by the C++ op's names (``PARAM_NAMES``), None for absent ones."""
         return {name: self.get_parameter(name) if _has(self, name) else None for name in PARAM_NAMES}
+
+    @property
+    def local_heads(self) -> int:
+        """The attention heads this rank holds (``heads / tp``)."""
+        return self.attention.qkv.weight.shape[0] // (3 * self.config.head_dim)
 
     def rotary_tables(self, seq_len: int, device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """RoPE's ``(cos, sin)`` ``[seq_len, rotary_dim]`` in fp32 (cached), or None without RoPE."""
@@ -349,7 +388,34 @@ class TransformerLayer(nn.Module):
         tp = _world_size("TransformerLayer", self.group_name) if self.config.sequence_parallel else 1
         return hidden_states.shape[0] * tp
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def cache_shape(self, batch: int, capacity: int) -> tuple[int, int, int, int]:
+        """The shape of this layer's key (and value) cache: ``[batch, heads / tp, capacity, head_dim]`` (a
+        cross-attention cache: capacity = the memory's length)."""
+        return batch, self.local_heads, capacity, self.config.head_dim
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                kv_cache: Optional[tuple] = None, position: int = 0, attention_bias: Optional[torch.Tensor] = None,
+                memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``hidden_states [s, b, h]`` -> ``[s, b, h]``.
+
+        ``attention_bias`` (``config.attention_bias``): ``[b or 1, heads / tp, s, s]`` added to the self-attention
+        scores. ``memory [m, b, h]`` and ``memory_mask`` (bool ``[b or 1, 1, s or 1, m]``, True = masked out):
+        cross-attention's (``config.cross_attention``).
+
+        Decoding: with ``kv_cache=(keys, values)`` (each :meth:`cache_shape`; a cross-attention layer adds
+        ``cross_keys, cross_values`` of the memory's length), the tokens are the new ones at
+        ``[position, position + s)`` of a sequence being decoded: their keys and values are written into the
+        cache and attention covers ``[0, position + s)`` (no dropout, no autograd, never sequence-split; see
+        ``transformer_layer_decode``). Pass ``memory`` on the first call only: its keys and values are cached."""
+        if kv_cache is not None:
+            rotary = self.rotary_tables(position + hidden_states.shape[0], hidden_states.device)
+            if rotary is not None:
+                rotary = tuple(t[position:] for t in rotary)
+            cross = tuple(kv_cache[2:4]) if len(kv_cache) == 4 else (None, None)
+            return transformer_layer_decode(hidden_states, self.layer_params(), self.config, kv_cache[0], kv_cache[1],
+                                            position, attention_mask, rotary, group_name=self.group_name,
+                                            attention_bias=attention_bias, memory=memory, memory_mask=memory_mask,
+                                            cross_key_cache=cross[0], cross_value_cache=cross[1])
         if hidden_states.dim() != 3:
             raise ValueError(f"megacore.transformer.TransformerLayer: hidden_states has shape "
                              f"{list(hidden_states.shape)}, expected [seq, batch, hidden]")
@@ -363,7 +429,8 @@ class TransformerLayer(nn.Module):
                                  f"(layer.to(device)) or the input to one device")
         rotary = self.rotary_tables(self.full_seq_len(hidden_states), hidden_states.device)
         return transformer_layer(hidden_states, params, self.config, attention_mask, rotary,
-                                 group_name=self.group_name, training=self.training)
+                                 group_name=self.group_name, training=self.training, attention_bias=attention_bias,
+                                 memory=memory, memory_mask=memory_mask)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -374,7 +441,11 @@ class TransformerLayer(nn.Module):
 
 def _has(module: nn.Module, name: str) -> bool:
     owner, _, attr = name.rpartition(".")
-    return getattr(module.get_submodule(owner), attr) is not None
+    try:
+        return getattr(module.get_submodule(owner), attr) is not None
+    except AttributeError:  # e.g. cross_attention.* in a layer without cross-attention
+        return False
 
 
-__all__ = ["PARAM_NAMES", "SAVED_SLOTS", "TransformerLayer", "dropout_seed", "transformer_layer", "uses_flash"]
+__all__ = ["CONFIG_FIELDS", "PARAM_NAMES", "SAVED_SLOTS", "TransformerLayer", "dropout_seed", "op_config",
+           "transformer_layer", "transformer_layer_decode", "uses_flash"]
