@@ -1,8 +1,9 @@
 #pragma once
 // \brief The scaled softmax kernels (kernels/cpu/softmax.cpp, kernels/cuda/softmax.cu) and the element-wise
-//        rules both compute: which keys a row sees (padding mask, causal window), what an excluded key and a
-//        row with no visible key give, and the backward formula. scores/out/grad are contiguous [rows, sk]
-//        of `dtype`; softmax runs over sk in fp32 (fp64 for fp64), one rounding on store.
+//        rules both compute: which keys a row sees (padding mask, causal window), where a row's additive bias
+//        is, what an excluded key and a row with no visible key give, and the backward formulas.
+//        scores/out/grad are contiguous [rows, sk] of `dtype`; softmax runs over sk in fp32 (fp64 for fp64),
+//        one rounding on store.
 #include "kernels/common.h"
 
 namespace megacore::kernels {
@@ -51,7 +52,89 @@ struct ScaledSoftmaxBackward {
   double scale;
 };
 
+/// \brief An additive bias [bias_b, bias_h, bias_sq, sk or 1] (contiguous, `dtype`) read as if expanded to
+///        scores [b, h, sq, sk]: each leading dim of the bias is 1 (broadcast) or the scores' size, and
+///        per_key says whether a bias row holds sk values or one for all keys. softmax::bias_row gives the
+///        bias row a score row reads, softmax::score_row the score rows a bias row's gradient sums.
+struct BiasLayout {
+  int64_t b, h, sq;                 // scores' leading dims: rows = b * h * sq
+  int64_t bias_b, bias_h, bias_sq;  // the bias's, each 1 or the scores' size
+  bool per_key;                     // the bias's last dim is sk (else 1)
+};
+
+/// out = softmax(scale * scores + bias) with keys excluded by the mask and, when causal, by the causal
+/// (sliding-window) rule; both may be given. scores/out are [b, h, sq, sk] (rows = b * h * sq).
+struct ScaledBiasSoftmaxForward {
+  const void* scores;
+  const void* bias;  // BiasLayout over scores
+  void* out;
+  int64_t sk;
+  BiasLayout bias_layout;
+  MaskRows mask;  // mask.data may be null: no mask
+  bool causal;    // sq <= sk when set
+  int64_t window;  // causal only; <= 0: no window
+  DType dtype;
+  double scale;
+};
+
+/// dS = probs * (grad_out - sum(grad_out * probs, -1)); grad_scores = scale * dS; grad_bias = dS summed over
+/// the bias's broadcast dims (its shape: bias_layout's, in `dtype`, summed in the accumulation type). The
+/// score rows feeding one bias row are cut into softmax::bias_grad_chunks chunks; each chunk's sum is one
+/// task, and the chunks' sums are added in chunk order (deterministic).
+struct ScaledBiasSoftmaxBackward {
+  const void* grad_out;
+  const void* probs;
+  void* grad_scores;
+  void* grad_bias;
+  void* workspace;  // CUDA: [bias_grad_chunks, bias elements] of the accumulation type; CPU: unused (null)
+  int64_t sk;
+  BiasLayout bias_layout;
+  DType dtype;
+  double scale;
+};
+
 namespace softmax {
+
+// ---- where a row's bias is --------------------------------------------------------------------------
+
+/// \brief Rows of the bias (the product of its leading dims), and values per bias row.
+MEGACORE_HD int64_t bias_rows(const BiasLayout& l) { return l.bias_b * l.bias_h * l.bias_sq; }
+MEGACORE_HD int64_t bias_cols(const BiasLayout& l, int64_t sk) { return l.per_key ? sk : 1; }
+
+/// \brief The bias row score row `row` = (ib * h + ih) * sq + iq reads: index 0 on the bias's broadcast dims.
+MEGACORE_HD int64_t bias_row(const BiasLayout& l, int64_t row) {
+  const int64_t iq = row % l.sq, ih = (row / l.sq) % l.h, ib = row / (l.sq * l.h);
+  return ((l.bias_b > 1 ? ib : 0) * l.bias_h + (l.bias_h > 1 ? ih : 0)) * l.bias_sq + (l.bias_sq > 1 ? iq : 0);
+}
+
+/// \brief The j-th (0 <= j < rows / bias_rows) score row that reads bias row `brow`: j runs over the bias's
+///        broadcast dims (row-major), the bias's own index fills the others. On each dim one of the two is
+///        always 0, so the score index is their sum.
+MEGACORE_HD int64_t score_row(const BiasLayout& l, int64_t brow, int64_t j) {
+  const int64_t bq = brow % l.bias_sq, bh = (brow / l.bias_sq) % l.bias_h, bb = brow / (l.bias_sq * l.bias_h);
+  const int64_t fq = l.sq / l.bias_sq, fh = l.h / l.bias_h;  // sizes of the broadcast dims (1 where not)
+  const int64_t jq = j % fq, jh = (j / fq) % fh, jb = j / (fq * fh);
+  return ((bb + jb) * l.h + (bh + jh)) * l.sq + (bq + jq);
+}
+
+/// \brief Tasks the bias gradient is cut into when there are few bias rows (and most score rows per chunk):
+///        enough tasks to fill the CPU's threads and a GPU's warps, few enough that the chunks' partial sums
+///        ([chunks, bias elements] of the accumulation type) stay small next to the scores.
+constexpr int64_t kBiasGradTasks = 1024;
+constexpr int64_t kBiasGradMaxChunkRows = int64_t(1) << 16;  // fp32 partial sums stay far from 2^24 terms
+
+/// \brief How many chunks the score rows of each bias row are cut into for the bias gradient (1: every task
+///        owns a bias row and writes it directly). A function of the shapes only, so results do not depend on
+///        the thread count.
+inline int64_t bias_grad_chunks(int64_t rows, int64_t brows) {
+  if (rows <= 0 || brows <= 0) return 1;
+  const int64_t per = rows / brows;  // score rows per bias row
+  int64_t chunks = (kBiasGradTasks + brows - 1) / brows;
+  const int64_t min_chunks = (per + kBiasGradMaxChunkRows - 1) / kBiasGradMaxChunkRows;
+  if (chunks < min_chunks) chunks = min_chunks;
+  if (chunks > per) chunks = per;
+  return chunks < 1 ? 1 : chunks;
+}
 
 // ---- which keys a row sees --------------------------------------------------------------------------
 
@@ -94,6 +177,12 @@ MEGACORE_HD V scaled_score(V x, V scale) {
   return x * scale;
 }
 
+/// \brief The biased score of a key: scale * x + bias.
+template <typename V>
+MEGACORE_HD V biased_score(V x, V scale, V bias) {
+  return scaled_score(x, scale) + bias;
+}
+
 /// \brief What an excluded key's scaled score becomes: -inf, so that it never wins the max and
 ///        exp_shifted gives it 0.
 template <typename V>
@@ -134,9 +223,17 @@ MEGACORE_HD V grad_score(V g, V p, V dot, V scale) {
   return scale * p * (g - dot);
 }
 
+/// \brief d(scale * score + bias) = p * (g - dot): the bias's gradient; the scores' is scale times it.
+template <typename V>
+MEGACORE_HD V grad_logit(V g, V p, V dot) {
+  return p * (g - dot);
+}
+
 }  // namespace softmax
 }  // namespace megacore::kernels
 
 MEGACORE_KERNEL(scaled_masked_softmax_forward, ScaledMaskedSoftmaxForward)
 MEGACORE_KERNEL(scaled_causal_softmax_forward, ScaledCausalSoftmaxForward)
 MEGACORE_KERNEL(scaled_softmax_backward, ScaledSoftmaxBackward)
+MEGACORE_KERNEL(scaled_bias_softmax_forward, ScaledBiasSoftmaxForward)
+MEGACORE_KERNEL(scaled_bias_softmax_backward, ScaledBiasSoftmaxBackward)

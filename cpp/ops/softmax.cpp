@@ -1,7 +1,8 @@
 // The scaled softmax family: softmax(scale * scores) over the last dim with a padding mask or a causal
-// (sliding-window) mask, and its backward. Schemas, argument checks, the mask's row layout (a broadcast mask
-// is read in place, never materialized at scores' size), allocation, and the CPU and CUDA registrations;
-// the kernels are kernels/softmax.h's.
+// (sliding-window) mask, the same with an additive attention bias (T5's relative positions, ALiBi), and
+// their backwards. Schemas, argument checks, the mask's and the bias's row layouts (a broadcast mask or
+// bias is read in place, never materialized at scores' size), allocation, and the CPU and CUDA
+// registrations; the kernels are kernels/softmax.h's.
 #include "kernels/softmax.h"
 
 #include <optional>
@@ -45,6 +46,31 @@ void check_softmax_backward(const char* op, const at::Tensor& grad_out, const at
   check_min_dim(op, "probs", probs, 1, "[..., sk]");
   check_same_dtype_device(op, "grad_out", grad_out, "probs", probs);
   check_same_shape(op, "grad_out", grad_out, "probs", probs);
+}
+
+/// \brief scores of scaled_bias_softmax (and probs of its backward): a float tensor [b, h, sq, sk].
+void check_scores_4d(const char* op, const char* name, const at::Tensor& scores) {
+  check_float_tensor(op, name, scores);
+  MEGACORE_CHECK_ARG(scores.dim() == 4, op, name, " has ", scores.dim(), " dims (shape ", shape_str(scores.sizes()),
+                     "), expected 4: [b, h, sq, sk]");
+}
+
+/// \brief A bias shape (bias's, or bias_shape of the backward) must have 4 dims, each 1 or the size of
+///        scores' dim: [b or 1, h or 1, sq or 1, sk or 1].
+void check_bias_shape(const char* op, const char* name, at::IntArrayRef shape, const char* scores_name,
+                      const at::Tensor& scores) {
+  MEGACORE_CHECK_ARG(shape.size() == 4, op, name, " has shape ", shape_str(shape), ", expected 4 dims [b, h, sq, sk], "
+                     "each 1 or the size of ", scores_name, "' dim (", scores_name, ": ", shape_str(scores.sizes()), ")");
+  for (int64_t d = 0; d < 4; ++d) {
+    MEGACORE_CHECK_ARG(shape[d] == 1 || shape[d] == scores.size(d), op, name, " has shape ", shape_str(shape),
+                       ", expected each dim 1 or the size of ", scores_name, "' dim: dim ", d, " is ", shape[d],
+                       ", expected 1 or ", scores.size(d), " (", scores_name, ": ", shape_str(scores.sizes()), ")");
+  }
+}
+
+/// \brief The kernels' layout of a bias of shape `shape` (checked by check_bias_shape) over scores.
+kernels::BiasLayout bias_layout(at::IntArrayRef shape, const at::Tensor& scores) {
+  return {scores.size(0), scores.size(1), scores.size(2), shape[0], shape[1], shape[2], shape[3] == scores.size(3)};
 }
 
 /// \brief A mask's row layout for the kernels (kernels::MaskRows) and the tensor its pointer points into,
@@ -134,10 +160,59 @@ at::Tensor scaled_softmax_backward(const at::Tensor& grad_out, const at::Tensor&
   return grad_scores;
 }
 
+at::Tensor scaled_bias_softmax(const at::Tensor& scores, const at::Tensor& bias, const std::optional<at::Tensor>& mask,
+                               double scale, bool causal, std::optional<int64_t> window) {
+  const char* op = "scaled_bias_softmax";
+  check_scores_4d(op, "scores", scores);
+  check_same_dtype_device(op, "bias", bias, "scores", scores);
+  check_bias_shape(op, "bias", bias.sizes(), "scores", scores);
+  if (mask.has_value()) check_mask(op, *mask, scores);
+  MEGACORE_CHECK_ARG(causal || !window.has_value(), op, "window is ", window.value_or(0),
+                     " but causal is False; a sliding window needs causal=True");
+  if (causal) check_causal(op, scores, window);
+  const at::OptionalDeviceGuard guard(at::device_of(scores));
+  const at::Tensor sc = scores.contiguous(), bc = bias.contiguous();
+  at::Tensor out = at::empty_like(sc);
+  const Mask m = mask.has_value() ? mask_rows(*mask, sc) : Mask{};
+  const kernels::ScaledBiasSoftmaxForward p{sc.const_data_ptr(), bc.const_data_ptr(), out.mutable_data_ptr(),
+                                            sc.size(-1), bias_layout(bc.sizes(), sc), m.rows, causal,
+                                            causal ? window.value_or(0) : 0, dtype_of(sc), scale};
+  MEGACORE_LAUNCH(op, scaled_bias_softmax_forward, sc, p);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> scaled_bias_softmax_backward(const at::Tensor& grad_out, const at::Tensor& probs,
+                                                                double scale, at::IntArrayRef bias_shape) {
+  const char* op = "scaled_bias_softmax_backward";
+  check_scores_4d(op, "probs", probs);
+  check_softmax_backward(op, grad_out, probs);
+  check_bias_shape(op, "bias_shape", bias_shape, "probs", probs);
+  const at::OptionalDeviceGuard guard(at::device_of(probs));
+  const at::Tensor gc = grad_out.contiguous(), pc = probs.contiguous();
+  at::Tensor grad_scores = at::empty_like(pc);
+  at::Tensor grad_bias = at::empty(bias_shape, pc.options());
+  const kernels::BiasLayout layout = bias_layout(bias_shape, pc);
+  const int64_t rows = rows_of(pc), sk = pc.size(-1);
+  if (rows == 0 || sk == 0) grad_bias.zero_();  // nothing to sum; kernels do not run on empty input
+  at::Tensor workspace;  // CUDA: the chunks' partial sums of the bias gradient
+  if (pc.is_cuda() && rows > 0 && sk > 0) {
+    const int64_t brows = kernels::softmax::bias_rows(layout);
+    workspace = at::empty({kernels::softmax::bias_grad_chunks(rows, brows) * brows * kernels::softmax::bias_cols(layout, sk)},
+                          pc.options().dtype(acc_dtype(pc)));
+  }
+  const kernels::ScaledBiasSoftmaxBackward p{gc.const_data_ptr(), pc.const_data_ptr(), grad_scores.mutable_data_ptr(),
+                                             grad_bias.mutable_data_ptr(), mutable_ptr_or_null(workspace), sk,
+                                             layout, dtype_of(pc), scale};
+  MEGACORE_LAUNCH(op, scaled_bias_softmax_backward, pc, p);
+  return {grad_scores, grad_bias};
+}
+
 void register_kernels(torch::Library& m) {
   m.impl("scaled_masked_softmax", &scaled_masked_softmax);
   m.impl("scaled_causal_softmax", &scaled_causal_softmax);
   m.impl("scaled_softmax_backward", &scaled_softmax_backward);
+  m.impl("scaled_bias_softmax", &scaled_bias_softmax);
+  m.impl("scaled_bias_softmax_backward", &scaled_bias_softmax_backward);
 }
 
 }  // namespace
@@ -151,6 +226,18 @@ TORCH_LIBRARY_FRAGMENT(megacore, m) {
   megacore::ops::define_op(m, "scaled_causal_softmax(Tensor scores, float scale, int? window=None) -> Tensor");
   // grad_scores = scale * probs * (grad_out - sum(grad_out * probs)), for every mask kind.
   megacore::ops::define_op(m, "scaled_softmax_backward(Tensor grad_out, Tensor probs, float scale) -> Tensor");
+  // ---- softmax(scale * scores + bias): an additive attention bias (T5 relative positions, ALiBi) -----
+  // scores [b, h, sq, sk]; bias of scores' dtype, 4 dims each 1 or scores' size ([1, h, sq, sk] for T5,
+  // [1, h, 1, sk] ALiBi-like); mask as scaled_masked_softmax's; causal as scaled_causal_softmax's (window
+  // needs causal); mask and causal may be combined (both exclude). A row with no visible key is zeros.
+  megacore::ops::define_op(m,
+                           "scaled_bias_softmax(Tensor scores, Tensor bias, Tensor? mask, float scale, bool causal=False, "
+                           "int? window=None) -> Tensor");
+  // -> (grad_scores, grad_bias): dS = probs * (grad_out - sum(grad_out * probs)), grad_scores = scale * dS,
+  // grad_bias = dS summed over the dims where bias_shape is 1 (shape bias_shape, probs' dtype).
+  megacore::ops::define_op(m,
+                           "scaled_bias_softmax_backward(Tensor grad_out, Tensor probs, float scale, int[] bias_shape) "
+                           "-> (Tensor grad_scores, Tensor grad_bias)");
 }
 
 MEGACORE_REGISTER_KERNELS(megacore::ops::register_kernels)

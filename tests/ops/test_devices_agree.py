@@ -51,6 +51,12 @@ def _cases():
         (s,) = _inputs(dtype, (2, 3, 9, 21))
         return [s], lambda s: ops.scaled_causal_softmax(s, 0.7, window)
 
+    def bias_softmax(dtype, bias_shape, causal, window):
+        s, bias = _inputs(dtype, (2, 3, 9, 21), bias_shape)
+        mask = torch.rand(2, 1, 9, 21, generator=torch.Generator().manual_seed(3)) < 0.3
+        mask[0, 0, 4] = True  # a fully masked row: zeros on every device
+        return [s, bias], lambda s, b: ops.scaled_bias_softmax(s, b, mask.to(s.device), 0.7, causal, window)
+
     def rotary(dtype):
         (x,) = _inputs(dtype, (11, 2, 3, 16))
         cos, sin = ops.rotary_tables(11, 12, dtype=dtype)
@@ -71,6 +77,8 @@ def _cases():
         "scaled_masked_softmax": masked_softmax,
         "scaled_causal_softmax": lambda d: causal_softmax(d, None),
         "scaled_causal_softmax-window": lambda d: causal_softmax(d, 4),
+        "scaled_bias_softmax": lambda d: bias_softmax(d, (1, 3, 9, 21), False, None),
+        "scaled_bias_softmax-alibi-window": lambda d: bias_softmax(d, (1, 3, 1, 21), True, 4),
         "apply_rotary_emb": rotary,
         "cross_entropy": cross_entropy,
     }
@@ -103,7 +111,7 @@ def test_each_device_computes_what_the_cpu_computes(case, dtype, device):
     if case == "bias_dropout_add":  # the same keep mask on both devices: dropped elements are exact zeros
         x_grad_cpu, x_grad_dev = expected[1], got[1]
         assert torch.equal(x_grad_dev == 0, x_grad_cpu == 0), "the dropout masks differ between devices"
-    if case == "scaled_masked_softmax":
+    if case in ("scaled_masked_softmax", "scaled_bias_softmax"):
         assert (got[0][0, 0, 4] == 0).all(), "a fully masked row must give zeros"
 
 

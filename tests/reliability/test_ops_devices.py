@@ -118,6 +118,10 @@ def _examples(device) -> dict:
         "rms_norm_backward": lambda: dict(grad_out=t(4, 8), x=t(4, 8), weight=t(8), rstd=t(4).abs()),
         "scaled_masked_softmax": lambda: dict(scores=t(2, 3, 4, 4), mask=t(2, 1, 4, 4) > 0, scale=0.5),
         "scaled_softmax_backward": lambda: dict(grad_out=t(2, 3, 4, 4), probs=probs(), scale=0.5),
+        "scaled_bias_softmax": lambda: dict(scores=t(2, 3, 4, 4), bias=t(1, 3, 4, 4), mask=t(2, 1, 4, 4) > 0, scale=0.5,
+                                            causal=True, window=2),
+        "scaled_bias_softmax_backward": lambda: dict(grad_out=t(2, 3, 4, 4), probs=probs(), scale=0.5,
+                                                     bias_shape=[1, 3, 4, 4]),
         "apply_rotary_emb": lambda: dict(x=t(4, 2, 8), cos=t(4, 8), sin=t(4, 8)),
         "apply_rotary_emb_backward": lambda: dict(grad_out=t(4, 2, 8), cos=t(4, 8), sin=t(4, 8)),
         "cross_entropy": lambda: dict(logits=t(4, 10), target=target(), ignore_index=-100),
@@ -136,8 +140,8 @@ def _call(op: str, args: dict):
 
 
 def _moved(value, device):
-    if isinstance(value, (list, tuple)):
-        return [v.to(device) for v in value]
+    if isinstance(value, (list, tuple)):  # Tensor[], or an int[] (a shape) that stays as it is
+        return [v.to(device) if isinstance(v, torch.Tensor) else v for v in value]
     return value.to(device)
 
 

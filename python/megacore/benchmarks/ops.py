@@ -112,6 +112,20 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
             lambda x: ref.scaled_causal_softmax(x, 0.125),
             b * heads * s * s, 2, 3,
         ),
+        Case(  # T5: a learned relative-position bias per head, decoder self-attention
+            "scaled_bias_softmax", f"{b}x{heads}x{s}x{s} bias 1x{heads}x{s}x{s} causal",
+            lambda d, g: [_randn((b, heads, s, s), d, g), _randn((1, heads, s, s), d, g)],
+            lambda x, bias: ops.scaled_bias_softmax(x, bias, None, 0.125, causal=True),
+            lambda x, bias: ref.scaled_bias_softmax(x, bias, None, 0.125, causal=True),
+            b * heads * s * s, 2 + 1 / b, 3 + 1 / b, (0, 1),
+        ),
+        Case(  # ALiBi-like: one bias row per head, with a padding mask
+            "scaled_bias_softmax_alibi", f"{b}x{heads}x{s}x{s} bias 1x{heads}x1x{s} mask",
+            lambda d, g: [_randn((b, heads, s, s), d, g), _randn((1, heads, 1, s), d, g), mask_for(d)],
+            lambda x, bias, m: ops.scaled_bias_softmax(x, bias, m, 0.125),
+            lambda x, bias, m: ref.scaled_bias_softmax(x, bias, m, 0.125),
+            b * heads * s * s, 2, 3, (0, 1),
+        ),
         Case(
             "apply_rotary_emb", f"{seq}x{batch}x16x64",
             lambda d, g: [_randn((seq, batch, 16, 64), d, g)],

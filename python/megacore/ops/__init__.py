@@ -15,7 +15,7 @@ from megacore.ops.dropout import bias_dropout_add
 from megacore.ops.gelu import bias_gelu
 from megacore.ops.norm import layer_norm, rms_norm
 from megacore.ops.rotary import apply_rotary_emb, rotary_tables
-from megacore.ops.softmax import scaled_causal_softmax, scaled_masked_softmax
+from megacore.ops.softmax import scaled_bias_softmax, scaled_causal_softmax, scaled_masked_softmax
 
 __all__ = [
     "apply_rotary_emb",
@@ -27,6 +27,7 @@ __all__ = [
     "reference",
     "rms_norm",
     "rotary_tables",
+    "scaled_bias_softmax",
     "scaled_causal_softmax",
     "scaled_masked_softmax",
     "vocab_parallel_cross_entropy_stats",

@@ -57,6 +57,22 @@ def scaled_causal_softmax(scores, scale, window=None):
     return scaled_masked_softmax(scores, causal_mask(sq, sk, window, scores.device), scale)
 
 
+def scaled_bias_softmax(scores, bias, mask=None, scale=1.0, causal=False, window=None):
+    """softmax(scale * scores + bias) in fp32 (fp64 for fp64) with the keys excluded by ``mask`` (True =
+    excluded) and, when ``causal``, by :func:`causal_mask`; rows with no visible key are zeros."""
+    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    s = scores.to(acc) * scale + bias.to(acc)
+    excluded = mask
+    if causal:
+        sq, sk = scores.shape[-2:]
+        c = causal_mask(sq, sk, window, scores.device)
+        excluded = c if excluded is None else excluded | c
+    if excluded is not None:
+        s = s.masked_fill(excluded, float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)  # rows with every key excluded
+    return probs.to(scores.dtype)
+
+
 def rotate_half(u):
     h = u.shape[-1] // 2
     return torch.cat([-u[..., h:], u[..., :h]], dim=-1)
