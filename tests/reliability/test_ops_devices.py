@@ -57,7 +57,7 @@ def _layer_config() -> TransformerConfig:
     # Every optional tensor present: layernorm (norm biases), biases, a padding mask, RoPE.
     return TransformerConfig(hidden_size=16, num_attention_heads=2, ffn_hidden_size=32, attention_mask_type="padding",
                              position_embedding_type="rope", hidden_dropout=0.0, attention_dropout=0.0,
-                             cross_attention=True)
+                             cross_attention=True, attention_bias=True)
 
 
 def _layer_forward_args(device) -> dict:
@@ -70,7 +70,8 @@ def _layer_forward_args(device) -> dict:
     return dict(hidden=torch.randn(seq, batch, 16, device=device),
                 **dict(zip(op_param_names, layer.layer_params().values())),
                 attention_mask=torch.zeros(batch, 1, 1, seq, dtype=torch.bool, device=device),
-                rotary_cos=cos, rotary_sin=sin, attention_bias=None, memory=torch.randn(4, batch, 16, device=device),
+                rotary_cos=cos, rotary_sin=sin, attention_bias=torch.randn(1, 2, seq, seq, device=device),
+                memory=torch.randn(4, batch, 16, device=device),
                 memory_mask=torch.zeros(batch, 1, 1, 4, dtype=torch.bool, device=device), seed=_seed(),
                 config=op_config(config, "", True))
 
@@ -89,6 +90,7 @@ def _layer_decode_args(device) -> dict:
     return dict(args, hidden=args["hidden"][:new], rotary_cos=args["rotary_cos"][position:position + new],
                 rotary_sin=args["rotary_sin"][position:position + new],
                 attention_mask=torch.zeros(batch, 1, 1, position + new, dtype=torch.bool, device=device),
+                attention_bias=torch.randn(1, 2, new, position + new, device=device),
                 key_cache=torch.zeros(**cache), value_cache=torch.zeros(**cache),
                 cross_key_cache=torch.zeros(batch, 2, 4, 8, device=device),
                 cross_value_cache=torch.zeros(batch, 2, 4, 8, device=device), position=position,
