@@ -158,6 +158,8 @@ PYBIND11_MODULE(_C, m) {
         sites["attention"] = static_cast<int64_t>(tf::DropoutSite::kAttention);
         sites["after_attention"] = static_cast<int64_t>(tf::DropoutSite::kAfterAttention);
         sites["after_mlp"] = static_cast<int64_t>(tf::DropoutSite::kAfterMlp);
+        sites["cross_attention"] = static_cast<int64_t>(tf::DropoutSite::kCrossAttention);
+        sites["after_cross_attention"] = static_cast<int64_t>(tf::DropoutSite::kAfterCrossAttention);
         d["dropout_sites"] = sites;
         return d;
       },

@@ -13,7 +13,7 @@ from megacore import _C
 from megacore.transformer import TransformerConfig, TransformerLayer
 from megacore.transformer.layer import (DROPOUT_SITES, SAVED_SLOTS, dropout_seed, op_config, transformer_layer_decode,
                                         uses_flash)
-from tests.transformer.utils import make_mask
+from tests.transformer.utils import make_extras, make_mask
 
 VARIANTS = {
     "causal": dict(attention_mask_type="causal"),
@@ -24,6 +24,9 @@ VARIANTS = {
                                 add_bias_linear=False, activation="gelu_tanh"),
     "rope_sliding_fused": dict(position_embedding_type="rope", attention_mask_type="sliding_window", window_size=4,
                                attention_backend="fused_softmax"),
+    "t5_decoder": dict(attention_bias=True, cross_attention=True, softmax_scale=1.0, normalization="rmsnorm",
+                       add_bias_linear=False),
+    "cross_padding_bias": dict(attention_bias=True, cross_attention=True, attention_mask_type="padding"),
 }
 DTYPES = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 0.0}
 
@@ -43,14 +46,20 @@ def test_decoding_in_chunks_equals_the_training_forward(variant, pre_norm, dtype
     s, b = 9, 3
     x = torch.randn(s, b, 48, dtype=dtype)
     full_mask = make_mask(layer.config, b, s)  # [b, 1, 1, s] for padding, else None
-    keys = torch.zeros(layer.cache_shape(b, s + 2), dtype=dtype)
-    values = torch.zeros_like(keys)
+    extras = make_extras(layer.config, b, s)  # the bias [1, heads, s, s]; the memory [5, b, h] and its mask
+    bias = extras.pop("attention_bias", None)
+    cache = [torch.zeros(layer.cache_shape(b, s + 2), dtype=dtype) for _ in range(2)]
+    if layer.config.cross_attention:
+        cache += [torch.zeros(layer.cache_shape(b, 5), dtype=dtype) for _ in range(2)]
     position = 0
     for end in (4, 5, 7, 8, 9):  # a prompt, then one-token steps and chunks
         with torch.no_grad():
-            expected = layer(x[:end], None if full_mask is None else full_mask[..., :end])[position:end]
             mask = None if full_mask is None else full_mask[..., :end]
-            got = layer(x[position:end], mask, kv_cache=(keys, values), position=position)
+            whole_bias = None if bias is None else bias[..., :end, :end]
+            expected = layer(x[:end], mask, attention_bias=whole_bias, **extras)[position:end]
+            step_extras = dict(extras, memory=extras["memory"] if position == 0 else None) if extras else {}
+            got = layer(x[position:end], mask, kv_cache=tuple(cache), position=position,
+                        attention_bias=None if bias is None else bias[..., position:end, :end], **step_extras)
         if dtype == torch.bfloat16:  # the same ops on the same numbers, in another grouping of the GEMMs
             torch.testing.assert_close(got, expected, atol=4e-2, rtol=0)
         else:
@@ -140,7 +149,8 @@ def test_flash_rule_and_dropout_seeds_come_from_cpp():
     assert uses_flash(config, torch.randn(4, 2, 48))
     assert not uses_flash(op_config(_layer().config), torch.randn(4, 2, 48))  # CPU flash has no dropout
     assert not uses_flash(op_config(_layer(attention_mask_type="padding").config), torch.randn(4, 2, 48))
-    assert DROPOUT_SITES == {"attention": 0, "after_attention": 1, "after_mlp": 2}
+    assert DROPOUT_SITES == {"attention": 0, "after_attention": 1, "after_mlp": 2, "cross_attention": 3,
+                             "after_cross_attention": 4}
     # the documented derivation, checked independently here
     for seed, site, rank in [(0, 0, 0), (5, 1, 3), (-(2**63), 2, 1), (2**63 - 1, 0, 7)]:
         mixed = (seed + (site * 65536 + rank) * 0x9E3779B97F4A7C15) % 2**64

@@ -13,7 +13,7 @@ from megacore.transformer import PARAM_NAMES, TransformerConfig, TransformerLaye
 from megacore.transformer.layer import SAVED_SLOTS, op_config
 from megacore.transformer.reference import transformer_layer_reference
 from tests.ops.utils import compile_fullgraph
-from tests.transformer.utils import assert_layer_close, make_mask, run_layer, run_reference
+from tests.transformer.utils import assert_layer_close, make_extras, make_mask, run_layer, run_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 dtype_ids = lambda d: str(d).removeprefix("torch.")  # noqa: E731
@@ -25,6 +25,16 @@ VARIANTS = {
     "no_mask": dict(attention_mask_type="none"),
     "rope_rmsnorm_nobias": dict(position_embedding_type="rope", rotary_percent=0.5, normalization="rmsnorm",
                                 add_bias_linear=False, activation="gelu_tanh"),
+    # T5's encoder layer: a learned relative-position bias on padded attention, no scaling, RMSNorm, no biases, ReLU
+    "t5_encoder": dict(attention_mask_type="padding", attention_bias=True, softmax_scale=1.0, normalization="rmsnorm",
+                       add_bias_linear=False, activation="relu"),
+    # T5 v1.1's decoder layer: causal self-attention with the bias, cross-attention to a padded memory, GeGLU
+    "t5v11_decoder": dict(attention_bias=True, cross_attention=True, softmax_scale=1.0, normalization="rmsnorm",
+                          add_bias_linear=False, activation="geglu"),
+    "cross_swiglu_window": dict(cross_attention=True, activation="swiglu", attention_mask_type="sliding_window",
+                                window_size=3),
+    "alibi_reglu_no_mask": dict(attention_bias=True, attention_mask_type="none", activation="reglu"),
+    "geglu_erf_rope": dict(activation="geglu_erf", position_embedding_type="rope"),
 }
 
 
@@ -52,12 +62,14 @@ def test_layer_matches_reference(variant, pre_norm, dtype, device):
     cpu_layer = TransformerLayer(config)
     x_cpu = torch.randn(11, 3, 48).to(dtype)
     mask_cpu = make_mask(config, 3, 11)
+    extras_cpu = make_extras(config, 3, 11)
     layer, x, mask = _on(device, cpu_layer, x_cpu, mask_cpu)  # (moves cpu_layer itself)
-    out, grads = run_layer(layer, x, mask, seed=123)
-    ref_out, ref_grads = run_reference(layer, x, mask, seed=123)
+    extras = {k: v.to(device) for k, v in extras_cpu.items()}
+    out, grads = run_layer(layer, x, mask, seed=123, extras=extras)
+    ref_out, ref_grads = run_reference(layer, x, mask, seed=123, extras=extras)
     assert_layer_close(out, grads, ref_out, ref_grads, dtype)
     if device != "cpu":
-        cpu_out, cpu_grads = run_layer(_copy_layer(layer, config), x_cpu, mask_cpu, seed=123)
+        cpu_out, cpu_grads = run_layer(_copy_layer(layer, config), x_cpu, mask_cpu, seed=123, extras=extras_cpu)
         assert_layer_close(out.cpu(), [g.cpu() for g in grads], cpu_out, cpu_grads, dtype)
 
 

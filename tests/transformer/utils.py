@@ -28,29 +28,70 @@ def make_mask(config: TransformerConfig, batch: int, seq: int) -> Optional[torch
     return mask
 
 
+def make_extras(config: TransformerConfig, batch: int, seq: int, memory_len: int = 5, tp_rank: int = 0,
+                tp_size: int = 1, memory_chunk: bool = False) -> dict:
+    """The layer's other inputs for ``config``, deterministic (every rank builds the same, then takes its part):
+    ``attention_bias [1, heads / tp, seq, seq]`` (this rank's heads) with ``config.attention_bias``; ``memory``
+    ``[memory_len, batch, hidden]`` (its sequence chunk with ``memory_chunk``) and ``memory_mask [batch, 1, 1,
+    memory_len]`` (sequence i has its last i % 2 memory positions masked) with ``config.cross_attention``."""
+    gen = torch.Generator().manual_seed(17)
+    dtype = config.params_dtype
+    extras = {}
+    heads = config.num_attention_heads
+    if config.attention_bias:
+        bias = torch.randn(1, heads, seq, seq, generator=gen).to(dtype)
+        per = heads // tp_size
+        extras["attention_bias"] = bias[:, tp_rank * per:(tp_rank + 1) * per].contiguous()
+    if config.cross_attention:
+        memory = torch.randn(memory_len, batch, config.hidden_size, generator=gen).to(dtype)
+        if memory_chunk:
+            chunk = memory_len // tp_size
+            memory = memory[tp_rank * chunk:(tp_rank + 1) * chunk].contiguous()
+        mask = torch.zeros(batch, 1, 1, memory_len, dtype=torch.bool)
+        for i in range(batch):
+            if i % 2:
+                mask[i, ..., memory_len - 1:] = True
+        extras.update(memory=memory, memory_mask=mask)
+    return extras
+
+
+def _differentiable_extras(extras: Optional[dict]) -> tuple[dict, list[torch.Tensor]]:
+    """(the extras with attention_bias and memory as fresh leaves that require grad, those leaves)."""
+    extras = dict(extras or {})
+    leaves = []
+    for name in ("attention_bias", "memory"):
+        if name in extras:
+            extras[name] = extras[name].detach().clone().requires_grad_()
+            leaves.append(extras[name])
+    return extras, leaves
+
+
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed + 1)  # on CPU: the same gradient whatever the device
     grad_out = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
     return list(torch.autograd.grad(out, inputs, grad_out))
 
 
-def run_layer(layer: TransformerLayer, x: torch.Tensor, mask, seed: int):
-    """The C++ layer's output and gradients (input first, then the parameters in module order) for a
-    fixed random output gradient."""
+def run_layer(layer: TransformerLayer, x: torch.Tensor, mask, seed: int, extras: Optional[dict] = None):
+    """The C++ layer's output and gradients (input first, then the parameters in module order, then the
+    attention bias's and the memory's when ``extras`` (:func:`make_extras`) has them) for a fixed random output
+    gradient."""
     x = x.detach().clone().requires_grad_()
+    extras, leaves = _differentiable_extras(extras)
     rotary = layer.rotary_tables(layer.full_seq_len(x), x.device)
     out = transformer_layer(x, layer.layer_params(), layer.config, mask, rotary, torch.tensor([seed]),
-                            layer.group_name, layer.training)
-    return out.detach(), _grads(out, [x, *layer.parameters()], seed)
+                            layer.group_name, layer.training, **extras)
+    return out.detach(), _grads(out, [x, *layer.parameters(), *leaves], seed)
 
 
-def run_reference(layer: TransformerLayer, x: torch.Tensor, mask, seed: int):
+def run_reference(layer: TransformerLayer, x: torch.Tensor, mask, seed: int, extras: Optional[dict] = None):
     """Same as run_layer, with the Python reference composition."""
     x = x.detach().clone().requires_grad_()
+    extras, leaves = _differentiable_extras(extras)
     rotary = layer.rotary_tables(layer.full_seq_len(x), x.device)
     out = transformer_layer_reference(x, layer.layer_params(), layer.config, mask, rotary, seed, layer.group_name,
-                                      layer.training)
-    return out.detach(), _grads(out, [x, *layer.parameters()], seed)
+                                      layer.training, **extras)
+    return out.detach(), _grads(out, [x, *layer.parameters(), *leaves], seed)
 
 
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):

@@ -53,8 +53,9 @@ DROPOUT_SITES = dict(_spec["dropout_sites"])  # site name -> number, for dropout
 def dropout_seed(seed: int, site: int, rank: int) -> int:
     """The Philox seed of one dropout site, as the C++ layer derives it (one definition, in C++):
     ``seed + (site * 65536 + rank) * 0x9E3779B97F4A7C15`` modulo 2**64, as a signed int64. Sites
-    (``DROPOUT_SITES``): 0 attention probabilities (rank = tensor-parallel rank), 1 and 2 the residual dropouts
-    after attention and MLP (rank = tensor-parallel rank under sequence parallelism, else 0)."""
+    (``DROPOUT_SITES``): 0 attention probabilities and 3 cross-attention probabilities (rank = tensor-parallel
+    rank), 1, 2 and 4 the residual dropouts after attention, MLP and cross-attention (rank = tensor-parallel rank
+    under sequence parallelism, else 0)."""
     return _C.transformer_layer_dropout_seed(int(seed), int(site), int(rank))
 
 
