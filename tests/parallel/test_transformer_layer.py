@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megacore.parallel.collectives import all_reduce
-from megacore.parallel.sharding import ParallelPlan
-from tests.parallel.utils import gather_shards, run_distributed, shard_dims
+from megacore.parallel.sharding import ParallelPlan, gather_full, param_shards
+from tests.parallel.utils import run_distributed
 
 SEQ, BATCH, HIDDEN, HEADS, FFN = 8, 2, 32, 4, 64
 VARIANTS = {
@@ -26,6 +26,12 @@ VARIANTS = {
     "padding": dict(attention_mask_type="padding"),
     "sliding_window": dict(attention_mask_type="sliding_window", window_size=3, normalization="rmsnorm"),
     "none_rope": dict(attention_mask_type="none", position_embedding_type="rope"),
+    # a T5 v1.1 decoder layer: relative-position bias (each rank its heads), cross-attention, GeGLU (fc1's
+    # [gate; up] halves split separately over the ranks)
+    "t5v11_decoder": dict(attention_bias=True, cross_attention=True, softmax_scale=1.0, normalization="rmsnorm",
+                          add_bias_linear=False, activation="geglu"),
+    # the input gradient's collectives synchronous (the other variants overlap them with the weight GEMMs)
+    "cross_swiglu_sync": dict(cross_attention=True, activation="swiglu", overlap_tp_comm=False),
 }
 
 
@@ -33,10 +39,9 @@ VARIANTS = {
 
 def _check_layer(rank, world, dtypes):
     from megacore.parallel import destroy_model_parallel, get_tensor_parallel_group, initialize_model_parallel
-    from megacore.parallel.layers import merge_weights
     from megacore.transformer import TransformerConfig, TransformerLayer
     from tests.transformer.utils import (
-        assert_close_relative, assert_layer_close, make_mask, run_layer, run_reference)
+        assert_close_relative, assert_layer_close, make_extras, make_mask, run_layer, run_reference)
 
     initialize_model_parallel(world)
     group = get_tensor_parallel_group()
@@ -54,15 +59,18 @@ def _check_layer(rank, world, dtypes):
         chunk = SEQ // world
         x = x_full[rank * chunk:(rank + 1) * chunk] if sp else x_full
         mask = make_mask(config(False, 0.0), BATCH, SEQ)
+        # the memory (cross-attention) is split like hidden under sequence parallelism; the bias by heads
+        extras = make_extras(config(False, 0.0), BATCH, SEQ, SEQ, rank, world, memory_chunk=sp)
+        full_extras = make_extras(config(False, 0.0), BATCH, SEQ, SEQ)
 
         # 1. C++ == reference on this rank, dropout on.
         torch.manual_seed(0)
         layer = TransformerLayer(config(True, 0.1))
-        out, grads = run_layer(layer, x, mask, seed=11)
-        ref_out, ref_grads = run_reference(layer, x, mask, seed=11)
+        out, grads = run_layer(layer, x, mask, seed=11, extras=extras)
+        ref_out, ref_grads = run_reference(layer, x, mask, seed=11, extras=extras)
         try:
             assert_layer_close(out, grads, ref_out, ref_grads, dtype,
-                               ["hidden"] + [n for n, _ in layer.named_parameters()])
+                               ["hidden"] + [n for n, _ in layer.named_parameters()] + sorted(extras))
         except AssertionError as e:
             raise AssertionError(f"C++ vs reference ({where}): {e}") from None
 
@@ -71,38 +79,51 @@ def _check_layer(rank, world, dtypes):
         tp_layer = TransformerLayer(config(True, 0.0))
         torch.manual_seed(0)
         full_layer = TransformerLayer(config(False, 0.0))
-        full_out, full_grads = _run_with_fixed_grad(full_layer, x_full, mask, rank, world)
-        out, grads = _run_with_fixed_grad(tp_layer, x, mask, rank, world, chunked=sp)
+        full_out, full_grads = _run_with_fixed_grad(full_layer, x_full, mask, rank, world, extras=full_extras)
+        out, grads = _run_with_fixed_grad(tp_layer, x, mask, rank, world, chunked=sp, extras=extras)
+        n_params = len(list(tp_layer.parameters()))
+        if "attention_bias" in extras:  # this rank's heads of the whole layer's bias gradient
+            per = HEADS // world
+            assert_close_relative(grads[1 + n_params], full_grads[1 + n_params][:, rank * per:(rank + 1) * per],
+                                  dtype, f"TP attention-bias gradient ({where})")
+        if "memory" in extras:  # the memory's gradient: whole on every rank, or its chunk under sequence parallelism
+            g_memory, full_g_memory = grads[-1], full_grads[-1]
+            expected = full_g_memory[rank * chunk:(rank + 1) * chunk] if sp else full_g_memory
+            assert_close_relative(g_memory, expected, dtype, f"TP memory gradient ({where})")
+        grads, full_grads = grads[:1 + n_params], full_grads[:1 + n_params]
         expected_out = full_out[rank * chunk:(rank + 1) * chunk] if sp else full_out
         assert_close_relative(out, expected_out, dtype, f"TP output ({where})")
         expected_gx = full_grads[0][rank * chunk:(rank + 1) * chunk] if sp else full_grads[0]
         assert_close_relative(grads[0], expected_gx, dtype, f"TP input gradient ({where})")
-        dims = shard_dims(tp_layer, world)
+        shards = {s.name: s for s in param_shards(tp_layer, world)}
         # parameters used on sequence shards hold their shard's part: the once-per-step sum the Trainer does
         partial = {s.name for s in ParallelPlan(tp_layer).params if s.sequence_parallel}
         assert bool(partial) == bool(sp), partial
         for (name, p), g, g_full in zip(tp_layer.named_parameters(), grads[1:], full_grads[1:]):
             if name in partial:
                 g = all_reduce(g, group)
-            merged = merge_weights(gather_shards(g, group, world), dims[name]) if dims[name] is not None else g
+            merged = gather_full(shards[name], g, group)  # the plan's one gather (a gated fc1: [gate; up] chunks)
             assert_close_relative(merged, g_full, dtype, f"TP gradient of {name} ({where})")
     destroy_model_parallel()
 
 
-def _run_with_fixed_grad(layer, x, mask, rank, world, chunked=False):
-    """Output and gradients for an output gradient drawn over the whole sequence from a fixed seed, of
-    which a sequence-parallel rank takes its chunk (so TP and TP=1 see the same upstream gradient)."""
+def _run_with_fixed_grad(layer, x, mask, rank, world, chunked=False, extras=None):
+    """Output and gradients (input, parameters, then the attention bias's and the memory's when given) for an
+    output gradient drawn over the whole sequence from a fixed seed, of which a sequence-parallel rank takes its
+    chunk (so TP and TP=1 see the same upstream gradient)."""
     from megacore.transformer import transformer_layer
 
     x = x.detach().clone().requires_grad_()
+    extras = {k: v.detach().clone().requires_grad_(k != "memory_mask") for k, v in (extras or {}).items()}
+    leaves = [extras[k] for k in ("attention_bias", "memory") if k in extras]
     rotary = layer.rotary_tables(layer.full_seq_len(x), x.device)
     out = transformer_layer(x, layer.layer_params(), layer.config, mask, rotary, torch.tensor([5]),
-                            layer.group_name, layer.training)
+                            layer.group_name, layer.training, **extras)
     g = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(6)).to(out.dtype)
     if chunked:
         chunk = SEQ // world
         g = g[rank * chunk:(rank + 1) * chunk]
-    return out.detach(), list(torch.autograd.grad(out, [x, *layer.parameters()], g))
+    return out.detach(), list(torch.autograd.grad(out, [x, *layer.parameters(), *leaves], g))
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
