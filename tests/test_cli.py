@@ -45,7 +45,7 @@ def test_bench_rejects_an_unknown_op():
 
 def test_python_dash_m_megacore_benchmarks_needs_a_name():
     r = subprocess.run([sys.executable, "-m", "megacore.benchmarks"], capture_output=True, text=True)
-    assert r.returncode == 2 and "usage: python -m megacore.benchmarks {ops,layer,model,prepare,train,pipeline}" in r.stderr
+    assert r.returncode == 2 and "usage: python -m megacore.benchmarks {ops,layer,model,prepare,train,pipeline,generate}" in r.stderr
 
 
 def test_bench_train_runs_a_preset_with_overrides_and_without_hf(capsys):

@@ -5,7 +5,7 @@ Each module has a ``main(argv)``; results for this project's machines are in doc
 
 BENCHMARKS = {"ops": "megacore.benchmarks.ops", "layer": "megacore.benchmarks.layer", "model": "megacore.benchmarks.model",
               "prepare": "megacore.benchmarks.prepare", "train": "megacore.benchmarks.train",
-              "pipeline": "megacore.benchmarks.pipeline"}
+              "pipeline": "megacore.benchmarks.pipeline", "generate": "megacore.benchmarks.generate"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run a side-by-side benchmark (ops: fused ops; layer: the transformer layer; model: whole models vs "
              "Hugging Face; prepare: `megacore prepare` vs plain tokenizers; train: a training step vs Hugging Face; "
-             "pipeline: pipeline-parallel layouts' step time, bubble and memory)",
+             "pipeline: pipeline-parallel layouts' step time, bubble and memory; generate: greedy decoding's "
+             "prefill and decode tokens/s vs Hugging Face)",
         description="Run a benchmark; options after NAME go to it (e.g. `megacore bench ops --help`).",
     )
     bench.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
