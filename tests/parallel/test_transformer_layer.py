@@ -131,6 +131,36 @@ def test_transformer_layer_tensor_parallel(world):
     run_distributed(_check_layer, world, [torch.float32, torch.bfloat16], timeout_s=400, collective_timeout_s=60)
 
 
+def _check_overlap(rank, world):
+    """The overlapped backward (the input gradient's collective under the weight GEMM) gives exactly the synchronous
+    path's gradients, with and without sequence parallelism, for a decoder layer (every column-parallel GEMM)."""
+    import dataclasses
+
+    from megacore.parallel import destroy_model_parallel, initialize_model_parallel
+    from megacore.transformer import TransformerConfig, TransformerLayer
+    from tests.transformer.utils import make_extras, run_layer
+
+    initialize_model_parallel(world)
+    for sp in (False, True):
+        config = TransformerConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=FFN,
+                                   tensor_parallel=True, sequence_parallel=sp, cross_attention=True)
+        torch.manual_seed(0)
+        layer = TransformerLayer(config)
+        x = torch.randn(SEQ // world if sp else SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(3))
+        extras = make_extras(config, BATCH, SEQ, SEQ, rank, world, memory_chunk=sp)
+        out, grads = run_layer(layer, x, None, seed=4, extras=extras)
+        layer.config = dataclasses.replace(config, overlap_tp_comm=False)
+        sync_out, sync_grads = run_layer(layer, x, None, seed=4, extras=extras)
+        assert torch.equal(out, sync_out)
+        for i, (a, b) in enumerate(zip(grads, sync_grads)):
+            assert torch.equal(a, b), (sp, i)
+    destroy_model_parallel()
+
+
+def test_overlapped_backward_equals_synchronous():
+    run_distributed(_check_overlap, 2, timeout_s=120)
+
+
 def _check_errors(rank, world):
     from megacore.parallel import destroy_model_parallel, initialize_model_parallel
     from megacore.transformer import TransformerConfig, TransformerLayer

@@ -197,24 +197,34 @@ def test_benchmark_eager_block_is_the_same_layer():
     torch.testing.assert_close(block(x.transpose(0, 1)).transpose(0, 1), layer(x), atol=1e-5, rtol=1e-5)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("kw", [
+    dict(pre_norm=True, attention_mask_type="padding"),
+    dict(pre_norm=False, position_embedding_type="rope", attention_mask_type="sliding_window", window_size=2,
+         recompute_core_attention=True),
+    # the new pieces: the attention bias's and the memory's gradients, cross-attention, gated and ReLU MLPs
+    dict(pre_norm=True, attention_bias=True, cross_attention=True, activation="swiglu", softmax_scale=0.7),
+    dict(pre_norm=False, attention_bias=True, cross_attention=True, activation="relu", attention_mask_type="padding",
+         normalization="rmsnorm", recompute_core_attention=True),
+    dict(pre_norm=True, cross_attention=True, activation="geglu", attention_mask_type="none"),
+], ids=["padding", "post_ln_rope_window", "bias_cross_swiglu", "post_ln_t5_relu", "cross_geglu"])
+def test_gradcheck_float64(kw):
     torch.manual_seed(0)
-    for kw in (dict(pre_norm=True, attention_mask_type="padding"),
-               dict(pre_norm=False, position_embedding_type="rope", attention_mask_type="sliding_window",
-                    window_size=2, recompute_core_attention=True)):
-        config = TransformerConfig(hidden_size=8, num_attention_heads=2, ffn_hidden_size=12,
-                                   params_dtype=torch.float64, **kw)
-        layer = TransformerLayer(config)
-        x = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
-        mask = make_mask(config, 2, 5)
-        params = layer.layer_params()
-        names = [n for n in PARAM_NAMES if params[n] is not None]
+    config = TransformerConfig(hidden_size=8, num_attention_heads=2, ffn_hidden_size=12, params_dtype=torch.float64,
+                               **kw)
+    layer = TransformerLayer(config)
+    x = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
+    mask = make_mask(config, 2, 5)
+    extras = make_extras(config, 2, 5, memory_len=3)
+    leaves = {k: v.requires_grad_() for k, v in extras.items() if k != "memory_mask"}
+    params = layer.layer_params()
+    names = [n for n in PARAM_NAMES if params[n] is not None]
 
-        def f(x, *ps):  # dropout on: the fixed seed makes it a fixed linear map
-            return transformer_layer(x, dict(zip(names, ps)), config, mask, layer.rotary_tables(5, x.device),
-                                     torch.tensor([7]))
+    def f(x, *ps):  # dropout on: the fixed seed makes it a fixed linear map
+        given = dict(zip(list(leaves), ps[len(names):]))
+        return transformer_layer(x, dict(zip(names, ps[:len(names)])), config, mask, layer.rotary_tables(5, x.device),
+                                 torch.tensor([7]), memory_mask=extras.get("memory_mask"), **given)
 
-        assert torch.autograd.gradcheck(f, (x, *[params[n] for n in names]))
+    assert torch.autograd.gradcheck(f, (x, *[params[n] for n in names], *leaves.values()))
 
 
 @pytest.mark.parametrize("pre_norm", [True, False], ids=["pre_ln", "post_ln"])

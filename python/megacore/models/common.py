@@ -78,6 +78,8 @@ class ModelConfig:
     init_method_std: float = INIT_STD
     rotary_percent: float = 1.0
     rotary_base: float = 10000.0
+    softmax_scale: Optional[float] = None
+    overlap_tp_comm: bool = True
 
     def __post_init__(self):
         name = f"megacore.models.{type(self).__name__}"
