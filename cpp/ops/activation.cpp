@@ -1,6 +1,7 @@
-// The bias_gelu family: y = gelu(x + bias), bias over the last dim, and its backward. Schemas, argument
-// checks, allocation, and the CPU and CUDA registrations; the kernels are kernels/gelu.h's.
-#include "kernels/gelu.h"
+// The activation family (so far bias_gelu): y = gelu(x + bias), bias over the last dim, and its backward.
+// Schemas, argument checks, allocation, and the CPU and CUDA registrations; the kernels are
+// kernels/activation.h's.
+#include "kernels/activation.h"
 
 #include <string_view>
 

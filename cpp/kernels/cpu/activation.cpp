@@ -1,7 +1,7 @@
 // bias_gelu forward/backward on CPU: one pass, vectorized in the accumulation type, parallel over
 // elements (forward) or row chunks with per-chunk bias partial sums (backward). The GeLU itself is
-// kernels/gelu.h's, shared with the CUDA kernels.
-#include "kernels/gelu.h"
+// kernels/activation.h's, shared with the CUDA kernels.
+#include "kernels/activation.h"
 
 #include "kernels/cpu/vec.h"
 

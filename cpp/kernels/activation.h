@@ -1,6 +1,6 @@
 #pragma once
-// \brief The bias_gelu kernels (kernels/cpu/gelu.cpp, kernels/cuda/gelu.cu) and the GeLU both compute.
-//        x/out/grad are contiguous [rows, cols] of `dtype`; bias is [cols] or null. Math in fp32 (fp64
+// \brief The bias_gelu kernels (kernels/cpu/activation.cpp, kernels/cuda/activation.cu) and the GeLU both
+//        compute. x/out/grad are contiguous [rows, cols] of `dtype`; bias is [cols] or null. Math in fp32 (fp64
 //        for fp64), one rounding on store.
 #include "kernels/common.h"
 

@@ -1,8 +1,8 @@
 // bias_gelu on CUDA: a vectorized elementwise forward; a backward that writes grad_x and, in the same
-// pass, per-block column partial sums for the bias gradient. The GeLU itself is kernels/gelu.h's, shared
-// with the CPU kernels.
+// pass, per-block column partial sums for the bias gradient. The GeLU itself is kernels/activation.h's,
+// shared with the CPU kernels.
 #include "kernels/cuda/common.cuh"
-#include "kernels/gelu.h"
+#include "kernels/activation.h"
 
 namespace megacore::cuda {
 namespace {
