@@ -6,7 +6,7 @@ definitions the tests compare against.
 """
 
 from megacore.ops import reference
-from megacore.ops.activation import bias_gelu
+from megacore.ops.activation import bias_gated, bias_gelu, bias_relu
 from megacore.ops.cross_entropy import (
     cross_entropy,
     cross_entropy_backward,
@@ -20,7 +20,9 @@ from megacore.ops.softmax import scaled_causal_softmax, scaled_masked_softmax
 __all__ = [
     "apply_rotary_emb",
     "bias_dropout_add",
+    "bias_gated",
     "bias_gelu",
+    "bias_relu",
     "cross_entropy",
     "cross_entropy_backward",
     "layer_norm",
