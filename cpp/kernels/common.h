@@ -61,9 +61,11 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3
       otherwise;                                                                 \
   }
 
-/// \brief Transcendental functions of V for the shared math. Scalars here (host and device); the CPU
-///        kernels add Vectorized<float/double> in kernels/cpu/vec.h. `fast_exp` may be off by up to
-///        20 ULP (ATen's exp_u20 on CPU; nvcc's --use_fast_math __expf on GPU).
+/// \brief What the shared math needs beyond + - * /: transcendental functions, and ReLU's selections.
+///        Scalars here (host and device); the CPU kernels add Vectorized<float/double> in
+///        kernels/cpu/vec.h. `fast_exp` may be off by up to 20 ULP (ATen's exp_u20 on CPU; nvcc's
+///        --use_fast_math __expf on GPU). relu(NaN) is NaN and relu_grad(NaN) is 1, as torch's relu and its
+///        backward (which passes the gradient unless the output is <= 0).
 template <typename V>
 struct Math;
 
@@ -74,6 +76,8 @@ struct Math<float> {
   static MEGACORE_HD float fast_exp(float x) { return ::expf(x); }
   static MEGACORE_HD float erf(float x) { return ::erff(x); }
   static MEGACORE_HD float log(float x) { return ::logf(x); }
+  static MEGACORE_HD float relu(float x) { return x < 0.f ? 0.f : x; }
+  static MEGACORE_HD float relu_grad(float x) { return x <= 0.f ? 0.f : 1.f; }
 };
 
 template <>
@@ -83,6 +87,8 @@ struct Math<double> {
   static MEGACORE_HD double fast_exp(double x) { return ::exp(x); }
   static MEGACORE_HD double erf(double x) { return ::erf(x); }
   static MEGACORE_HD double log(double x) { return ::log(x); }
+  static MEGACORE_HD double relu(double x) { return x < 0.0 ? 0.0 : x; }
+  static MEGACORE_HD double relu_grad(double x) { return x <= 0.0 ? 0.0 : 1.0; }
 };
 
 /// \brief V filled with the constant c, rounded once to V's scalar type.

@@ -29,6 +29,14 @@ def _cases():
         x, b = _inputs(dtype, (7, 3, 37), (37,))
         return [x, b], lambda x, b: ops.bias_gelu(x, b, approximate)
 
+    def relu(dtype):
+        x, b = _inputs(dtype, (7, 3, 37), (37,))
+        return [x, b], ops.bias_relu
+
+    def gated(dtype, activation):
+        x, b = _inputs(dtype, (7, 3, 2 * 37), (2 * 37,))
+        return [x, b], lambda x, b: ops.bias_gated(x, b, activation)
+
     def dropout(dtype):
         x, b, r = _inputs(dtype, (5, 2, 67), (67,), (5, 2, 67))
         return [x, b, r], lambda x, b, r: ops.bias_dropout_add(x, b, r, 0.3, generator=torch.Generator().manual_seed(9))
@@ -71,6 +79,11 @@ def _cases():
     return {
         "bias_gelu-tanh": lambda d: gelu(d, "tanh"),
         "bias_gelu-erf": lambda d: gelu(d, "none"),
+        "bias_relu": relu,
+        "bias_gated-geglu": lambda d: gated(d, "geglu"),
+        "bias_gated-geglu_erf": lambda d: gated(d, "geglu_erf"),
+        "bias_gated-swiglu": lambda d: gated(d, "swiglu"),
+        "bias_gated-reglu": lambda d: gated(d, "reglu"),
         "bias_dropout_add": dropout,
         "layer_norm": layer_norm,
         "rms_norm": rms_norm,

@@ -111,6 +111,10 @@ def _examples(device) -> dict:
     return {
         "bias_gelu": lambda: dict(x=t(4, 8), bias=t(8), approximate="tanh"),
         "bias_gelu_backward": lambda: dict(grad_out=t(4, 8), x=t(4, 8), bias=t(8), approximate="tanh"),
+        "bias_relu": lambda: dict(x=t(4, 8), bias=t(8)),
+        "bias_relu_backward": lambda: dict(grad_out=t(4, 8), x=t(4, 8), bias=t(8)),
+        "bias_gated": lambda: dict(x=t(4, 8), bias=t(8), activation="swiglu"),
+        "bias_gated_backward": lambda: dict(grad_out=t(4, 4), x=t(4, 8), bias=t(8), activation="swiglu"),
         "bias_dropout_add": lambda: dict(x=t(4, 8), bias=t(8), residual=t(4, 8), p=0.5, seed=_seed()),
         "bias_dropout_add_backward": lambda: dict(grad_out=t(4, 8), p=0.5, seed=_seed(), has_bias=True),
         "layer_norm": lambda: dict(x=t(4, 8), weight=t(8), bias=t(8), eps=1e-5),

@@ -228,30 +228,46 @@ def test_gradcheck_float64(kw):
 
 
 @pytest.mark.parametrize("pre_norm", [True, False], ids=["pre_ln", "post_ln"])
-def test_opcheck(pre_norm):
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
+def test_opcheck(pre_norm, decoder):
+    """Also a decoder layer: an attention bias, cross-attention to a padded memory, a gated MLP."""
     torch.manual_seed(0)
-    config = _config(torch.float32, pre_norm=pre_norm, position_embedding_type="rope", attention_mask_type="padding")
+    extra = dict(attention_bias=True, cross_attention=True, activation="geglu") if decoder else {}
+    config = _config(torch.float32, pre_norm=pre_norm, position_embedding_type="rope", attention_mask_type="padding",
+                     **extra)
     layer = TransformerLayer(config)
     x = torch.randn(7, 2, 48, requires_grad=True)
+    extras = {k: v.requires_grad_(k != "memory_mask") for k, v in make_extras(config, 2, 7).items()}
     args = (x, *layer.layer_params().values(), make_mask(config, 2, 7), *layer.rotary_tables(7, x.device),
-            None, None, None, torch.tensor([3]), op_config(config, "", True))
+            extras.get("attention_bias"), extras.get("memory"), extras.get("memory_mask"), torch.tensor([3]),
+            op_config(config, "", True))
     torch.library.opcheck(torch.ops.megacore.transformer_layer.default, args)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("decoder", [False, True], ids=["gpt", "t5_decoder"])
+def test_torch_compile_fullgraph_forward_and_backward(decoder):
     torch.manual_seed(0)
-    layer = TransformerLayer(_config(torch.float32, position_embedding_type="rope"))
+    extra = dict(attention_bias=True, cross_attention=True, activation="swiglu", softmax_scale=1.0) if decoder else {}
+    layer = TransformerLayer(_config(torch.float32, position_embedding_type="rope", **extra))
     x = torch.randn(8, 2, 48)
     seed = torch.tensor([11])
+    extras = make_extras(layer.config, 2, 8)
 
-    def step(x):
-        return transformer_layer(x, layer.layer_params(), layer.config, None, layer.rotary_tables(8, x.device), seed)
+    def step(x, bias, memory):
+        return transformer_layer(x, layer.layer_params(), layer.config, None, layer.rotary_tables(8, x.device), seed,
+                                 attention_bias=bias, memory=memory, memory_mask=extras.get("memory_mask"))
 
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    eager, compiled = step(x1), compile_fullgraph(step)(x2)
+    def leaves():
+        return [t.clone().requires_grad_() if t is not None else None
+                for t in (x, extras.get("attention_bias"), extras.get("memory"))]
+
+    a, b = leaves(), leaves()
+    eager, compiled = step(*a), compile_fullgraph(step)(*b)
     torch.testing.assert_close(compiled, eager)
     g = torch.randn_like(eager)
-    torch.testing.assert_close(torch.autograd.grad(compiled, x2, g)[0], torch.autograd.grad(eager, x1, g)[0])
+    wrt_a, wrt_b = [t for t in a if t is not None], [t for t in b if t is not None]
+    for got, want in zip(torch.autograd.grad(compiled, wrt_b, g), torch.autograd.grad(eager, wrt_a, g)):
+        torch.testing.assert_close(got, want)
 
 
 def test_eval_mode_has_no_dropout():

@@ -36,6 +36,8 @@ struct Math<at::vec::Vectorized<A>> {
   static V fast_exp(const V& x) { return x.exp_u20(); }  // exact for double
   static V erf(const V& x) { return x.erf(); }
   static V log(const V& x) { return x.log(); }
+  static V relu(const V& x) { return V::blendv(x, V(A(0)), x < V(A(0))); }
+  static V relu_grad(const V& x) { return V(A(1)) - x.le(V(A(0))); }  // le: 1 where x <= 0, else 0 (NaN too)
 };
 
 }  // namespace megacore::kernels

@@ -53,6 +53,7 @@ def _randn(shape, dtype, requires_grad, scale=1.0):
 def cases(quick: bool, device: str = "cpu") -> list[Case]:
     t = 2048 if quick else 8192  # tokens
     h = 1024
+    ffn = 2816  # a gated MLP's width at h = 1024
     b, heads, s = (2, 16, 512) if quick else (8, 16, 1024)
     vocab, ce_tokens = (32000, 1024) if quick else (32000, 4096)
     seq, batch = (512, 4) if quick else (2048, 4)
@@ -76,6 +77,20 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
             lambda x, bias: ops.bias_gelu(x, bias, "tanh"),
             lambda x, bias: ref.bias_gelu(x, bias, "tanh"),
             t * 4 * h, 2, 3, (0, 1),
+        ),
+        Case(
+            "bias_relu", f"{t}x{4 * h}",
+            lambda d, g: [_randn((t, 4 * h), d, g), _randn((4 * h,), d, g)],
+            lambda x, bias: ops.bias_relu(x, bias),
+            lambda x, bias: ref.bias_relu(x, bias),
+            t * 4 * h, 2, 3, (0, 1),
+        ),
+        Case(  # LLaMA's MLP: fc1 gives [gate | up], ffn = 8h/3 rounded up to a multiple of 256
+            "bias_gated", f"{t}x{2 * ffn} swiglu",
+            lambda d, g: [_randn((t, 2 * ffn), d, g), _randn((2 * ffn,), d, g)],
+            lambda x, bias: ops.bias_gated(x, bias, "swiglu"),
+            lambda x, bias: ref.bias_gated(x, bias, "swiglu"),
+            t * 2 * ffn, 1.5, 2.5, (0, 1),  # x is read once, the output is half its size
         ),
         Case(
             "bias_dropout_add", f"{t}x{h} p={p}",

@@ -6,13 +6,13 @@ definitions the tests compare against.
 """
 
 from megacore.ops import reference
+from megacore.ops.activation import bias_gated, bias_gelu, bias_relu
 from megacore.ops.cross_entropy import (
     cross_entropy,
     cross_entropy_backward,
     vocab_parallel_cross_entropy_stats,
 )
 from megacore.ops.dropout import bias_dropout_add
-from megacore.ops.gelu import bias_gelu
 from megacore.ops.norm import layer_norm, rms_norm
 from megacore.ops.rotary import apply_rotary_emb, rotary_tables
 from megacore.ops.softmax import scaled_bias_softmax, scaled_causal_softmax, scaled_masked_softmax
@@ -20,7 +20,9 @@ from megacore.ops.softmax import scaled_bias_softmax, scaled_causal_softmax, sca
 __all__ = [
     "apply_rotary_emb",
     "bias_dropout_add",
+    "bias_gated",
     "bias_gelu",
+    "bias_relu",
     "cross_entropy",
     "cross_entropy_backward",
     "layer_norm",

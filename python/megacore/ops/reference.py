@@ -13,6 +13,24 @@ def bias_gelu(x, bias=None, approximate="tanh"):
     return F.gelu(x + bias if bias is not None else x, approximate=approximate)
 
 
+def bias_relu(x, bias=None):
+    return F.relu(x + bias if bias is not None else x)
+
+
+_GATED_ACTIVATIONS = {
+    "geglu": lambda gate: F.gelu(gate, approximate="tanh"),
+    "geglu_erf": lambda gate: F.gelu(gate, approximate="none"),
+    "swiglu": F.silu,
+    "reglu": F.relu,
+}
+
+
+def bias_gated(x, bias=None, activation="swiglu"):
+    """``act(gate) * linear`` with ``gate, linear = (x + bias).chunk(2, -1)``: [..., 2n] -> [..., n]."""
+    gate, linear = (x + bias if bias is not None else x).chunk(2, dim=-1)
+    return _GATED_ACTIVATIONS[activation](gate) * linear
+
+
 def bias_dropout_add(x, bias, residual, p, training=True, keep_mask=None):
     """``residual + dropout(x + bias)``; ``keep_mask`` (bool, x's shape) fixes which elements survive."""
     y = x + bias if bias is not None else x
