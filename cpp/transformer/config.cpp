@@ -359,7 +359,7 @@ int64_t site_seed(int64_t seed, DropoutSite site, int64_t rank) {
 }
 
 int64_t site_rank(const Config& c, const TensorParallel& tp, DropoutSite site) {
-  if (site == DropoutSite::kAttention) return tp.rank;
+  if (site == DropoutSite::kAttention || site == DropoutSite::kCrossAttention) return tp.rank;  // per-rank heads
   return c.sequence_parallel ? tp.rank : 0;
 }
 

@@ -169,7 +169,7 @@ enum class DropoutSite : int64_t {
 };
 
 /// \brief The Philox seed of one dropout site: seed + (site * 65536 + rank) * 0x9E3779B97F4A7C15 (mod 2^64).
-///        The attention site uses the tensor-parallel rank (each rank owns other heads); the residual sites the
+///        The attention sites use the tensor-parallel rank (each rank owns other heads); the residual sites the
 ///        tensor-parallel rank under sequence parallelism (each rank holds other tokens), else 0 (the hidden
 ///        state is replicated: every rank drops the same elements).
 int64_t site_seed(int64_t seed, DropoutSite site, int64_t rank);
