@@ -36,6 +36,31 @@ def test_a_column_and_a_row_shard_split_their_dim_and_a_replicated_tensor_is_who
     assert torch.equal(shard_of(whole, full, 1), full)
 
 
+def test_a_chunked_shard_splits_each_chunk_and_gathers_them_back_in_order():
+    """A gated MLP's fc1 [gate; up] over 2 ranks: rank r holds [gate rows of r; up rows of r], and the gather of
+    the ranks' pieces gives [gate; up] back (single process: the gather's merge step on both pieces)."""
+    from megacore.parallel.layers import merge_weights
+
+    full = torch.arange(16.0).view(8, 2)  # gate = rows 0-3, up = rows 4-7
+    s = ParamShard("fc1", nn.Parameter(torch.zeros(4, 2)), 0, None, 2, chunks=2)
+    r0, r1 = shard_of(s, full, 0), shard_of(s, full, 1)
+    assert torch.equal(r0, full[[0, 1, 4, 5]]) and torch.equal(r1, full[[2, 3, 6, 7]])
+    pieces = [r.chunk(2, 0) for r in (r0, r1)]
+    merged = torch.cat([merge_weights([p[c] for p in pieces], 0) for c in range(2)], 0)  # as gather_full does
+    assert torch.equal(merged, full)
+
+
+def test_a_gated_layer_declares_its_fc1_in_two_chunks():
+    from megacore.parallel.placement import placement_of
+    from megacore.transformer import TransformerConfig, TransformerLayer
+
+    layer = TransformerLayer(TransformerConfig(hidden_size=8, num_attention_heads=2, activation="swiglu"))
+    assert layer.mlp.fc1.weight.shape == (64, 8) and layer.mlp.fc2.weight.shape == (8, 32)
+    assert placement_of(layer.mlp.fc1, "weight").chunks == 1  # no tensor parallelism: nothing declared
+    plain = TransformerLayer(TransformerConfig(hidden_size=8, num_attention_heads=2))
+    assert plain.mlp.fc1.weight.shape == (32, 8)
+
+
 def test_a_tensor_of_another_shape_is_refused_not_cut():
     s = _shard((3, 4), 0, 5, 2)
     assert shard_of(s, torch.zeros(6, 4), 0) is None  # the padded size is not the full shape
