@@ -151,6 +151,12 @@ PYBIND11_MODULE(_C, m) {
         for (const auto& [name, def] : tf::config_fields()) {
           fields.append(py::make_tuple(name, def.has_value() ? py::object(py::str(*def)) : py::object(py::none())));
         }
+        py::list grads;  // transformer_layer_backward's outputs, in order
+        grads.append("hidden");
+        for (const auto& p : tf::param_table()) grads.append(p.name);
+        grads.append("attention_bias");
+        grads.append("memory");
+        d["grads"] = grads;
         d["params"] = params;
         d["saved"] = slots;
         d["config_fields"] = fields;
@@ -164,7 +170,8 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "The transformer layer ops' definition: params [(schema argument, module parameter name, required)] in schema "
-      "order, saved [slot names] in order, config_fields [(name, default or None if required)], dropout_sites.");
+      "order, saved [slot names] in order, grads [what each output of transformer_layer_backward is the gradient "
+      "of], config_fields [(name, default or None if required)], dropout_sites.");
   m.def(
       "transformer_layer_config",
       [](const std::vector<std::pair<std::string, std::string>>& fields) {

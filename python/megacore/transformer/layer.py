@@ -48,6 +48,8 @@ SAVED_SLOTS = tuple(_spec["saved"])
 # The configuration's fields (the op's `config` string), in canonical order.
 CONFIG_FIELDS = tuple(name for name, _ in _spec["config_fields"])
 DROPOUT_SITES = dict(_spec["dropout_sites"])  # site name -> number, for dropout_seed
+# What each output of transformer_layer_backward is the gradient of: "hidden", the parameters, then the inputs.
+_GRAD_INDEX = {name: i for i, name in enumerate(_spec["grads"])}
 
 
 def dropout_seed(seed: int, site: int, rank: int) -> int:
@@ -258,10 +260,10 @@ def _backward(ctx, grad_out, _grad_saved):
     saved = list(t[1 + _N_PARAMS + _N_EXTRAS:])
     # [grad_hidden, one per parameter in schema order, grad_attention_bias, grad_memory]: the op's output order
     grads = _lib.transformer_layer_backward(grad_out, hidden, *params, *extras, saved, ctx.config)
-    param_grads = [g if has else None for g, has in zip(grads[1:1 + _N_PARAMS], ctx.has_param)]
-    g_bias = grads[1 + _N_PARAMS] if ctx.has_bias else None
-    g_memory = grads[2 + _N_PARAMS] if ctx.has_memory else None
-    return (grads[0], *param_grads, None, None, None, g_bias, g_memory, None, None, None)
+    param_grads = [grads[_GRAD_INDEX[name]] if has else None for name, has in zip(PARAM_NAMES, ctx.has_param)]
+    g_bias = grads[_GRAD_INDEX["attention_bias"]] if ctx.has_bias else None
+    g_memory = grads[_GRAD_INDEX["memory"]] if ctx.has_memory else None
+    return (grads[_GRAD_INDEX["hidden"]], *param_grads, None, None, None, g_bias, g_memory, None, None, None)
 
 
 torch.library.register_autograd("megacore::transformer_layer", _backward, setup_context=_setup_context)
