@@ -555,7 +555,7 @@ TORCH_LIBRARY_FRAGMENT(megacore, m) {
   // [b, heads / tp, m, head_dim] (without, they are read).
   static const std::string decode_schema = "transformer_layer_decode(Tensor hidden, " + params +
                                            ", " + kExtras + ", Tensor(a!) key_cache, Tensor(b!) value_cache, "
-                                           "Tensor(c!)? cross_key_cache, Tensor(d!)? cross_value_cache, int position, "
+                                           "Tensor(c!)? cross_key_cache, Tensor(d!)? cross_value_cache, SymInt position, "
                                            "str config) -> Tensor";
   ops::define_op(m, forward_schema.c_str());
   ops::define_op(m, backward_schema.c_str());

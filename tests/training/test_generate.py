@@ -170,3 +170,24 @@ def _tp_generation(rank, world):
 
 def test_tensor_parallel_2_generates_what_size_1_does():
     run_distributed(_tp_generation, 2, timeout_s=90)
+
+
+def test_compiled_decoding_equals_eager_without_a_graph_per_position():
+    """torch.compile of the decoding step: the cache position stays symbolic (the op takes a SymInt), so the
+    prompt and the steps compile once each (RoPE: once more, the first step fills the layer's table cache), not
+    once per position; and the logits are eager's."""
+    torch._dynamo.reset()
+    for variant, most_graphs in (("learned_positions", 2), ("rope", 3)):
+        model = _model(**VARIANTS[variant])
+        compiled = torch.compile(model.forward_with_cache)
+        ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+        eager_cache, compiled_cache = new_cache(model, 2, 20), new_cache(model, 2, 20)
+        torch.testing.assert_close(compiled(ids, compiled_cache), model.forward_with_cache(ids, eager_cache))
+        for t in range(10):
+            step = ids[:, t % 6:t % 6 + 1]
+            torch.testing.assert_close(compiled(step, compiled_cache), model.forward_with_cache(step, eager_cache),
+                                       atol=1e-5, rtol=1e-5)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs <= most_graphs, (variant, graphs)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()

@@ -191,7 +191,7 @@ def transformer_layer_decode(
     cos, sin = rotary if rotary is not None else (None, None)
     return _lib.transformer_layer_decode(hidden, *(params.get(n) for n in PARAM_NAMES), attention_mask, cos, sin,
                                          attention_bias, memory, memory_mask, key_cache, value_cache, cross_key_cache,
-                                         cross_value_cache, int(position), op_config(config, group_name, False))
+                                         cross_value_cache, position, op_config(config, group_name, False))
 
 
 # ---- fake kernels and autograd -------------------------------------------------------------------------------
@@ -411,9 +411,11 @@ class TransformerLayer(nn.Module):
         cache and attention covers ``[0, position + s)`` (no dropout, no autograd, never sequence-split; see
         ``transformer_layer_decode``). Pass ``memory`` on the first call only: its keys and values are cached."""
         if kv_cache is not None:
-            rotary = self.rotary_tables(position + hidden_states.shape[0], hidden_states.device)
+            # the table for the cache's capacity (fixed for a sequence, so torch.compile keeps `position` symbolic),
+            # the new positions' rows of it
+            rotary = self.rotary_tables(kv_cache[0].shape[2], hidden_states.device)
             if rotary is not None:
-                rotary = tuple(t[position:] for t in rotary)
+                rotary = tuple(t[position:position + hidden_states.shape[0]] for t in rotary)
             cross = tuple(kv_cache[2:4]) if len(kv_cache) == 4 else (None, None)
             return transformer_layer_decode(hidden_states, self.layer_params(), self.config, kv_cache[0], kv_cache[1],
                                             position, attention_mask, rotary, group_name=self.group_name,
