@@ -107,7 +107,7 @@ at::Tensor self_attention_forward(const Config& c, const TensorParallel& tp, con
                                   const OptT& sin, const OptT& bias, int64_t seed, Saved& saved) {
   {
     ProfilePhase phase("megacore.transformer_layer.qkv");
-    at::Tensor qkv = at::linear(enter_region(c, tp, x), p[k_qkv_weight], p.opt(k_qkv_bias));  // [s, b, 3 np d]
+    at::Tensor qkv = matmul_t(enter_region(c, tp, x), p[k_qkv_weight], p.opt(k_qkv_bias));  // [s, b, 3 np d]
     std::tie(saved[kSlot_q], saved[kSlot_k], saved[kSlot_v]) = split_qkv(qkv, d.np, d.d, cos, sin);
   }
   const at::Tensor &q = saved[kSlot_q], &k = saved[kSlot_k], &v = saved[kSlot_v];
@@ -195,7 +195,7 @@ at::Tensor self_attention_decode(const Config& c, const TensorParallel& tp, cons
                                  const Params& p, const OptT& mask, const OptT& cos, const OptT& sin, const OptT& bias,
                                  const at::Tensor& key_cache, const at::Tensor& value_cache, int64_t position) {
   const int64_t n = x.size(0), end = position + n;
-  at::Tensor qkv = at::linear(x, p[k_qkv_weight], p.opt(k_qkv_bias));  // [n, b, 3 np d]
+  at::Tensor qkv = matmul_t(x, p[k_qkv_weight], p.opt(k_qkv_bias));  // [n, b, 3 np d]
   auto [q, k, v] = split_qkv(qkv, d.np, d.d, cos, sin);                // [b, np, n, d]
   key_cache.narrow(2, position, n).copy_(k);
   value_cache.narrow(2, position, n).copy_(v);
@@ -229,9 +229,9 @@ at::Tensor cross_attention_forward(const Config& c, const TensorParallel& tp, co
                                    Saved& saved) {
   {
     ProfilePhase phase("megacore.transformer_layer.cross_qkv");
-    saved[kSlot_cross_q] = to_heads(at::linear(enter_region(c, tp, x), p[k_cross_q_weight], p.opt(k_cross_q_bias)),
+    saved[kSlot_cross_q] = to_heads(matmul_t(enter_region(c, tp, x), p[k_cross_q_weight], p.opt(k_cross_q_bias)),
                                     d.np, d.d);  // [b, np, s, d]
-    at::Tensor kv = at::linear(enter_region(c, tp, memory), p[k_cross_kv_weight], p.opt(k_cross_kv_bias));
+    at::Tensor kv = matmul_t(enter_region(c, tp, memory), p[k_cross_kv_weight], p.opt(k_cross_kv_bias));
     std::tie(saved[kSlot_cross_k], saved[kSlot_cross_v]) = split_kv(kv, d.np, d.d);  // [b, np, m, d]
   }
   {
@@ -291,11 +291,11 @@ at::Tensor cross_attention_decode(const Config& c, const TensorParallel& tp, con
                                   const OptT& memory, const Params& p, const OptT& memory_mask,
                                   const at::Tensor& key_cache, const at::Tensor& value_cache) {
   if (memory.has_value()) {  // once per sequence: the memory's keys and values
-    auto [k, v] = split_kv(at::linear(*memory, p[k_cross_kv_weight], p.opt(k_cross_kv_bias)), d.np, d.d);
+    auto [k, v] = split_kv(matmul_t(*memory, p[k_cross_kv_weight], p.opt(k_cross_kv_bias)), d.np, d.d);
     key_cache.copy_(k);
     value_cache.copy_(v);
   }
-  at::Tensor q = to_heads(at::linear(x, p[k_cross_q_weight], p.opt(k_cross_q_bias)), d.np, d.d);  // [b, np, n, d]
+  at::Tensor q = to_heads(matmul_t(x, p[k_cross_q_weight], p.opt(k_cross_q_bias)), d.np, d.d);  // [b, np, n, d]
   at::Tensor probs = padded_softmax(at::matmul(q, key_cache.transpose(-2, -1)), memory_mask, c.scale(d.d));
   return exit_region(c, tp, matmul_t(from_heads(at::matmul(probs, value_cache)), p[k_cross_proj_weight]));
 }

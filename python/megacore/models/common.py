@@ -351,7 +351,14 @@ def lm_logits(x: torch.Tensor, word: WordEmbedding, sequence_parallel: bool,
     if word.group is not None:
         x = gather_from_sequence_parallel_region(x, word.group) if sequence_parallel else \
             copy_to_tensor_parallel_region(x, word.group)
-    logits = F.linear(x, word.weight, bias)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type == "cpu" and 8 <= rows <= 16 and not torch.compiler.is_compiling():
+        # decoding a small batch: ATen's CPU GEMM runs (W @ x^T)^T 1.6x faster than x @ W^T on gpt2's table at 8 rows
+        # (as the C++ layer's GEMMs do: pieces.cpp's matmul_t); under torch.compile the compiler picks
+        logits = torch.mm(word.weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
+        logits = logits + bias if bias is not None else logits
+    else:
+        logits = F.linear(x, word.weight, bias)
     pad_start = max(word.vocab_size - word.vocab_start, 0)  # the local column where padding starts
     if pad_start < logits.shape[-1]:
         logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= pad_start,
