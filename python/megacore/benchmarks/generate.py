@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import os
 import signal
 import statistics
 import threading
@@ -44,7 +43,7 @@ from unittest import mock
 
 import torch
 
-from megacore.benchmarks.ops import DTYPES, describe_machine
+from megacore.benchmarks.ops import DTYPES, available_cores, describe_machine
 from megacore.models.gpt import GPTModel
 from megacore.models.registry import PRESETS, build
 
@@ -363,12 +362,6 @@ def format_row(row: dict) -> str:
             f"{ratio('decode_ratio')} | {_tokens_cell(row)} |")
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=_NAME, description=__doc__.split("\n\n")[0])
@@ -415,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prompt-len {settings.prompt_len} + --new-tokens {settings.new_tokens} exceeds "
                      f"{settings.model}'s {positions} positions")
 
-    cores = _cores()
+    cores = available_cores()
     torch.set_num_threads(args.threads or cores)
     machine = describe_machine()
     print(f"# megacore generation benchmark (greedy, KV cache) — {settings.model}, {settings.dtype}, prompt "

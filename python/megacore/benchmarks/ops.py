@@ -277,6 +277,14 @@ def _format_row(r: dict) -> str:
     )
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), or the machine's count where affinity is unknown."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def describe_machine(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"

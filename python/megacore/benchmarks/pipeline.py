@@ -45,7 +45,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from megacore.benchmarks.ops import DTYPES, describe_machine
+from megacore.benchmarks.ops import DTYPES, available_cores, describe_machine
 
 _NAME = "megacore.benchmarks.pipeline"
 DEFAULT_LAYOUTS = ["pp1", "pp2", "pp4", "pp2v2", "pp2dp2", "pp2dp2+distopt"]
@@ -436,12 +436,6 @@ def format_row(row: dict, cores: int, baseline_ms: Optional[float]) -> str:
             f"{_mib(row['activation_peak_bytes'])} | {_mib(row['optimizer_bytes'])} | {row['final_loss']:.4f} |")
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megacore bench pipeline", description=__doc__.split("\n\n")[0])
@@ -479,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
 
-    cores = _cores()
+    cores = available_cores()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what each process runs with; describe_machine reports it
     machine = describe_machine()
