@@ -21,6 +21,7 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errors, timeout_s: float):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    ok = False
     try:
         import torch
 
@@ -29,15 +30,17 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, er
             "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
         fn(rank, world_size, *args)
+        ok = True
+        errors.put((rank, None))  # done: waiting for the others at the teardown barrier is not this rank's hang
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
-        if dist.is_initialized():
-            from megacore.parallel import state
+        from megacore.parallel import state
 
-            state.finish_pending_work()  # e.g. the distributed optimizer's last all-gathers
-            dist.destroy_process_group()
+        # pending collectives waited for (e.g. the distributed optimizer's last all-gathers), then the ranks meet
+        # before tearing down: a rank that closes its connections while a peer still talks to it aborts the peer
+        state.shutdown_distributed(barrier=ok)
 
 
 def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 120.0, collective_timeout_s: float = 30.0):
@@ -59,16 +62,22 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 120
     deadline = time.monotonic() + timeout_s
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():
             p.kill()
             p.join()
-    if not errors.empty():
+    done, failures = set(), []
+    while not errors.empty():
         rank, tb = errors.get()
+        (done.add(rank) if tb is None else failures.append((rank, tb)))
+    if failures:
+        rank, tb = failures[0]
         raise AssertionError(f"rank {rank} of {world_size} failed:\n{tb}")
-    if hung:
-        raise AssertionError(f"ranks {hung} of {world_size} still running after {timeout_s:.0f} s: killed (a hang)")
+    hung = [r for r in alive if r not in done]  # ranks done with fn only wait for these at the teardown barrier
+    if alive:
+        raise AssertionError(f"ranks {hung or alive} of {world_size} still running after {timeout_s:.0f} s: killed "
+                             f"({'a hang' if hung else 'a hang while tearing down'})")
     bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
     assert not bad, f"workers exited with non-zero codes: {bad}"
 

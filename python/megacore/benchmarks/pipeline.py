@@ -315,13 +315,9 @@ def _worker(rank: int, world: int, port: int, layout: Layout, settings: Settings
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put(("error", rank, traceback.format_exc()))
     try:
-        if dist.is_initialized():
-            from megacore.parallel import state
+        from megacore.parallel import state
 
-            state.finish_pending_work()  # the distributed optimizer's last parameter all-gathers
-            if ok:  # (after a failure the parent stops every rank)
-                dist.barrier()  # no rank closes its connections while a peer still talks to it
-            dist.destroy_process_group()
+        state.shutdown_distributed(barrier=ok)  # (after a failure the parent stops every rank: no barrier)
     except BaseException:  # noqa: BLE001 - reported next to the result, which already went back
         results.put(("teardown", rank, traceback.format_exc()))
         raise

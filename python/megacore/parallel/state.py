@@ -198,6 +198,22 @@ def finish_pending_work() -> None:
         hook()
 
 
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Tears down torch.distributed in a worker that is done: waits for this process's collectives still in flight
+    (:func:`finish_pending_work`), meets the other ranks at a barrier (``barrier=True``; pass False after a failure,
+    when they may never come) so that no rank closes its connections while a peer still talks to it, resets the
+    model-parallel state and destroys the default group (and with it every group). A no-op without one."""
+    global _STATE
+    if not dist.is_initialized():
+        _STATE = None
+        return
+    finish_pending_work()
+    if barrier:
+        dist.barrier()
+    _STATE = None
+    dist.destroy_process_group()
+
+
 def model_parallel_is_initialized() -> bool:
     """Returns True between ``initialize_model_parallel`` and ``destroy_model_parallel``. Never raises."""
     return _STATE is not None
