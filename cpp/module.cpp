@@ -8,6 +8,7 @@
 
 #include "common/isa.h"
 #include "data/helpers.h"
+#include "kernels/linear.h"
 #include "parallel/shard.h"
 #include "parallel/wait.h"
 #include "transformer/config.h"
@@ -217,6 +218,8 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("seed"), py::arg("site"), py::arg("rank"),
         "The Philox seed of one dropout site of the layer (config.h's site_seed).");
+
+  m.attr("SKINNY_LINEAR_MAX_ROWS") = megacore::kernels::kSkinnyLinearMaxRows;  // megacore.ops.linear's CPU kernel
 
   // Dataset index builders (cpp/data/helpers.h); python/megacore/data/index_reference.py has the same
   // functions in pure Python, with the same signatures.

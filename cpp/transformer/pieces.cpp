@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "ops/linear.h"
 #include "parallel/group.h"
 
 namespace megacore::transformer {
@@ -224,18 +225,7 @@ at::Tensor exit_region_backward(const Config& c, const TensorParallel& tp, const
   return c.sequence_parallel ? gather_sequence(tp, c, g) : g;
 }
 
-at::Tensor matmul_t(const at::Tensor& x, const at::Tensor& w, const OptT& bias) {
-  // Measured on 2 Xeon cores, weights streamed from memory: at 8 rows (w @ x^T)^T is 1.15x (a layer's GEMMs) to
-  // 1.6x (gpt2's LM head) faster than x @ w^T; at 2-4 rows it is slower, above 16 the same.
-  const int64_t in = x.size(-1);
-  const int64_t rows = in == 0 ? 0 : x.numel() / in;
-  if (!x.is_cpu() || rows < 8 || rows > 16) return at::linear(x, w, bias);
-  at::Tensor y = at::mm(w, x.reshape({rows, in}).t()).t();  // [rows, out], transposed in memory
-  y = bias.has_value() ? y.add(*bias) : y.contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = w.size(0);
-  return y.view(shape);
-}
+at::Tensor matmul_t(const at::Tensor& x, const at::Tensor& w, const OptT& bias) { return ops::linear(x, w, bias); }
 
 T2 linear_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w) {
   at::Tensor g2 = g.reshape({-1, g.size(-1)});

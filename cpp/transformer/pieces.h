@@ -71,9 +71,8 @@ class PendingRegionBackward {
 };
 
 // ---- GEMMs -------------------------------------------------------------------------------------------------
-/// \brief x [..., in] @ w[out, in]^T (+ bias) -> [..., out]. 8 to 16 rows on CPU (decoding: one token per sequence
-///        of a small batch) are computed as (w @ x^T)^T, which ATen's CPU GEMM runs faster there (pieces.cpp says
-///        how much); the same result up to rounding. Otherwise ATen's linear.
+/// \brief x [..., in] @ w[out, in]^T (+ bias) -> [..., out]: megacore's linear (ops/linear.h), whose skinny-linear
+///        kernel serves decoding's few rows on CPU.
 at::Tensor matmul_t(const at::Tensor& x, const at::Tensor& w, const OptT& bias = OptT());
 /// \brief Gradients of y = x @ w^T: grad_x [..., in] and grad_w [out, in] (= g^T x over all rows).
 T2 linear_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w);

@@ -128,6 +128,7 @@ def _examples(device) -> dict:
                                             causal=True, window=2),
         "scaled_bias_softmax_backward": lambda: dict(grad_out=t(2, 3, 4, 4), probs=probs(), scale=0.5,
                                                      bias_shape=[1, 3, 4, 4]),
+        "linear": lambda: dict(input=t(3, 8), weight=t(5, 8), bias=t(5)),
         "apply_rotary_emb": lambda: dict(x=t(4, 2, 8), cos=t(4, 8), sin=t(4, 8)),
         "apply_rotary_emb_backward": lambda: dict(grad_out=t(4, 2, 8), cos=t(4, 8), sin=t(4, 8)),
         "cross_entropy": lambda: dict(logits=t(4, 10), target=target(), ignore_index=-100),

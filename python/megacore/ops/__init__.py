@@ -13,11 +13,13 @@ from megacore.ops.cross_entropy import (
     vocab_parallel_cross_entropy_stats,
 )
 from megacore.ops.dropout import bias_dropout_add
+from megacore.ops.linear import SKINNY_LINEAR_MAX_ROWS, linear
 from megacore.ops.norm import layer_norm, rms_norm
 from megacore.ops.rotary import apply_rotary_emb, rotary_tables
 from megacore.ops.softmax import scaled_bias_softmax, scaled_causal_softmax, scaled_masked_softmax
 
 __all__ = [
+    "SKINNY_LINEAR_MAX_ROWS",
     "apply_rotary_emb",
     "bias_dropout_add",
     "bias_gated",
@@ -26,6 +28,7 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_backward",
     "layer_norm",
+    "linear",
     "reference",
     "rms_norm",
     "rotary_tables",
