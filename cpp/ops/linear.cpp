@@ -6,14 +6,34 @@
 #include "kernels/linear.h"
 #include "ops/op.h"
 
+#include <utility>
+
 namespace megacore::ops {
 
+namespace {
+
+/// The rows of x for which the skinny-linear kernel beat ATen's linear, by dtype (docs/benchmarks.md, "Skinny
+/// linear": cold weights of gpt2's sizes, 2 Sapphire Rapids cores): fp32 from 4 to 15 rows (1.1-2.5x; ATen's GEMV
+/// is as fast at 1-3 rows, its blocked GEMM at 16); bf16 from 1 to 4 (1.1-1.5x; from 8 rows oneDNN's AMX kernels
+/// win); fp16 from 1 to 8 (1.2-1.9x).
+std::pair<int64_t, int64_t> skinny_rows(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return {4, 15};
+    case at::kBFloat16: return {1, 4};
+    case at::kHalf: return {1, 8};
+    default: return {1, 0};  // none
+  }
+}
+
+}  // namespace
+
 bool uses_skinny_linear(const at::Tensor& x, const at::Tensor& w) {
-  const auto dtype = x.scalar_type();
-  if (!x.is_cpu() || !(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)) return false;
+  if (!x.is_cpu() || !w.is_contiguous()) return false;
   const int64_t in = x.size(-1);
   const int64_t rows = in == 0 ? 0 : x.numel() / in;
-  return rows >= 1 && rows <= kernels::kSkinnyLinearMaxRows && w.is_contiguous();
+  const auto [lo, hi] = skinny_rows(x.scalar_type());
+  static_assert(kernels::kSkinnyLinearMaxRows >= 15);
+  return rows >= lo && rows <= hi;
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {

@@ -10,8 +10,8 @@ namespace megacore::ops {
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 
-/// \brief Whether linear(x, w, bias) runs the skinny-linear kernel (else ATen's linear): CPU, fp32/bf16/fp16,
-///        1 to kernels::kSkinnyLinearMaxRows rows, a contiguous weight.
+/// \brief Whether linear(x, w, bias) runs the skinny-linear kernel (else ATen's linear): CPU, a contiguous weight,
+///        and a number of rows where the kernel was measured faster: 4-15 in fp32, 1-4 in bf16, 1-8 in fp16.
 bool uses_skinny_linear(const at::Tensor& x, const at::Tensor& w);
 
 }  // namespace megacore::ops

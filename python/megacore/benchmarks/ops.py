@@ -44,10 +44,34 @@ class Case:
     fwd_passes: float  # minimum tensor-sized reads + writes of the forward
     bwd_passes: float  # ... of the backward
     grad_inputs: tuple[int, ...] = (0,)  # which inputs get gradients
+    backward: bool = True  # also time forward+backward (not for decoding's GEMMs)
+    cycle_weights: bool = False  # inputs are [x, weights [n, ...]]: each call takes the next weight (_cycling)
 
 
 def _randn(shape, dtype, requires_grad, scale=1.0):
     return (torch.randn(shape) * scale).to(dtype).requires_grad_(requires_grad)
+
+
+def _weight_pool(out: int, fan_in: int, pool_bytes: int):
+    """make() of a decoding GEMM: [x [rows, in], weights [n, out, in]] with enough weights (n * out * in elements
+    of the dtype >= pool_bytes) that each call reads a weight that is no longer in any cache, as decoding does
+    (gpt2-small's 498 MB of weights per token exceed every cache). The functions take weights[next index]."""
+    def make(rows):
+        def inputs(dtype, requires_grad):
+            n = max(2, -(-pool_bytes // (out * fan_in * torch.finfo(dtype).bits // 8)))
+            return [_randn((rows, fan_in), dtype, False), _randn((n, out, fan_in), dtype, False, 0.05)]
+        return inputs
+    return make
+
+
+def _cycling(fn: Callable) -> Callable:
+    """fn(x, weights[i]) with i advancing on every call."""
+    state = {"i": 0}
+
+    def call(x, weights):
+        state["i"] = (state["i"] + 1) % weights.shape[0]
+        return fn(x, weights[state["i"]])
+    return call
 
 
 def cases(quick: bool, device: str = "cpu") -> list[Case]:
@@ -70,7 +94,17 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
     def dropout_eager(x, bias, residual):
         return residual + torch.nn.functional.dropout(x + bias, p=p, training=True)
 
-    return [
+    # decoding's GEMMs: gpt2's fc1 weight [3072, 768] against 1-16 rows (one token per sequence), weights cold
+    fc1_out, fc1_in = 3072, 768
+    pool = _weight_pool(fc1_out, fc1_in, (64 if quick else 512) * 2**20)
+    linear_cases = [
+        Case(f"linear_rows{rows}", f"{rows}x{fc1_in} @ {fc1_out}x{fc1_in}^T, cold weights", pool(rows),
+             ops.linear, torch.nn.functional.linear,
+             fc1_out * fc1_in, 1, 0, backward=False, cycle_weights=True)  # the weight's bytes: the rows are noise next to it
+        for rows in (1, 4, 8, 16)
+    ]
+
+    return linear_cases + [
         Case(
             "bias_gelu", f"{t}x{4 * h}",
             lambda d, g: [_randn((t, 4 * h), d, g), _randn((4 * h,), d, g)],
@@ -231,12 +265,14 @@ def run(
             continue
         for dname in dtypes:
             dtype = DTYPES[dname]
-            for backward in (False, True):
+            for backward in (False, True) if case.backward else (False,):
                 inputs = [_to(t, device) for t in case.make(dtype, backward)]
                 variants = {"megacore": case.megacore_fn, "eager": case.eager_fn}
                 if compile_:
                     torch._dynamo.reset()
                     variants["compile"] = torch.compile(case.eager_fn, fullgraph=True, dynamic=False)
+                if case.cycle_weights:
+                    variants = {k: _cycling(fn) for k, fn in variants.items()}
                 runners = {k: _runner(fn, inputs, case.grad_inputs, backward) for k, fn in variants.items()}
                 times = _time(runners, reps, device=device)
                 passes = case.fwd_passes + (case.bwd_passes if backward else 0)

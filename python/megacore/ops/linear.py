@@ -11,17 +11,18 @@ from megacore import _C
 _lib = torch.ops.megacore
 
 SKINNY_LINEAR_MAX_ROWS: int = _C.SKINNY_LINEAR_MAX_ROWS
-"""The most rows of ``x`` (the product of its leading dims) the skinny-linear CPU kernel takes
-(kernels/linear.h)."""
+"""The most rows of ``x`` (the product of its leading dims) the skinny-linear CPU kernel takes (kernels/linear.h);
+:func:`linear` uses it for fewer (see there)."""
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x [..., in] @ weight[out, in]^T (+ bias [out]) -> [..., out]``, as ``torch.nn.functional.linear``.
 
-    With 1 to 16 rows of ``x`` on CPU (decoding: one token per sequence of a small batch) in fp32, bf16 or fp16,
-    and a contiguous weight, it runs megacore's skinny-linear kernel, which streams the weight once at close to
-    memory bandwidth where ATen's GEMM reaches half of it (docs/benchmarks.md, "Skinny linear"); fp32
-    accumulation, one rounding per output. Anything else is ATen's linear. Differentiable (the backward is
+    With few rows of ``x`` on CPU (decoding: one token per sequence of a small batch) and a contiguous weight, it
+    runs megacore's skinny-linear kernel, which streams the weight once at close to memory bandwidth where ATen's
+    GEMM reaches half of it: from 4 to 15 rows in fp32, 1 to 4 in bf16, 1 to 8 in fp16, where it was measured
+    faster (docs/benchmarks.md, "Skinny linear"); fp32 accumulation, one rounding per output. Anything else is
+    ATen's linear. Differentiable (the backward is
     ATen's GEMMs); works under torch.compile.
 
     Raises:
