@@ -64,12 +64,12 @@ def _weight_pool(out: int, fan_in: int, pool_bytes: int):
     return make
 
 
-def _cycling(fn: Callable) -> Callable:
-    """fn(x, weights[i]) with i advancing on every call."""
-    state = {"i": 0}
+def _cycling(fn: Callable, state: dict) -> Callable:
+    """fn(x, weights[i]) with i advancing on every call. The variants of a case share ``state``, so each call
+    reads the weight after the one the previous call (of any variant) read: never a weight still in cache."""
 
     def call(x, weights):
-        state["i"] = (state["i"] + 1) % weights.shape[0]
+        state["i"] = (state.get("i", 0) + 1) % weights.shape[0]
         return fn(x, weights[state["i"]])
     return call
 
@@ -203,7 +203,7 @@ def _time(
     """Median seconds per call of each fn, after two warm-up calls each. The variants are timed in
     turns (one call of each per round, at least `reps` rounds and `min_time` seconds), so a change in
     the machine's state during the run (page-cache, allocator, another process) hits all of them alike
-    instead of whichever happened to run then."""
+    instead of whichever happened to run then; the order rotates every round, so none always runs first."""
     for fn in fns.values():
         for _ in range(2):
             fn()
@@ -212,7 +212,9 @@ def _time(
     start = time.perf_counter()
     rounds = 0
     while rounds < reps or (time.perf_counter() - start < min_time and rounds < 5 * reps):
-        for name, fn in fns.items():
+        names = list(fns)
+        for name in names[rounds % len(names):] + names[: rounds % len(names)]:  # each variant leads in turn
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             _sync(device)
@@ -272,7 +274,8 @@ def run(
                     torch._dynamo.reset()
                     variants["compile"] = torch.compile(case.eager_fn, fullgraph=True, dynamic=False)
                 if case.cycle_weights:
-                    variants = {k: _cycling(fn) for k, fn in variants.items()}
+                    state: dict = {}
+                    variants = {k: _cycling(fn, state) for k, fn in variants.items()}
                 runners = {k: _runner(fn, inputs, case.grad_inputs, backward) for k, fn in variants.items()}
                 times = _time(runners, reps, device=device)
                 passes = case.fwd_passes + (case.bwd_passes if backward else 0)
