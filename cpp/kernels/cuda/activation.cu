@@ -172,12 +172,9 @@ cudaError_t bias_activation_forward(const kernels::BiasActivationForward& p, cud
     const T* bp = static_cast<const T*>(p.bias);
     T* op = static_cast<T*>(p.out);
     const int64_t n = p.rows * p.cols;
-    switch (pack_width<T>(p.cols, {p.x, p.bias, p.out})) {
-      case 8: return launch_forward<Act, T, 8>(xp, bp, op, n, p.cols, stream);
-      case 4: return launch_forward<Act, T, 4>(xp, bp, op, n, p.cols, stream);
-      case 2: return launch_forward<Act, T, 2>(xp, bp, op, n, p.cols, stream);
-      default: return launch_forward<Act, T, 1>(xp, bp, op, n, p.cols, stream);
-    }
+    return with_pack(pack_width<T>(p.cols, {p.x, p.bias, p.out}), [&](auto np) {
+      return launch_forward<Act, T, decltype(np)::value>(xp, bp, op, n, p.cols, stream);
+    });
   }));
   return cudaSuccess;
 }
@@ -210,12 +207,9 @@ cudaError_t bias_gated_forward(const kernels::BiasGatedForward& p, cudaStream_t 
     T* op = static_cast<T*>(p.out);
     const int64_t n = p.rows * p.cols;
     // cols | N keeps the linear half (x + cols, bias + cols) and every row as aligned as x.
-    switch (pack_width<T>(p.cols, {p.x, p.bias, p.out})) {
-      case 8: return launch_gated_forward<Act, T, 8>(xp, bp, op, n, p.cols, stream);
-      case 4: return launch_gated_forward<Act, T, 4>(xp, bp, op, n, p.cols, stream);
-      case 2: return launch_gated_forward<Act, T, 2>(xp, bp, op, n, p.cols, stream);
-      default: return launch_gated_forward<Act, T, 1>(xp, bp, op, n, p.cols, stream);
-    }
+    return with_pack(pack_width<T>(p.cols, {p.x, p.bias, p.out}), [&](auto np) {
+      return launch_gated_forward<Act, T, decltype(np)::value>(xp, bp, op, n, p.cols, stream);
+    });
   }));
   return cudaSuccess;
 }

@@ -7,6 +7,7 @@
 #include <nvtx3/nvToolsExt.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/common.h"
 
@@ -78,6 +79,17 @@ inline int pack_width(int64_t cols, std::initializer_list<const void*> ptrs) {
     n /= 2;
   }
   return n;
+}
+
+/// \brief Calls f(std::integral_constant<int, N>) for the pack width n (8, 4, 2 or 1).
+template <typename F>
+cudaError_t with_pack(int n, const F& f) {
+  switch (n) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
 }
 
 template <typename A>

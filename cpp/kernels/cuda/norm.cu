@@ -167,17 +167,6 @@ __global__ void param_grad_kernel(const T* __restrict__ grad, const T* __restric
   }
 }
 
-/// Calls f(std::integral_constant<int, N>) for the pack width n (8, 4, 2 or 1).
-template <typename F>
-cudaError_t with_pack(int n, const F& f) {
-  switch (n) {
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    default: return f(std::integral_constant<int, 1>{});
-  }
-}
-
 /// Launch shape of the row kernels: a warp per row for short rows, else a block per row with about
 /// four packs per thread (a multiple of 32, at most 1024). Calls f(std::bool_constant<warp>, grid, block).
 template <typename F>

@@ -259,6 +259,33 @@ cudaError_t launch_forward(const T* x, T* out, int64_t rows, int64_t sk, acc_t<T
 
 // ---- backward -------------------------------------------------------------------------------------
 
+// A warp's score row of grad and probs (lane-strided packs of N, ITEMS per lane) loaded into g and p in the
+// accumulation type (0 past sk), and dot(g, p) over the row, summed across the warp.
+template <typename T, int ITEMS, int N>
+__device__ __forceinline__ acc_t<T> load_grad_probs_row(const T* __restrict__ grad, const T* __restrict__ probs,
+                                                        int64_t sk, int lane, acc_t<T> (&g)[ITEMS],
+                                                        acc_t<T> (&p)[ITEMS]) {
+  using A = acc_t<T>;
+  using P = Pack<T, N>;
+  A dot = 0;
+#pragma unroll
+  for (int k = 0; k < ITEMS / N; ++k) {
+    const int64_t c0 = (int64_t(k) * 32 + lane) * N;
+    P gp{}, pp{};
+    if (c0 < sk) {
+      gp = *reinterpret_cast<const P*>(grad + c0);
+      pp = *reinterpret_cast<const P*>(probs + c0);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      g[k * N + j] = c0 < sk ? to_acc(gp.v[j]) : A(0);
+      p[k * N + j] = c0 < sk ? to_acc(pp.v[j]) : A(0);
+      dot += g[k * N + j] * p[k * N + j];
+    }
+  }
+  return warp_sum(dot);
+}
+
 // grad = scale * p * (g - dot(g, p)), one warp per row with both rows in registers (layout as forward).
 template <typename T, int ITEMS, int N>
 __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
@@ -271,23 +298,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
   for (int64_t row = blockIdx.x * int64_t(kWarpRowsPerBlock) + threadIdx.x / 32; row < rows;
        row += int64_t(gridDim.x) * kWarpRowsPerBlock) {
     A g[ITEMS], p[ITEMS];
-    A dot = 0;
-#pragma unroll
-    for (int k = 0; k < kPacks; ++k) {
-      const int64_t c0 = (int64_t(k) * 32 + lane) * N;
-      P gp{}, pp{};
-      if (c0 < sk) {
-        gp = *reinterpret_cast<const P*>(grad + row * sk + c0);
-        pp = *reinterpret_cast<const P*>(probs + row * sk + c0);
-      }
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        g[k * N + j] = c0 < sk ? to_acc(gp.v[j]) : A(0);
-        p[k * N + j] = c0 < sk ? to_acc(pp.v[j]) : A(0);
-        dot += g[k * N + j] * p[k * N + j];
-      }
-    }
-    dot = warp_sum(dot);
+    const A dot = load_grad_probs_row<T, ITEMS, N>(grad + row * sk, probs + row * sk, sk, lane, g, p);
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
       const int64_t c0 = (int64_t(k) * 32 + lane) * N;
@@ -399,23 +410,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
     for (int64_t j = per * k / tasks.chunks; j < per * (k + 1) / tasks.chunks; ++j) {
       const int64_t off = score_row(l, brow, j) * sk;
       A g[ITEMS], p[ITEMS];
-      A dot = 0;
-#pragma unroll
-      for (int kk = 0; kk < kPacks; ++kk) {
-        const int64_t c0 = (int64_t(kk) * 32 + lane) * N;
-        P gp{}, pp{};
-        if (c0 < sk) {
-          gp = *reinterpret_cast<const P*>(grad + off + c0);
-          pp = *reinterpret_cast<const P*>(probs + off + c0);
-        }
-#pragma unroll
-        for (int jj = 0; jj < N; ++jj) {
-          g[kk * N + jj] = c0 < sk ? to_acc(gp.v[jj]) : A(0);
-          p[kk * N + jj] = c0 < sk ? to_acc(pp.v[jj]) : A(0);
-          dot += g[kk * N + jj] * p[kk * N + jj];
-        }
-      }
-      dot = warp_sum(dot);
+      const A dot = load_grad_probs_row<T, ITEMS, N>(grad + off, probs + off, sk, lane, g, p);
 #pragma unroll
       for (int kk = 0; kk < kPacks; ++kk) {
         const int64_t c0 = (int64_t(kk) * 32 + lane) * N;
