@@ -43,6 +43,7 @@ constexpr const char* kConfigOp = "transformer_layer config";
 const std::vector<std::pair<std::string, std::optional<std::string>>>& fields() {
   static const std::vector<std::pair<std::string, std::optional<std::string>>> f{
       {"num_heads", std::nullopt},
+      {"head_dim", "none"},
       {"normalization", "layernorm"},
       {"norm_eps", "1e-05"},
       {"pre_norm", "true"},
@@ -155,6 +156,10 @@ std::pair<Config, std::string> build(const std::vector<std::pair<std::string, st
   Config c;
   c.num_heads = parse_int("num_heads", values["num_heads"]);
   MEGACORE_CHECK_ARG(c.num_heads >= 1, kOp, "num_heads=", c.num_heads, " must be >= 1");
+  if (lower(values["head_dim"]) != "none") {
+    c.head_dim = parse_int("head_dim", values["head_dim"]);
+    MEGACORE_CHECK_ARG(*c.head_dim >= 1, kOp, "head_dim=", *c.head_dim, " must be >= 1");
+  }
   c.norm = parse_choice<Norm>("normalization", values["normalization"],
                               {{"layernorm", Norm::kLayerNorm}, {"rmsnorm", Norm::kRmsNorm}});
   c.eps = parse_double("norm_eps", values["norm_eps"]);
@@ -202,6 +207,7 @@ std::pair<Config, std::string> build(const std::vector<std::pair<std::string, st
   std::string canonical;
   for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
            {"num_heads", std::to_string(c.num_heads)},
+           {"head_dim", c.head_dim ? std::to_string(*c.head_dim) : "none"},
            {"normalization", c.norm == Norm::kLayerNorm ? "layernorm" : "rmsnorm"},
            {"norm_eps", format_double(c.eps)},
            {"pre_norm", b(c.pre_norm)},
@@ -263,14 +269,15 @@ TensorParallel tensor_parallel_of(const Config& c) {
 
 Dims dims_of(const Config& c, const TensorParallel& tp, int64_t s_local, int64_t b, int64_t h, int64_t fc1_rows,
              int64_t m_local) {
-  MEGACORE_CHECK_ARG(h % c.num_heads == 0, kOp, "hidden size ", h, " is not divisible by num_heads=", c.num_heads);
+  MEGACORE_CHECK_ARG(c.head_dim.has_value() || h % c.num_heads == 0, kOp, "hidden size ", h,
+                     " is not divisible by num_heads=", c.num_heads, " (and no head_dim is given)");
   Dims d{};
   d.s_local = s_local;
   d.b = b;
   d.h = h;
   d.s = c.sequence_parallel ? s_local * tp.size : s_local;
   d.np = c.num_heads / tp.size;
-  d.d = h / c.num_heads;
+  d.d = c.head_dim.value_or(h / c.num_heads);
   MEGACORE_CHECK_ARG(!c.gated() || fc1_rows % 2 == 0, kOp, "fc1_weight has ", fc1_rows,
                      " rows; a gated activation (", c.activation_name, ") needs an even number ([gate; up])");
   d.f = c.gated() ? fc1_rows / 2 : fc1_rows;

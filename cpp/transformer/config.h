@@ -93,6 +93,7 @@ enum class Activation { kGelu, kGeluTanh, kRelu, kGeglu, kGegluErf, kSwiglu, kRe
 ///        field once and caches the result per distinct string.
 struct Config {
   int64_t num_heads = 0;  // over the whole tensor-parallel group
+  std::optional<int64_t> head_dim;  // None: hidden / num_heads; else any width (Megatron's kv_channels, T5's d_kv)
   Norm norm = Norm::kLayerNorm;
   double eps = 1e-5;
   bool pre_norm = true;

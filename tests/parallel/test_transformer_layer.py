@@ -32,6 +32,7 @@ VARIANTS = {
                           add_bias_linear=False, activation="geglu"),
     # the input gradient's collectives synchronous (the other variants overlap them with the weight GEMMs)
     "cross_swiglu_sync": dict(cross_attention=True, activation="swiglu", overlap_tp_comm=False),
+    "narrow_heads": dict(kv_channels=4, attention_mask_type="padding"),  # 4 heads of 4 in a 32-wide layer
 }
 
 

@@ -27,6 +27,7 @@ VARIANTS = {
     "t5_decoder": dict(attention_bias=True, cross_attention=True, softmax_scale=1.0, normalization="rmsnorm",
                        add_bias_linear=False),
     "cross_padding_bias": dict(attention_bias=True, cross_attention=True, attention_mask_type="padding"),
+    "wide_heads_rope": dict(kv_channels=20, position_embedding_type="rope"),  # 4 heads of 20 in a 48-wide layer
 }
 DTYPES = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 0.0}
 
@@ -165,6 +166,7 @@ def test_flash_rule_and_dropout_seeds_come_from_cpp():
     ([("num_heads", "4"), ("norm_eps", "nan")], "norm_eps=nan is not a finite number"),
     ([("num_heads", "4"), ("mask_kind", "sliding_window")], "window must be given exactly when mask_kind"),
     ([("num_heads", "4"), ("pre_norm", "maybe")], "pre_norm=maybe is not a bool"),
+    ([("num_heads", "4"), ("head_dim", "0")], "head_dim=0 must be >= 1"),
 ])
 def test_config_strings_are_checked_once_with_clear_errors(fields, text):
     with pytest.raises(ValueError, match=text):

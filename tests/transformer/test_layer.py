@@ -35,6 +35,9 @@ VARIANTS = {
                                 window_size=3),
     "alibi_reglu_no_mask": dict(attention_bias=True, attention_mask_type="none", activation="reglu"),
     "geglu_erf_rope": dict(activation="geglu_erf", position_embedding_type="rope"),
+    # heads narrower than hidden / heads (T5 v1.1-small: 512 wide, 6 heads of 64): 4 heads of 8 in a 48-wide layer
+    "narrow_heads_t5v11": dict(kv_channels=8, attention_bias=True, cross_attention=True, softmax_scale=1.0,
+                               normalization="rmsnorm", add_bias_linear=False, activation="geglu"),
 }
 
 
@@ -206,7 +209,9 @@ def test_benchmark_eager_block_is_the_same_layer():
     dict(pre_norm=False, attention_bias=True, cross_attention=True, activation="relu", attention_mask_type="padding",
          normalization="rmsnorm", recompute_core_attention=True),
     dict(pre_norm=True, cross_attention=True, activation="geglu", attention_mask_type="none"),
-], ids=["padding", "post_ln_rope_window", "bias_cross_swiglu", "post_ln_t5_relu", "cross_geglu"])
+    dict(kv_channels=3, attention_bias=True, cross_attention=True, softmax_scale=1.0, normalization="rmsnorm",
+         add_bias_linear=False),  # 2 heads of 3 in an 8-wide layer
+], ids=["padding", "post_ln_rope_window", "bias_cross_swiglu", "post_ln_t5_relu", "cross_geglu", "narrow_heads"])
 def test_gradcheck_float64(kw):
     torch.manual_seed(0)
     config = TransformerConfig(hidden_size=8, num_attention_heads=2, ffn_hidden_size=12, params_dtype=torch.float64,
@@ -230,9 +235,10 @@ def test_gradcheck_float64(kw):
 @pytest.mark.parametrize("pre_norm", [True, False], ids=["pre_ln", "post_ln"])
 @pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
 def test_opcheck(pre_norm, decoder):
-    """Also a decoder layer: an attention bias, cross-attention to a padded memory, a gated MLP."""
+    """Also a decoder layer: an attention bias, cross-attention to a padded memory, a gated MLP, heads of 20 in a
+    48-wide layer."""
     torch.manual_seed(0)
-    extra = dict(attention_bias=True, cross_attention=True, activation="geglu") if decoder else {}
+    extra = dict(attention_bias=True, cross_attention=True, activation="geglu", kv_channels=20) if decoder else {}
     config = _config(torch.float32, pre_norm=pre_norm, position_embedding_type="rope", attention_mask_type="padding",
                      **extra)
     layer = TransformerLayer(config)
@@ -313,7 +319,8 @@ def test_module_names_and_shapes():
 @pytest.mark.parametrize(
     "kw, error, text",
     [
-        (dict(hidden_size=50), ValueError, "hidden_size=50 is not divisible by num_attention_heads=4"),
+        (dict(hidden_size=50), ValueError, "hidden_size=50 is not divisible by num_attention_heads=4 (set kv_channels"),
+        (dict(kv_channels=0), ValueError, "kv_channels=0 must be >= 1"),
         (dict(normalization="batchnorm"), ValueError, "normalization='batchnorm' is not one of layernorm, rmsnorm"),
         (dict(attention_mask_type="sliding_window"), ValueError, "window_size must be set exactly when"),
         (dict(window_size=4), ValueError, "window_size must be set exactly when"),

@@ -56,6 +56,7 @@ class ModelConfig:
     num_layers: int
     num_attention_heads: int
     ffn_hidden_size: Optional[int] = None
+    kv_channels: Optional[int] = None
     max_position_embeddings: int = 1024
     position_embedding_type: str = "learned_absolute"
     embedding_size: Optional[int] = None

@@ -23,8 +23,11 @@ class TransformerConfig:
     """Everything that shapes one transformer layer (Megatron-LM's ``TransformerConfig``, trimmed).
 
     Attributes:
-        hidden_size, num_attention_heads: ``hidden_size`` must divide by ``num_attention_heads``
-            (head_dim = hidden_size / num_attention_heads).
+        hidden_size, num_attention_heads: without ``kv_channels``, ``hidden_size`` must divide by
+            ``num_attention_heads`` (head_dim = hidden_size / num_attention_heads).
+        kv_channels: each head's width (Megatron's name; T5's ``d_kv``), when it is not hidden_size / heads: the
+            attention then works in ``num_attention_heads * kv_channels`` features (T5 v1.1-small: hidden 512, 6
+            heads of 64). None: hidden_size / num_attention_heads.
         ffn_hidden_size: the MLP's inner size; None means ``4 * hidden_size``.
         normalization: ``"layernorm"`` (weight and bias) or ``"rmsnorm"`` (weight only).
         norm_epsilon: the norms' epsilon.
@@ -70,6 +73,7 @@ class TransformerConfig:
     hidden_size: int
     num_attention_heads: int
     ffn_hidden_size: Optional[int] = None
+    kv_channels: Optional[int] = None
     normalization: str = "layernorm"
     norm_epsilon: float = 1e-5
     pre_norm: bool = True
@@ -100,9 +104,12 @@ class TransformerConfig:
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         _positive_int("ffn_hidden_size", self.ffn_hidden_size)
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is not None:
+            _positive_int("kv_channels", self.kv_channels)
+        elif self.hidden_size % self.num_attention_heads:
             raise ValueError(f"{_NAME}: hidden_size={self.hidden_size} is not divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
+                             f"num_attention_heads={self.num_attention_heads} (set kv_channels for heads of "
+                             "another width)")
         _one_of("normalization", self.normalization, NORMALIZATIONS)
         _one_of("activation", self.activation, ACTIVATIONS)
         _one_of("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
@@ -140,7 +147,7 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
 
     @property
     def rotary_dim(self) -> int:

@@ -72,6 +72,7 @@ def op_config(config: TransformerConfig, group_name: str = "", training: bool = 
     what it parsed per string). Raises ValueError naming the field for a value the ops reject."""
     return _canonical((
         ("num_heads", config.num_attention_heads),
+        ("head_dim", config.kv_channels),
         ("normalization", config.normalization),
         ("norm_eps", repr(float(config.norm_epsilon))),
         ("pre_norm", config.pre_norm),

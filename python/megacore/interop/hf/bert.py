@@ -93,6 +93,8 @@ def encoder_config_to_hf(config: ModelConfig, what: str, extra_problems: list) -
         problems.append(f"attention_mask_type={config.attention_mask_type!r} (HF's encoders are bidirectional)")
     if config.type_vocab_size < 1:
         problems.append("type_vocab_size=0 (HF's encoders always have token-type embeddings)")
+    if config.kv_channels is not None and config.kv_channels * config.num_attention_heads != config.hidden_size:
+        problems.append(f"kv_channels={config.kv_channels} (HF's heads are hidden_size / num_attention_heads wide)")
     check_supported("to_hf", what, problems)
     return dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,

@@ -82,6 +82,8 @@ def config_to_hf(model: GPTModel, architecture: str) -> dict:
             problems.append(f"{name}={value!r} (GPT-2 has {supported!r})")
     if config.embedding_dim != config.hidden_size:
         problems.append(f"embedding_size={config.embedding_size} != hidden_size={config.hidden_size}")
+    if config.kv_channels is not None and config.kv_channels * config.num_attention_heads != config.hidden_size:
+        problems.append(f"kv_channels={config.kv_channels} (HF's heads are hidden_size / num_attention_heads wide)")
     check_supported("to_hf", "this GPTModel", problems)
     return dict(
         model_type="gpt2", architectures=[architecture], vocab_size=config.vocab_size,
