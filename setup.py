@@ -125,8 +125,9 @@ def _has_module(name: str) -> bool:
 setup(
     package_dir={"": "python"},
     packages=find_packages(where="python"),
-    # The embedded corpus (megacore.data.corpus): Jane Austen's novels, xz-compressed, with their README.
-    package_data={"megacore.data": ["corpus/austen/*"]},
+    # The embedded corpora: Jane Austen's novels (megacore.data.corpus) and the Spanish-English Bible verses
+    # (megacore.data.parallel), xz-compressed, with their READMEs.
+    package_data={"megacore.data": ["corpus/austen/*", "corpus/bible/*"]},
     ext_modules=[CMakeExtension("megacore._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

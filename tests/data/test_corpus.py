@@ -57,6 +57,8 @@ def test_the_wheel_build_ships_the_corpus(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     shipped = tmp_path / "megacore" / "data" / "corpus" / "austen"
     assert sorted(p.name for p in shipped.iterdir()) == sorted([f"{n}.txt.xz" for n in NOVELS] + ["README.md"])
+    bible = tmp_path / "megacore" / "data" / "corpus" / "bible"
+    assert sorted(p.name for p in bible.iterdir()) == ["README.md", "bible_es_en.tsv.xz"]
 
 
 @pytest.mark.parametrize("stem", sorted(TITLES))

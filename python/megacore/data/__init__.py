@@ -1,4 +1,4 @@
-"""megacore.data: tokenizers, the embedded corpus, Megatron-compatible indexed datasets, datasets and samplers."""
+"""megacore.data: tokenizers, the embedded corpora, Megatron-compatible indexed datasets, datasets and samplers."""
 
 from megacore.data.blended import BlendedDataset, blending_sample_counts
 from megacore.data.corpus import corpus_files, read_text
@@ -12,6 +12,7 @@ from megacore.data.indexed import (
     index_file_path,
 )
 from megacore.data.masked_lm import ElectraDataset, MaskedLMDataset, word_starts
+from megacore.data.parallel import VersePair, bible_pairs, read_bible_tsv
 from megacore.data.prepare import PrepareError, PrepareSummary, merge_datasets, prepare_dataset, split_sentences
 from megacore.data.sampler import PretrainingSampler, RandomPretrainingSampler
 from megacore.data.splits import parse_split, split_documents, split_ranges
@@ -38,7 +39,9 @@ __all__ = [
     "PretrainingSampler",
     "RandomPretrainingSampler",
     "Tokenizer",
+    "VersePair",
     "best_dtype",
+    "bible_pairs",
     "blending_sample_counts",
     "build_gpt_datasets",
     "corpus_files",
@@ -50,6 +53,7 @@ __all__ = [
     "from_wordpiece_vocab",
     "index_file_path",
     "merge_datasets",
+    "read_bible_tsv",
     "parse_split",
     "prepare_dataset",
     "read_text",
