@@ -256,11 +256,15 @@ class TransformerStack(nn.Module):
     the global layer index (``megacore.parallel.pipeline.cut_stage``), so parameter names stay the full
     model's (``decoder.layers.5.*``)."""
 
-    def __init__(self, config: ModelConfig, device=None):
+    def __init__(self, config: ModelConfig, device=None, layer_config: Optional[TransformerConfig] = None,
+                 num_layers: Optional[int] = None):
+        """``layer_config``: the layers' config when it is not ``config.layer_config()`` (T5's encoder and decoder
+        stacks differ in mask and cross-attention); ``num_layers``: when not ``config.num_layers``."""
         super().__init__()
         self.full_recompute = config.recompute == "full"
-        layer_config = config.layer_config()
-        self.layers = nn.ModuleList(TransformerLayer(layer_config, device) for _ in range(config.num_layers))
+        layer_config = layer_config if layer_config is not None else config.layer_config()
+        count = config.num_layers if num_layers is None else num_layers
+        self.layers = nn.ModuleList(TransformerLayer(layer_config, device) for _ in range(count))
 
     def layer_indices(self) -> list[int]:
         """The global indices of the layers this stack holds, in order."""
@@ -273,18 +277,23 @@ class TransformerStack(nn.Module):
         return self.layers[str(index)] if isinstance(self.layers, nn.ModuleDict) else self.layers[index]
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                indices: Optional[list[int]] = None, kv_cache: Optional["KVCache"] = None) -> torch.Tensor:
+                indices: Optional[list[int]] = None, kv_cache: Optional["KVCache"] = None,
+                attention_bias: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
+                memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Runs the layers ``indices`` (global indices, in order; None: every layer held) on ``x [s(/tp), b, h]``.
         With ``kv_cache`` (decoding), ``x [n, b, h]`` are the new tokens after the cache's ``length`` positions:
-        each layer reads and extends its part of the cache (the caller advances ``length``)."""
+        each layer reads and extends its part of the cache (the caller advances ``length``). ``attention_bias``,
+        ``memory`` and ``memory_mask`` go to every layer (the layers' config must ask for them)."""
+        extras = {k: v for k, v in (("attention_bias", attention_bias), ("memory", memory),
+                                    ("memory_mask", memory_mask)) if v is not None}
         for index in (self.layer_indices() if indices is None else indices):
             layer = self.layer(index)
             if kv_cache is not None:
-                x = layer(x, attention_mask, kv_cache=kv_cache.layer(index), position=kv_cache.length)
+                x = layer(x, attention_mask, kv_cache=kv_cache.layer(index), position=kv_cache.length, **extras)
             elif self.full_recompute and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, attention_mask, use_reentrant=False)
+                x = checkpoint(layer, x, attention_mask, use_reentrant=False, **extras)
             else:
-                x = layer(x, attention_mask)
+                x = layer(x, attention_mask, **extras)
         return x
 
 

@@ -7,7 +7,8 @@
 
 Supported: ``GPT2LMHeadModel`` <-> ``GPTModel``; ``BertForPreTraining``, ``BertForMaskedLM`` and
 ``RobertaForMaskedLM`` <-> ``BertModel``; ``ElectraForPreTraining`` (+ the generator, ``ElectraForMaskedLM``)
-<-> ``ElectraDiscriminatorModel`` / ``ElectraModel``. Each family's module has the name-by-name mapping.
+<-> ``ElectraDiscriminatorModel`` / ``ElectraModel``; ``T5ForConditionalGeneration`` (T5 and T5 v1.1) <->
+``T5Model``. Each family's module has the name-by-name mapping.
 
 Under tensor parallelism (``from_hf(m, tensor_parallel=True)`` after
 ``megacore.parallel.initialize_model_parallel``), ``from_hf`` and
@@ -30,10 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 from megacore._files import atomic_write
-from megacore.interop.hf import bert, electra, gpt2  # noqa: F401  (register their families)
+from megacore.interop.hf import bert, electra, gpt2, t5  # noqa: F401  (register their families)
 from megacore.interop.hf.family import FAMILIES, Family, family_of_architecture, family_of_model
 from megacore.interop.hf.sharding import full_state, load_full_state
-from megacore.models.common import ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -44,9 +44,9 @@ def _build(family: Family, parts: list[tuple[str, dict, dict]], overrides: dict,
            params_dtype: torch.dtype) -> nn.Module:
     """The megacore model holding the weights of ``parts``, each ``(architecture, hf_config, hf_state)``:
     one model, or ELECTRA's discriminator then its generator; this rank's shards on ``device``."""
-    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    unknown = sorted(set(overrides) - set(family.config_class.__dataclass_fields__))
     if unknown:
-        raise TypeError(f"megacore.interop.hf.{fn}: {unknown} are not ModelConfig fields")
+        raise TypeError(f"megacore.interop.hf.{fn}: {unknown} are not {family.config_class.__name__} fields")
     if len(parts) > 1:
         if family.generator_architecture is None:
             raise ValueError(f"megacore.interop.hf.{fn}: a generator goes only with a model that has one (ELECTRA); "
@@ -54,7 +54,7 @@ def _build(family: Family, parts: list[tuple[str, dict, dict]], overrides: dict,
         if parts[1][0] != family.generator_architecture:
             raise ValueError(f"megacore.interop.hf.{fn}: generator is a {parts[1][0]}, expected a "
                              f"{family.generator_architecture}")
-    configs = [ModelConfig(**{**family.config_from_hf(hf_config, architecture), "params_dtype": params_dtype,
+    configs = [family.config_class(**{**family.config_from_hf(hf_config, architecture), "params_dtype": params_dtype,
                               **overrides}) for architecture, hf_config, _ in parts]
     full: dict[str, torch.Tensor] = {}
     for (architecture, _, hf_state), config in zip(parts, configs):
@@ -147,6 +147,14 @@ def to_hf(model: nn.Module, architecture: Optional[str] = None) -> nn.Module:
     p = next(model.parameters())
     hf_model = getattr(transformers, architecture)(config).to(dtype=p.dtype)
     hf_model.load_state_dict(hf_state, strict=True)
+    # A key the HF class ties to another (one tensor) keeps whichever was loaded last: refuse rather than return
+    # a model whose weights are not megacore's (transformers >= 5 ties T5 v1.1's LM head to its embedding).
+    loaded = hf_model.state_dict()
+    differ = sorted(k for k, t in hf_state.items() if k in loaded and not torch.equal(loaded[k], t.to(loaded[k])))
+    if differ:
+        raise ValueError(f"megacore.interop.hf.to_hf: transformers {transformers.__version__}'s {architecture} ties "
+                         f"{', '.join(differ)} to another weight, and this model's differ; save_hf_safetensors "
+                         "writes them apart")
     return hf_model.to(p.device).train(model.training)
 
 

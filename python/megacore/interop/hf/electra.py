@@ -107,7 +107,7 @@ ELECTRA = register(Family(
     config_to_hf=config_to_hf,
     mappings=mappings,
     build=build,
-    tied=lambda architecture: ({"generator_lm_head.weight": "electra.embeddings.word_embeddings.weight"}
+    tied=lambda architecture, config: ({"generator_lm_head.weight": "electra.embeddings.word_embeddings.weight"}
                                if architecture == GENERATOR else {}),
     ignored=_BUFFERS,
     generator_architecture=GENERATOR,

@@ -65,9 +65,12 @@ class Family:
             ``ElectraForMaskedLM``, whose weights join the discriminator's in one megacore model).
         config_of: ``(megacore model, architecture) -> ModelConfig`` of the part that converts to
             ``architecture`` (ELECTRA's generator has its own config); None: ``model.config``.
-        tied: ``architecture -> {HF key: the HF key it is tied to}`` (``lm_head.weight`` ->
-            ``transformer.wte.weight``): written by ``to_hf``, left out of safetensors files (as
-            ``save_pretrained`` does), and checked to equal its source when present on input.
+        tied: ``(architecture, ModelConfig) -> {HF key: the HF key it is tied to}`` (``lm_head.weight`` ->
+            ``transformer.wte.weight``; T5's LM head only when its config ties it): written by ``to_hf``, left
+            out of safetensors files (as ``save_pretrained`` does), and checked to equal its source when present
+            on input.
+        config_class: the megacore config class ``config_from_hf``'s fields build (``ModelConfig``, or a
+            subclass with the family's own fields: ``T5Config``).
         ignored: HF key suffixes that are buffers, not weights (GPT-2's old causal-mask ``attn.bias``).
         normalize_keys: ``(hf_state, architecture) -> hf_state`` with this family's canonical names (e.g.
             adds the base-model prefix that checkpoints of the bare base model lack).
@@ -83,12 +86,13 @@ class Family:
     config_to_hf: Callable[[nn.Module, str], dict]
     mappings: Callable[[ModelConfig, str], list[Mapping]]
     build: Callable[[ModelConfig, str, dict, object, Optional[ModelConfig]], nn.Module]
-    tied: Callable[[str], dict[str, str]] = lambda architecture: {}
+    tied: Callable[[str, ModelConfig], dict[str, str]] = lambda architecture, config: {}
     ignored: tuple[str, ...] = ()
     normalize_keys: Callable[[StateDict, str], StateDict] = lambda state, architecture: state
     architecture_of: Optional[Callable[[nn.Module], Optional[str]]] = None
     generator_architecture: Optional[str] = None
     config_of: Optional[Callable[[nn.Module, str], ModelConfig]] = None
+    config_class: type = ModelConfig
 
     def default_architecture(self, model: nn.Module) -> Optional[str]:
         """The HF class ``model`` converts to by default; None when ``model`` is not of this family."""
@@ -106,7 +110,7 @@ class Family:
         where = "megacore.interop.hf.from_hf"
         hf_state = {k: v for k, v in self.normalize_keys(dict(hf_state), architecture).items()
                     if not k.endswith(self.ignored)}
-        for key, source in self.tied(architecture).items():
+        for key, source in self.tied(architecture, config).items():
             tensor = hf_state.pop(key, None)
             if tensor is not None and source in hf_state and not torch.equal(tensor, hf_state[source]):
                 raise ValueError(f"{where}: {key} differs from {source}; megacore ties them ({architecture} "
@@ -136,7 +140,7 @@ class Family:
             tensors = m.to_hf(state[m.megacore].detach())
             out.update(zip(m.hf_keys, (tensors,) if isinstance(m.hf, str) else tensors))
         if include_tied:
-            for key, source in self.tied(architecture).items():
+            for key, source in self.tied(architecture, config).items():
                 out[key] = out[source]
         return out
 

@@ -138,7 +138,7 @@ GPT2 = register(Family(
     config_to_hf=config_to_hf,
     mappings=mappings,
     build=lambda config, architecture, hf_config, device, generator_config: GPTModel(config, device=device),
-    tied=lambda architecture: {"lm_head.weight": "transformer.wte.weight"},
+    tied=lambda architecture, config: {"lm_head.weight": "transformer.wte.weight"},
     ignored=_BUFFERS,
     normalize_keys=normalize_keys,
 ))

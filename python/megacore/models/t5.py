@@ -1,0 +1,192 @@
+"""T5: an encoder-decoder on the C++ transformer layer, with T5's learned, bucketed relative-position bias.
+
+    input_ids [b, s] -> shared embedding -> encoder layers (padding mask, bidirectional bias) -> final RMSNorm
+                                                                                              = memory [s, b, h]
+    decoder_input_ids [b, t] -> shared embedding -> decoder layers (causal self-attention with a causal bias,
+        cross-attention to the memory) -> final RMSNorm -> LM head (tied: scaled by d_model^-0.5; v1.1: its own)
+        -> logits [b, t, vocab]   or, with labels, the per-token loss [b, t] (fp32)
+
+Both stacks are pre-norm with RMSNorm without bias, no GEMM biases, no score scaling (``softmax_scale=1``), and
+each has one relative-position bias table shared by its layers (``megacore.models.position_bias``). The MLP is
+ReLU (T5) or GeGLU (T5 v1.1, which also unties the LM head). Heads may be narrower than ``hidden / heads``
+(``kv_channels``, T5's ``d_kv``).
+
+Differences from transformers' ``T5ForConditionalGeneration`` in training (none in eval): T5 also applies
+dropout between the MLP's activation and its output GEMM; megacore's layer does not (as Megatron's T5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacore.models.common import ModelConfig, Norm, TransformerStack, WordEmbedding, lm_output, tensor_parallel_world
+from megacore.models.position_bias import RelativePositionBias
+from megacore.parallel.mappings import scatter_to_sequence_parallel_region
+
+_NAME = "megacore.models.T5Model"
+
+
+@dataclass
+class T5Config(ModelConfig):
+    """A ModelConfig with T5's defaults and its own fields.
+
+    Attributes beyond ModelConfig's:
+        num_decoder_layers: decoder layers; None: ``num_layers`` (the encoder's).
+        relative_attention_num_buckets, relative_attention_max_distance: the relative-position buckets.
+        tie_word_embeddings: the LM head is the shared embedding, its input scaled by ``hidden_size ** -0.5`` (T5);
+            False gives the head its own table and no scaling (T5 v1.1).
+    ``attention_mask_type`` is the encoder's (``"padding"``); the decoder's self-attention is causal.
+    """
+
+    position_embedding_type: str = "none"
+    normalization: str = "rmsnorm"
+    norm_epsilon: float = 1e-6
+    activation: str = "relu"
+    add_bias_linear: bool = False
+    softmax_scale: Optional[float] = 1.0
+    attention_mask_type: str = "padding"
+    max_position_embeddings: int = 512  # not a table (positions are relative): the longest sequence expected
+    num_decoder_layers: Optional[int] = None
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        for field in ("num_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"megacore.models.T5Config: {field}={value!r} must be an int >= 1")
+        for field, expected in (("position_embedding_type", "none"), ("attention_mask_type", "padding"),
+                                ("pre_norm", True), ("embedding_size", None), ("type_vocab_size", 0),
+                                ("embedding_norm", False)):
+            if getattr(self, field) != expected:
+                raise ValueError(f"megacore.models.T5Config: {field}={getattr(self, field)!r}; T5 needs {expected!r}")
+
+    def encoder_layer_config(self):
+        """The encoder layers' TransformerConfig: padded, bidirectional self-attention with the bias."""
+        return dataclasses.replace(self.layer_config(), attention_bias=True)
+
+    def decoder_layer_config(self):
+        """The decoder layers': causal self-attention with the bias, then cross-attention to the memory."""
+        return dataclasses.replace(self.layer_config(), attention_mask_type="causal", attention_bias=True,
+                                   cross_attention=True, num_layers=self.num_decoder_layers)
+
+
+class T5Model(nn.Module):
+    """An encoder-decoder (T5 / T5 v1.1), tensor- and sequence-parallel like the other megacore models.
+
+    ``forward(input_ids [b, s], decoder_input_ids [b, t] = None, labels [b, t] = None, attention_mask [b, s] =
+    None)``: ``attention_mask`` is 1 for the tokens to attend to and 0 for padding (transformers' convention; None:
+    no padding). Without ``decoder_input_ids``, they are ``labels`` shifted right with ``decoder_start_token_id``
+    first (-100 read as ``pad_token_id``), as T5 trains. Returns the logits ``[b, t, vocab_size]`` in the
+    parameters' dtype, or with ``labels`` (ids, or -100 to ignore) the per-token loss ``[b, t]`` in fp32.
+
+    Raises ValueError for bad shapes and the config's errors.
+    """
+
+    pretraining_task = "span_corruption"
+
+    def __init__(self, config: T5Config, device=None, pad_token_id: int = 0, decoder_start_token_id: int = 0):
+        super().__init__()
+        if not isinstance(config, T5Config):
+            raise TypeError(f"{_NAME}: config is a {type(config).__name__}, expected a T5Config")
+        tensor_parallel_world(config, "T5Model")
+        self.config = config
+        self.pad_token_id, self.decoder_start_token_id = pad_token_id, decoder_start_token_id
+        self.word = WordEmbedding(config, device)  # the shared embedding (T5's `shared`)
+        bias = dict(num_heads=config.num_attention_heads, num_buckets=config.relative_attention_num_buckets,
+                    max_distance=config.relative_attention_max_distance, tensor_parallel=config.tensor_parallel,
+                    params_dtype=config.params_dtype, init_std=config.init_method_std, device=device)
+        self.encoder_bias = RelativePositionBias(bidirectional=True, **bias)
+        self.encoder = TransformerStack(config, device, config.encoder_layer_config())
+        self.encoder_norm = Norm(config, config.hidden_size, device, sequence_parallel=config.sequence_parallel)
+        self.decoder_bias = RelativePositionBias(bidirectional=False, **bias)
+        self.decoder = TransformerStack(config, device, config.decoder_layer_config(), config.num_decoder_layers)
+        self.decoder_norm = Norm(config, config.hidden_size, device, sequence_parallel=config.sequence_parallel)
+        self.lm_head = None if config.tie_word_embeddings else WordEmbedding(config, device)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.word(ids.t())  # [s, b, h]
+        if self.training and self.config.hidden_dropout > 0:
+            x = F.dropout(x, self.config.hidden_dropout)
+        if self.config.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, self.word.group)
+        return x
+
+    def _final(self, norm: Norm, x: torch.Tensor) -> torch.Tensor:
+        x = norm(x)
+        return F.dropout(x, self.config.hidden_dropout) if self.training and self.config.hidden_dropout > 0 else x
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The memory ``[s(/tp), b, h]`` (the encoder's output, after its final norm)."""
+        _check_ids("input_ids", input_ids)
+        s = input_ids.shape[1]
+        x = self._embed(input_ids)
+        mask = _padding_mask(attention_mask, input_ids)
+        if mask is None:  # the encoder's layers take a padding mask: an empty one
+            mask = torch.zeros(input_ids.shape[0], 1, 1, s, dtype=torch.bool, device=input_ids.device)
+        return self._final(self.encoder_norm, self.encoder(x, mask, attention_bias=self.encoder_bias(s, s)))
+
+    def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
+               attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The decoder's output ``[t(/tp), b, h]`` (after its final norm) for ``memory`` from :meth:`encode`;
+        ``attention_mask`` is the encoder input's (it masks the memory's padding)."""
+        _check_ids("decoder_input_ids", decoder_input_ids)
+        t = decoder_input_ids.shape[1]
+        x = self._embed(decoder_input_ids)
+        memory_mask = _padding_mask(attention_mask, None)
+        x = self.decoder(x, attention_bias=self.decoder_bias(t, t), memory=memory, memory_mask=memory_mask)
+        return self._final(self.decoder_norm, x)
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """``decoder_input_ids`` from ``labels``: ``decoder_start_token_id`` first, then the labels but the last,
+        -100 read as ``pad_token_id``."""
+        shifted = labels.new_full(labels.shape, self.decoder_start_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, self.pad_token_id)
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError(f"{_NAME}: give decoder_input_ids or labels (shifted right into decoder_input_ids)")
+            decoder_input_ids = self.shift_right(labels)
+        if labels is not None and labels.shape != decoder_input_ids.shape:
+            raise ValueError(f"{_NAME}: labels has shape {list(labels.shape)}, expected "
+                             f"{list(decoder_input_ids.shape)} (the shape of decoder_input_ids)")
+        if decoder_input_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{_NAME}: decoder_input_ids has batch {decoder_input_ids.shape[0]}, expected "
+                             f"{input_ids.shape[0]} (the batch of input_ids)")
+        memory = self.encode(input_ids, attention_mask)
+        x = self.decode(decoder_input_ids, memory, attention_mask)
+        if self.lm_head is None:
+            x = x * self.config.hidden_size ** -0.5  # T5 scales the tied head's input
+        return lm_output(x, self.lm_head if self.lm_head is not None else self.word, self.config.sequence_parallel,
+                         labels)
+
+
+def _check_ids(name: str, ids: torch.Tensor) -> None:
+    if ids.dim() != 2:
+        raise ValueError(f"{_NAME}: {name} has shape {list(ids.shape)}, expected [batch, seq]")
+
+
+def _padding_mask(attention_mask: Optional[torch.Tensor], ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """transformers' ``attention_mask [b, s]`` (1 = attend) -> the layers' bool ``[b, 1, 1, s]`` (True = masked)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or (ids is not None and attention_mask.shape != ids.shape):
+        raise ValueError(f"{_NAME}: attention_mask has shape {list(attention_mask.shape)}, expected "
+                         f"{list(ids.shape) if ids is not None else '[batch, seq]'} (1 = attend, 0 = padding)")
+    return (attention_mask == 0)[:, None, None, :]
+
+
+__all__ = ["T5Config", "T5Model"]
