@@ -156,3 +156,18 @@ def _tensor_parallel_check(rank, world, sequence_parallel):
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
 def test_tensor_parallel_2_equals_one_process(sequence_parallel):
     run_distributed(_tensor_parallel_check, 2, sequence_parallel)
+
+
+@pytest.mark.parametrize("preset, hf_name", [("t5-small", "t5-small"), ("t5-base", "t5-base"),
+                                             ("t5-v1_1-small", "google/t5-v1_1-small"),
+                                             ("t5-v1_1-base", "google/t5-v1_1-base")])
+def test_presets_have_the_published_models_parameter_counts(preset, hf_name):
+    """Built on the meta device; the counts of the published checkpoints (t5-small 60.5 M, t5-base 223 M, v1.1
+    small 77 M and base 248 M, embeddings included once)."""
+    from megacore.models import build
+
+    expected = {"t5-small": 60_506_624, "t5-base": 222_903_552, "google/t5-v1_1-small": 76_961_152,
+                "google/t5-v1_1-base": 247_577_856}[hf_name]
+    model = build(preset, device="meta")
+    assert isinstance(model, T5Model)
+    assert sum(p.numel() for p in model.parameters()) == expected

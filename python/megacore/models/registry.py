@@ -1,6 +1,7 @@
 """Model presets, one registry: ``build(name, **overrides)``.
 
-Each preset is a model class and the ModelConfig fields that define it; ``overrides`` replace any
+Each preset is a model class and the config fields that define it (a ModelConfig, or the class's own
+``config_class``: T5Config); ``overrides`` replace any
 field (``build("gpt2-small", tensor_parallel=True, params_dtype=torch.bfloat16)``). Parameters are drawn
 one tensor at a time and each rank keeps only its shard; ``device="meta"`` (or building under
 ``with torch.device("meta")``) allocates nothing, for inspecting a large model's shapes and sizes. To load
@@ -21,6 +22,7 @@ from megacore.models.bert import BertModel
 from megacore.models.common import ModelConfig
 from megacore.models.electra import ElectraModel
 from megacore.models.gpt import GPTModel
+from megacore.models.t5 import T5Config, T5Model
 
 # name -> (model class, ModelConfig fields)
 PRESETS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
@@ -55,6 +57,29 @@ PRESETS.update({
                      dict(_ENCODER, hidden_size=768, num_layers=12, num_attention_heads=12)),
 })
 
+# T5 (Raffel et al.; Hugging Face's t5-small / t5-base and google/t5-v1_1-*): relative positions, RMSNorm, no biases;
+# v1.1 has GeGLU, an untied head and (small) narrower, fewer heads. t5-tiny is for CPU runs and CI.
+_T5 = dict(vocab_size=32128, kv_channels=64, hidden_dropout=0.1, attention_dropout=0.1)
+_T5_V1_1 = dict(_T5, activation="geglu", tie_word_embeddings=False)
+PRESETS.update({
+    "t5-tiny": (T5Model, dict(_T5, hidden_size=128, kv_channels=32, ffn_hidden_size=512, num_layers=2,
+                              num_attention_heads=4)),
+    "t5-small": (T5Model, dict(_T5, hidden_size=512, ffn_hidden_size=2048, num_layers=6, num_attention_heads=8)),
+    "t5-base": (T5Model, dict(_T5, hidden_size=768, ffn_hidden_size=3072, num_layers=12, num_attention_heads=12)),
+    "t5-v1_1-tiny": (T5Model, dict(_T5_V1_1, hidden_size=128, kv_channels=32, ffn_hidden_size=320, num_layers=2,
+                                   num_attention_heads=4)),
+    "t5-v1_1-small": (T5Model, dict(_T5_V1_1, hidden_size=512, ffn_hidden_size=1024, num_layers=8,
+                                    num_attention_heads=6)),
+    "t5-v1_1-base": (T5Model, dict(_T5_V1_1, hidden_size=768, ffn_hidden_size=2048, num_layers=12,
+                                   num_attention_heads=12)),
+})
+
+
+def _config_class(model: Callable[..., nn.Module]) -> type:
+    """The config class a preset's model takes (a model class's ``config_class``, else ModelConfig)."""
+    model = getattr(model, "func", model)  # a functools.partial of a model class
+    return getattr(model, "config_class", ModelConfig)
+
 
 def register(name: str, model: Callable[..., nn.Module], **fields) -> None:
     """Adds a preset (ValueError if the name is taken)."""
@@ -64,14 +89,15 @@ def register(name: str, model: Callable[..., nn.Module], **fields) -> None:
 
 
 def preset_config(name: str, **overrides) -> ModelConfig:
-    """The ModelConfig of preset ``name`` with ``overrides`` applied (ValueError for an unknown name)."""
+    """The config (a ModelConfig; T5Config for T5) of preset ``name`` with ``overrides`` applied (ValueError for an
+    unknown name)."""
     if name not in PRESETS:
         raise ValueError(f"megacore.models.build: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    _, fields = PRESETS[name]
+    model, fields = PRESETS[name]
     fields = dict(fields)
     fields.setdefault("num_layers", 1)
     fields["num_layers"] = overrides.get("num_layers", fields["num_layers"])
-    return ModelConfig(**{**fields, **overrides})
+    return _config_class(model)(**{**fields, **overrides})
 
 
 def build(name: str, device=None, **overrides) -> nn.Module:

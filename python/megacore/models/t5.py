@@ -93,7 +93,7 @@ class T5Model(nn.Module):
     Raises ValueError for bad shapes and the config's errors.
     """
 
-    pretraining_task = "span_corruption"
+    config_class = T5Config  # what megacore.models.build makes from a preset's fields
 
     def __init__(self, config: T5Config, device=None, pad_token_id: int = 0, decoder_start_token_id: int = 0):
         super().__init__()
