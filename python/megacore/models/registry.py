@@ -22,7 +22,7 @@ from megacore.models.bert import BertModel
 from megacore.models.common import ModelConfig
 from megacore.models.electra import ElectraModel
 from megacore.models.gpt import GPTModel
-from megacore.models.t5 import T5Config, T5Model
+from megacore.models.t5 import T5Model
 
 # name -> (model class, ModelConfig fields)
 PRESETS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
