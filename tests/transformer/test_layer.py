@@ -371,3 +371,14 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_python_reads_the_head_width_from_the_op_config():
+    """The fake kernel and uses_flash take the head width from the config string (kv_channels -> head_dim), as
+    the C++ op does, not hidden / heads: CUDA flash needs head_dim % 8 == 0, true of 16, false of 48 / 4 = 12."""
+    from megacore import _C
+    from megacore.transformer.layer import _head_dim
+
+    config = op_config(_config(torch.bfloat16, kv_channels=16, attention_dropout=0.0))
+    assert _head_dim(config, 48) == 16 and _head_dim(op_config(_config(torch.bfloat16)), 48) == 12
+    assert _C.transformer_layer_uses_flash(config, "cuda", "bfloat16", _head_dim(config, 48))

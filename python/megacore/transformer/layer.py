@@ -97,11 +97,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _head_dim(config: str, hidden_size: int) -> int:
+    """The op config's head width: its ``head_dim`` field, else ``hidden_size / num_heads`` (config.cpp's dims_of)."""
+    head_dim = _config_field(config, "head_dim")
+    return hidden_size // int(_config_field(config, "num_heads")) if head_dim == "none" else int(head_dim)
+
+
 def uses_flash(config: str, hidden: torch.Tensor) -> bool:
     """Whether the C++ layer runs PyTorch's flash kernel for the op config string ``config`` and this input (the
     C++ rule, asked of C++)."""
-    head_dim = hidden.shape[-1] // int(dict(item.split("=", 1) for item in config.split(";"))["num_heads"])
-    return _C.transformer_layer_uses_flash(config, hidden.device.type, _dtype_name(hidden.dtype), head_dim)
+    return _C.transformer_layer_uses_flash(config, hidden.device.type, _dtype_name(hidden.dtype),
+                                           _head_dim(config, hidden.shape[-1]))
 
 
 def _config_field(config: str, name: str) -> str:
@@ -210,7 +216,7 @@ def _transformer_layer_fake(hidden, *rest):
     saved = [hidden.new_empty(shape, dtype=getattr(torch, dtype)) if shape is not None else None
              for shape, dtype in shapes]
     if any(t is None for t in saved):  # CUDA flash: its lse and Philox state are the aten kernel's own tensors
-        heads, d = int(_config_field(config, "num_heads")) // tp, h // int(_config_field(config, "num_heads"))
+        heads, d = int(_config_field(config, "num_heads")) // tp, _head_dim(config, h)
         s = s_local * tp if _config_field(config, "sequence_parallel") == "true" else s_local
         q = hidden.new_empty((b, heads, s, d))
         p = float(_config_field(config, "attention_dropout")) if _config_field(config, "training") == "true" else 0.0
