@@ -171,3 +171,53 @@ def test_presets_have_the_published_models_parameter_counts(preset, hf_name):
     model = build(preset, device="meta")
     assert isinstance(model, T5Model)
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_decoding_equals_the_full_forward_and_greedy_equals_transformers(variant):
+    hf = _hf(variant)
+    model = interop.from_hf(hf)
+    ids, mask, labels = _batch()
+    decoder_ids = model.shift_right(labels.clamp(min=0))  # [3, 6]
+    with torch.no_grad():
+        full = model(ids, decoder_input_ids=decoder_ids, attention_mask=mask).float()  # [3, 6, vocab]
+        memory = model.encode(ids, mask)
+    cache = model.new_cache(3, 8, memory_len=ids.shape[1])
+    got = [model.forward_with_cache(decoder_ids[:, :3], cache, memory, mask, all_logits=True)]  # a prefix, then steps
+    for t in range(3, 6):
+        got.append(model.forward_with_cache(decoder_ids[:, t:t + 1], cache, attention_mask=mask, all_logits=True))
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=0, atol=2e-5)
+
+    # greedy decoding with the cache picks transformers' tokens
+    cache = model.new_cache(3, 6, memory_len=ids.shape[1])
+    token = torch.zeros(3, 1, dtype=torch.long)  # decoder_start_token_id
+    tokens = []
+    for step in range(5):
+        logits = model.forward_with_cache(token, cache, memory if step == 0 else None, mask)
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(token)
+    # transformers' greedy choice at each step, from its full forward over the prefix (its generate() cannot
+    # build a cache for a decoder deeper than the encoder, as this one is)
+    prefix = torch.zeros(3, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(5):
+            logits = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=prefix).logits[:, -1]
+            prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(torch.cat(tokens, 1), prefix[:, 1:])
+
+
+def test_cached_decoding_errors():
+    model = interop.from_hf(_hf("t5"))
+    ids, mask, _ = _batch()
+    memory = model.encode(ids, mask).detach()
+    cache = model.new_cache(3, 4, memory_len=11)
+    start = torch.zeros(3, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="pass memory with the first call"):
+        model.forward_with_cache(start, cache, None, mask)
+    model.forward_with_cache(start, cache, memory, mask)
+    with pytest.raises(ValueError, match="pass memory with the first call .* and only then"):
+        model.forward_with_cache(start, cache, memory, mask)
+    with pytest.raises(ValueError, match="decoder_input_ids has batch 2, expected 3"):
+        model.forward_with_cache(start[:2], cache, None, mask)
+    with pytest.raises(ValueError, match="KVCache: the stack's layers attend to a memory: give memory_len"):
+        model.new_cache(3, 4, memory_len=0)

@@ -229,20 +229,32 @@ class Norm(nn.Module):
 class KVCache:
     """The keys and values of every layer of a stack for a batch of sequences being decoded: layer ``i``'s are
     ``keys[i]``, ``values[i]``, each ``[b, heads / tp, capacity, head_dim]`` in the parameters' dtype; positions
-    ``[0, length)`` are filled (the layers write the new tokens', :meth:`advance` moves ``length`` on)."""
+    ``[0, length)`` are filled (the layers write the new tokens', :meth:`advance` moves ``length`` on). A decoder
+    stack's layers (cross-attention) also hold the memory's keys and values, ``[b, heads / tp, memory_len,
+    head_dim]``, written on the first call with the memory and read after."""
 
-    def __init__(self, stack: "TransformerStack", batch: int, capacity: int):
-        self.keys, self.values = {}, {}
+    def __init__(self, stack: "TransformerStack", batch: int, capacity: int, memory_len: int = 0):
+        self.keys, self.values, self.cross = {}, {}, {}
         for index in stack.layer_indices():
             layer = stack.layer(index)
             weight = layer.attention.qkv.weight
-            shape = layer.cache_shape(batch, capacity)
-            self.keys[index] = torch.empty(shape, dtype=weight.dtype, device=weight.device)
-            self.values[index] = torch.empty(shape, dtype=weight.dtype, device=weight.device)
-        self.batch, self.capacity, self.length = batch, capacity, 0
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[index], self.values[index]
+            def empty(shape):
+                return torch.empty(shape, dtype=weight.dtype, device=weight.device)
+
+            self.keys[index] = empty(layer.cache_shape(batch, capacity))
+            self.values[index] = empty(layer.cache_shape(batch, capacity))
+            if layer.config.cross_attention:
+                if memory_len < 1:
+                    raise ValueError("megacore.models.KVCache: the stack's layers attend to a memory: give memory_len "
+                                     "(the encoder output's length)")
+                self.cross[index] = (empty(layer.cache_shape(batch, memory_len)),
+                                     empty(layer.cache_shape(batch, memory_len)))
+        self.batch, self.capacity, self.memory_len, self.length = batch, capacity, memory_len, 0
+
+    def layer(self, index: int) -> tuple[torch.Tensor, ...]:
+        """(keys, values), and the memory's (keys, values) for a cross-attention layer."""
+        return (self.keys[index], self.values[index]) + self.cross.get(index, ())
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megacore.models.common import ModelConfig, Norm, TransformerStack, WordEmbedding, lm_output, tensor_parallel_world
+from megacore.models.common import (KVCache, ModelConfig, Norm, TransformerStack, WordEmbedding, lm_output,
+                                    tensor_parallel_world)
 from megacore.models.position_bias import RelativePositionBias
-from megacore.parallel.mappings import scatter_to_sequence_parallel_region
+from megacore.parallel.mappings import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 
 _NAME = "megacore.models.T5Model"
 
@@ -147,6 +148,44 @@ class T5Model(nn.Module):
         x = self.decoder(x, attention_bias=self.decoder_bias(t, t), memory=memory, memory_mask=memory_mask)
         return self._final(self.decoder_norm, x)
 
+    def _head(self, x: torch.Tensor, labels: Optional[torch.Tensor], sequence_parallel: bool) -> torch.Tensor:
+        if self.lm_head is None:
+            x = x * self.config.hidden_size ** -0.5  # T5 scales the tied head's input
+        return lm_output(x, self.lm_head if self.lm_head is not None else self.word, sequence_parallel, labels)
+
+    def new_cache(self, batch: int, capacity: int, memory_len: int) -> KVCache:
+        """An empty decoder cache for ``batch`` sequences of up to ``capacity`` target positions, attending to a
+        memory of ``memory_len`` positions."""
+        return KVCache(self.decoder, batch, capacity, memory_len)
+
+    @torch.no_grad()
+    def forward_with_cache(self, decoder_input_ids: torch.Tensor, kv_cache: KVCache,
+                           memory: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                           all_logits: bool = False) -> torch.Tensor:
+        """Decoding: ``decoder_input_ids [b, n]`` continue the target sequences held in ``kv_cache`` (:meth:`new_cache`)
+        at its ``length``. ``memory`` (:meth:`encode`'s output) goes with the first call only: its keys and values
+        are computed then and cached; ``attention_mask`` (the source's, 1 = attend) with every call. Returns fp32
+        logits ``[b, vocab_size]`` of the last new position, or ``[b, n, vocab_size]`` with ``all_logits``. No
+        dropout, no autograd."""
+        _check_ids("decoder_input_ids", decoder_input_ids)
+        b, n = decoder_input_ids.shape
+        position = kv_cache.length
+        if b != kv_cache.batch:
+            raise ValueError(f"{_NAME}.forward_with_cache: decoder_input_ids has batch {b}, expected {kv_cache.batch} "
+                             "(the cache's batch)")
+        if (memory is None) != (position > 0):
+            raise ValueError(f"{_NAME}.forward_with_cache: pass memory with the first call (cache length 0) and only "
+                             f"then (cache length {position}, memory {'given' if memory is not None else 'None'})")
+        if memory is not None and self.config.sequence_parallel:
+            memory = gather_from_sequence_parallel_region(memory, self.word.group)  # decoding never splits it
+        x = self.word(decoder_input_ids.t())  # [n, b, h]
+        x = self.decoder(x, kv_cache=kv_cache, attention_bias=self.decoder_bias(n, position + n, position),
+                         memory=memory, memory_mask=_padding_mask(attention_mask, None))
+        kv_cache.advance(n)
+        x = self.decoder_norm(x if all_logits else x[-1:])
+        logits = self._head(x, None, sequence_parallel=False).float()  # [b, n, vocab]
+        return logits if all_logits else logits[:, -1]
+
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """``decoder_input_ids`` from ``labels``: ``decoder_start_token_id`` first, then the labels but the last,
         -100 read as ``pad_token_id``."""
@@ -168,10 +207,7 @@ class T5Model(nn.Module):
                              f"{input_ids.shape[0]} (the batch of input_ids)")
         memory = self.encode(input_ids, attention_mask)
         x = self.decode(decoder_input_ids, memory, attention_mask)
-        if self.lm_head is None:
-            x = x * self.config.hidden_size ** -0.5  # T5 scales the tied head's input
-        return lm_output(x, self.lm_head if self.lm_head is not None else self.word, self.config.sequence_parallel,
-                         labels)
+        return self._head(x, labels, self.config.sequence_parallel)
 
 
 def _check_ids(name: str, ids: torch.Tensor) -> None:
