@@ -112,4 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    code = args.func(args)
+    # A torchrun worker whose command succeeded leaves torch.distributed in order (pending collectives, a barrier
+    # with the other ranks, the groups destroyed) instead of at interpreter exit, where a gloo group torn down
+    # while a peer still talks to it aborts the process (SIGABRT after the run's work is done).
+    dist = sys.modules.get("torch.distributed")
+    if code == 0 and dist is not None and dist.is_available() and dist.is_initialized():
+        from megacore.parallel.state import shutdown_distributed
+
+        shutdown_distributed(barrier=True)
+    return code
