@@ -6,7 +6,9 @@ give the ids their format defines; bad input is a clear error."""
 from __future__ import annotations
 
 import json
+import re
 import struct
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,9 @@ from megacore.data import (
     from_tokenizer_json,
     from_wordpiece_vocab,
     read_text,
+    bible_text,
     train_bpe,
+    train_unigram,
     train_wordpiece,
 )
 
@@ -489,3 +493,66 @@ def test_tokenizer_pickles_for_worker_processes(bpe):
 
     copy = pickle.loads(pickle.dumps(bpe))  # `megacore prepare` ships the tokenizer to its workers
     assert copy.kind == "bpe" and copy.eod == bpe.eod and copy.encode(ODD_TEXT) == bpe.encode(ODD_TEXT)
+
+
+# ---------------------------------------------------------------- Unigram with sentinels (T5)
+
+
+@pytest.fixture(scope="module")
+def unigram():
+    # bilingual: a novel and both sides of the Bible's validation books
+    return train_unigram([corpus_files("train")[0], bible_text("valid", "es"), bible_text("valid", "en")],
+                         vocab_size=VOCAB)
+
+
+def test_unigram_has_t5s_special_ids_and_sentinels_at_the_end(unigram):
+    assert unigram.kind == "sentencepiece" and unigram.vocab_size == VOCAB
+    assert (unigram.pad, unigram.eod, unigram.unk) == (0, 1, 2)
+    assert [unigram.id_to_token(i) for i in range(3)] == ["<pad>", "</s>", "<unk>"]
+    assert unigram.sentinels == list(range(VOCAB - 1, VOCAB - 101, -1))  # <extra_id_0> is the last id, as T5's
+    assert unigram.id_to_token(unigram.sentinels[7]) == "<extra_id_7>"
+    assert "sentinels=100" in repr(unigram)
+    assert unigram.decode([unigram.sentinels[0]]) == "<extra_id_0>"
+    # a sentinel written in the text is the sentinel, never pieces of it
+    ids = unigram.encode("one <extra_id_3> two")
+    assert unigram.sentinels[3] in ids
+
+
+def test_unigram_round_trips_both_languages_up_to_nfkc_and_runs_of_spaces(unigram, persuasion):
+    for text in (persuasion[:3000], "Y dijo Dios: Sea la luz; y fue la luz.", "And God said, Let there be light."):
+        ids = unigram.encode(text)
+        assert unigram.decode(ids) == re.sub(" {2,}", " ", unicodedata.normalize("NFKC", text)).strip(" ")
+    spanish = unigram.encode("En el principio creó Dios los cielos y la tierra.")
+    assert unigram.unk not in spanish and len(spanish) < 30  # it learned Spanish, accents included
+    starts = unigram.word_starts()
+    assert starts[unigram.encode("Elizabeth")[0]] and starts[unigram.sentinels[0]]
+
+
+def test_unigram_saves_and_loads_with_its_sentinels_and_transformers_reads_it(unigram, tmp_path):
+    unigram.save(tmp_path / "tok")
+    again = Tokenizer.load(tmp_path / "tok")
+    assert again.sentinels == unigram.sentinels and again.special_tokens == unigram.special_tokens
+    text = "Anne Elliot walked to Uppercross. <extra_id_0> la luz"
+    assert again.encode(text) == unigram.encode(text)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"))
+    assert hf(text)["input_ids"] == unigram.encode(text) + [unigram.eod]  # T5's tokenizers end a text with </s>
+
+
+def test_unigram_without_sentinels_and_errors():
+    plain = train_unigram([bible_text("valid", "en")], vocab_size=300, sentinels=0)
+    assert plain.sentinels == [] and plain.vocab_size <= 300
+    with pytest.raises(ValueError, match="sentinels=-1 must be an int >= 0"):
+        train_unigram(["text"], sentinels=-1)
+    with pytest.raises(ValueError, match="vocab_size=100 is too small"):
+        train_unigram(["text"], vocab_size=100)
+    with pytest.raises(ValueError, match="the training texts contain no text"):
+        train_unigram(["  ", "\n"], vocab_size=300)
+
+
+def test_sentinels_with_a_gap_are_refused():
+    backend = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    backend.add_special_tokens(["<extra_id_0>", "<extra_id_2>"])
+    tok = Tokenizer(backend, "wordlevel", {"unk": "<unk>"})
+    with pytest.raises(ValueError, match="has 2 sentinel tokens but not <extra_id_1>"):
+        tok.sentinels

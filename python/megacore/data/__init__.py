@@ -12,7 +12,8 @@ from megacore.data.indexed import (
     index_file_path,
 )
 from megacore.data.masked_lm import ElectraDataset, MaskedLMDataset, word_starts
-from megacore.data.parallel import VersePair, bible_pairs, read_bible_tsv
+from megacore.data.span_corruption import SpanCorruptionDataset, random_spans_noise_mask, span_corruption_lengths
+from megacore.data.parallel import VersePair, bible_pairs, bible_text, read_bible_tsv
 from megacore.data.prepare import PrepareError, PrepareSummary, merge_datasets, prepare_dataset, split_sentences
 from megacore.data.sampler import PretrainingSampler, RandomPretrainingSampler
 from megacore.data.splits import parse_split, split_documents, split_ranges
@@ -23,6 +24,7 @@ from megacore.data.tokenizer import (
     from_tokenizer_json,
     from_wordpiece_vocab,
     train_bpe,
+    train_unigram,
     train_wordpiece,
 )
 
@@ -42,6 +44,10 @@ __all__ = [
     "VersePair",
     "best_dtype",
     "bible_pairs",
+    "bible_text",
+    "random_spans_noise_mask",
+    "span_corruption_lengths",
+    "SpanCorruptionDataset",
     "blending_sample_counts",
     "build_gpt_datasets",
     "corpus_files",
@@ -61,6 +67,7 @@ __all__ = [
     "split_ranges",
     "split_sentences",
     "train_bpe",
+    "train_unigram",
     "train_wordpiece",
     "word_starts",
 ]

@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["MaskedLMDataset", "ElectraDataset", "word_starts", "build_samples_mapping"]
+__all__ = ["MaskedLMDataset", "ElectraDataset", "SentenceSamples", "word_starts", "build_samples_mapping"]
 
 _NAME = "megacore.data.MaskedLMDataset"
 MODES = ("nsp", "sop", "packed")
@@ -155,7 +155,110 @@ def build_samples_mapping(span_lengths: np.ndarray, doc_span_starts: np.ndarray,
     return mapping[np.argsort(mapping[:, 0], kind="stable")]
 
 
-class MaskedLMDataset:
+class SentenceSamples:
+    """What the sentence-based datasets share (:class:`MaskedLMDataset`, :class:`ElectraDataset`,
+    ``megacore.data.SpanCorruptionDataset``): sentences as spans, Megatron's samples mapping over them (module
+    docstring), reading a sample's tokens, index checks. A subclass sets ``name``, ``mode``, ``max_num_tokens``,
+    ``vocab_size`` and ``eod_id`` (None: keep every token), then calls :meth:`_setup_samples`."""
+
+    name = "megacore.data.SentenceSamples"
+
+    def _setup_samples(self, indexed_dataset, short_seq_prob: float, seed: int, num_samples: Optional[int]) -> None:
+        name = self.name
+        if not isinstance(short_seq_prob, (int, float)) or not 0 <= short_seq_prob <= 1:
+            raise ValueError(f"{name}: short_seq_prob={short_seq_prob!r} must be in [0, 1]")
+        self.short_seq_prob = float(short_seq_prob)
+        if not _is_int(seed) or seed < 0:
+            raise ValueError(f"{name}: seed={seed!r} must be a non-negative int")
+        self.seed = int(seed)
+        if num_samples is not None and (not _is_int(num_samples) or num_samples < 1):
+            raise ValueError(f"{name}: num_samples={num_samples!r} must be a positive int or None (one epoch)")
+        self.indexed_dataset = indexed_dataset
+        self._build_spans(indexed_dataset)
+        self._build_mapping(num_samples)
+
+    def _build_spans(self, ds) -> None:
+        """Sentences as spans ``(sequence, offset, length)``; sequences longer than a chunk become several
+        spans, so long sentences (or whole unsplit documents) are used instead of dropped."""
+        name = self.name
+        try:
+            lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+            doc_index = np.asarray(ds.document_indices, dtype=np.int64)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ValueError(f"{name}: indexed_dataset needs sequence_lengths and document_indices arrays "
+                             f"(an IndexedDataset); got {type(ds).__name__} ({e})") from None
+        n = lengths.size
+        if (lengths.ndim != 1 or doc_index.ndim != 1 or doc_index.size < 1 or doc_index[0] != 0
+                or doc_index[-1] != n or (np.diff(doc_index) < 0).any() or (lengths < 0).any()):
+            raise ValueError(f"{name}: indexed_dataset's index is inconsistent: document_indices must rise from "
+                             f"0 to the sequence count ({n}) and sequence_lengths be non-negative")
+        chunk = self.max_num_tokens if self.mode == "packed" else max(1, self.max_num_tokens // 2)
+        pieces = -(-lengths // chunk)  # [n] spans per sequence (0 for an empty sequence)
+        if self.eod_id is not None:
+            # a sequence holding only the EOD token (GPT-prepared data) is no sentence
+            single = np.flatnonzero(lengths == 1)
+            pieces[single[[int(np.asarray(ds[int(k)])[0]) == self.eod_id for k in single]]] = 0
+        self._span_sequence = np.repeat(np.arange(n, dtype=np.int64), pieces)  # [spans]
+        first_span = np.concatenate([[0], np.cumsum(pieces)])  # [n + 1]
+        piece = np.arange(self._span_sequence.size, dtype=np.int64) - first_span[self._span_sequence]
+        self._span_offset = piece * chunk
+        self._span_length = np.minimum(chunk, lengths[self._span_sequence] - self._span_offset)
+        self._doc_span_starts = first_span[doc_index]  # [docs + 1]
+        self._doc_is_nonempty = np.diff(self._doc_span_starts) > 0
+        if self.mode == "nsp" and self._doc_is_nonempty.sum() < 2:
+            raise ValueError(f"{name}: mode='nsp' needs at least two non-empty documents (random next "
+                             f"sentences come from another document); the dataset has "
+                             f"{int(self._doc_is_nonempty.sum())}")
+        self._nonempty_docs = np.flatnonzero(self._doc_is_nonempty)
+
+    def _build_mapping(self, num_samples: Optional[int]) -> None:
+        min_sentences = 1 if self.mode == "packed" else 2
+        epochs, total = [], 0
+        while not epochs or (num_samples is not None and total < num_samples):
+            rng = np.random.default_rng([self.seed, 0, len(epochs)])
+            epoch = build_samples_mapping(self._span_length, self._doc_span_starts, min_sentences,
+                                          self.max_num_tokens, self.short_seq_prob, rng)
+            if epoch.shape[0] == 0:
+                raise ValueError(f"{self.name}: no sample can be made: no document has {min_sentences} or more "
+                                 f"sentences (mode={self.mode!r}; the pair modes need documents of several "
+                                 "sentences: prepare the data with sentence splitting, or use mode='packed')")
+            epochs.append(epoch[rng.permutation(epoch.shape[0])])
+            total += epoch.shape[0]
+        mapping = np.concatenate(epochs)
+        #: ``int64 [len, 4]``: first span, end span, target length, document of every sample
+        self.samples_mapping = mapping if num_samples is None else mapping[:num_samples]
+        self.num_epochs = len(epochs)
+
+    def __len__(self) -> int:
+        return int(self.samples_mapping.shape[0])
+
+    def _span_tokens(self, span: int) -> np.ndarray:
+        sequence = int(self._span_sequence[span])
+        tokens = np.asarray(self.indexed_dataset[sequence])
+        offset = int(self._span_offset[span])
+        tokens = tokens[offset:offset + int(self._span_length[span])].astype(np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"{self.name}: sequence {sequence} holds token ids outside [0, vocab_size="
+                             f"{self.vocab_size}) (was the data prepared with another tokenizer?)")
+        if self.eod_id is not None:
+            tokens = tokens[tokens != self.eod_id]
+        return tokens
+
+    def _spans(self, first: int, end: int) -> np.ndarray:
+        parts = [self._span_tokens(k) for k in range(first, end)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _check_index(self, index) -> int:
+        """``index`` as a non-negative int; TypeError / IndexError naming the dataset otherwise."""
+        if not _is_int(index):
+            raise TypeError(f"{self.name}: index must be an int, got {type(index).__name__}")
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"{self.name}: index {index} out of range for {n} samples")
+        return int(index) % n
+
+
+class MaskedLMDataset(SentenceSamples):
     """BERT / RoBERTa masked-LM samples (see the module docstring for the exact semantics).
 
     Args:
@@ -218,14 +321,6 @@ class MaskedLMDataset:
             raise ValueError(f"{name}: mask_replace_probs={mask_replace_probs!r} must be three probabilities "
                              "([MASK], random token, keep) summing to 1")
         self.mask_replace_probs = tuple(float(p) for p in probs)
-        if not isinstance(short_seq_prob, (int, float)) or not 0 <= short_seq_prob <= 1:
-            raise ValueError(f"{name}: short_seq_prob={short_seq_prob!r} must be in [0, 1]")
-        self.short_seq_prob = float(short_seq_prob)
-        if not _is_int(seed) or seed < 0:
-            raise ValueError(f"{name}: seed={seed!r} must be a non-negative int")
-        self.seed = int(seed)
-        if num_samples is not None and (not _is_int(num_samples) or num_samples < 1):
-            raise ValueError(f"{name}: num_samples={num_samples!r} must be a positive int or None (one epoch)")
         self.whole_word_masking = bool(whole_word_masking)
         self.is_word_start = self._word_start_table(tokenizer, is_word_start) if whole_word_masking else None
         # Random replacements never imitate the structure: specials are left out.
@@ -234,9 +329,7 @@ class MaskedLMDataset:
         if self._random_ids.size == 0:
             raise ValueError(f"{name}: the vocabulary (vocab_size={self.vocab_size}) has no ids besides the "
                              "special tokens")
-        self.indexed_dataset = indexed_dataset
-        self._build_spans(indexed_dataset)
-        self._build_mapping(num_samples)
+        self._setup_samples(indexed_dataset, short_seq_prob, seed, num_samples)
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -278,78 +371,7 @@ class MaskedLMDataset:
             raise ValueError(f"{name}: is_word_start must be boolean (one flag per token id)")
         return table.astype(bool)
 
-    def _build_spans(self, ds) -> None:
-        """Sentences as spans ``(sequence, offset, length)``; sequences longer than a chunk become several
-        spans, so long sentences (or whole unsplit documents) are used instead of dropped."""
-        name = self.name
-        try:
-            lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
-            doc_index = np.asarray(ds.document_indices, dtype=np.int64)
-        except (AttributeError, TypeError, ValueError) as e:
-            raise ValueError(f"{name}: indexed_dataset needs sequence_lengths and document_indices arrays "
-                             f"(an IndexedDataset); got {type(ds).__name__} ({e})") from None
-        n = lengths.size
-        if (lengths.ndim != 1 or doc_index.ndim != 1 or doc_index.size < 1 or doc_index[0] != 0
-                or doc_index[-1] != n or (np.diff(doc_index) < 0).any() or (lengths < 0).any()):
-            raise ValueError(f"{name}: indexed_dataset's index is inconsistent: document_indices must rise from "
-                             f"0 to the sequence count ({n}) and sequence_lengths be non-negative")
-        chunk = self.max_num_tokens if self.mode == "packed" else max(1, self.max_num_tokens // 2)
-        pieces = -(-lengths // chunk)  # [n] spans per sequence (0 for an empty sequence)
-        if self.eod_id is not None:
-            # a sequence holding only the EOD token (GPT-prepared data) is no sentence
-            single = np.flatnonzero(lengths == 1)
-            pieces[single[[int(np.asarray(ds[int(k)])[0]) == self.eod_id for k in single]]] = 0
-        self._span_sequence = np.repeat(np.arange(n, dtype=np.int64), pieces)  # [spans]
-        first_span = np.concatenate([[0], np.cumsum(pieces)])  # [n + 1]
-        piece = np.arange(self._span_sequence.size, dtype=np.int64) - first_span[self._span_sequence]
-        self._span_offset = piece * chunk
-        self._span_length = np.minimum(chunk, lengths[self._span_sequence] - self._span_offset)
-        self._doc_span_starts = first_span[doc_index]  # [docs + 1]
-        self._doc_is_nonempty = np.diff(self._doc_span_starts) > 0
-        if self.mode == "nsp" and self._doc_is_nonempty.sum() < 2:
-            raise ValueError(f"{name}: mode='nsp' needs at least two non-empty documents (random next "
-                             f"sentences come from another document); the dataset has "
-                             f"{int(self._doc_is_nonempty.sum())}")
-        self._nonempty_docs = np.flatnonzero(self._doc_is_nonempty)
-
-    def _build_mapping(self, num_samples: Optional[int]) -> None:
-        min_sentences = 1 if self.mode == "packed" else 2
-        epochs, total = [], 0
-        while not epochs or (num_samples is not None and total < num_samples):
-            rng = np.random.default_rng([self.seed, 0, len(epochs)])
-            epoch = build_samples_mapping(self._span_length, self._doc_span_starts, min_sentences,
-                                          self.max_num_tokens, self.short_seq_prob, rng)
-            if epoch.shape[0] == 0:
-                raise ValueError(f"{self.name}: no sample can be made: no document has {min_sentences} or more "
-                                 f"sentences (mode={self.mode!r}; the pair modes need documents of several "
-                                 "sentences: prepare the data with sentence splitting, or use mode='packed')")
-            epochs.append(epoch[rng.permutation(epoch.shape[0])])
-            total += epoch.shape[0]
-        mapping = np.concatenate(epochs)
-        #: ``int64 [len, 4]``: first span, end span, target length, document of every sample
-        self.samples_mapping = mapping if num_samples is None else mapping[:num_samples]
-        self.num_epochs = len(epochs)
-
     # -- samples ------------------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return int(self.samples_mapping.shape[0])
-
-    def _span_tokens(self, span: int) -> np.ndarray:
-        sequence = int(self._span_sequence[span])
-        tokens = np.asarray(self.indexed_dataset[sequence])
-        offset = int(self._span_offset[span])
-        tokens = tokens[offset:offset + int(self._span_length[span])].astype(np.int64)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(f"{self.name}: sequence {sequence} holds token ids outside [0, vocab_size="
-                             f"{self.vocab_size}) (was the data prepared with another tokenizer?)")
-        if self.eod_id is not None:
-            tokens = tokens[tokens != self.eod_id]
-        return tokens
-
-    def _spans(self, first: int, end: int) -> np.ndarray:
-        parts = [self._span_tokens(k) for k in range(first, end)]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _random_segment(self, rng: np.random.Generator, doc: int, length: int) -> np.ndarray:
         """Sentences from a random document other than ``doc``, from a random sentence on, until ``length``
@@ -443,12 +465,7 @@ class MaskedLMDataset:
 
     def _sample(self, index: int) -> dict[str, Any]:
         """The unpadded parts of sample ``index``: tokens, token types, masked inputs, labels, NSP label."""
-        if not _is_int(index):
-            raise TypeError(f"{self.name}: index must be an int, got {type(index).__name__}")
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"{self.name}: index {index} out of range for {n} samples")
-        index = int(index) % n
+        index = self._check_index(index)
         first, end, target, doc = (int(v) for v in self.samples_mapping[index])
         rng = np.random.default_rng([self.seed, 1, index])
         a, b, label = self._segments(rng, first, end, target, doc)

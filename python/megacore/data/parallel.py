@@ -83,5 +83,21 @@ def bible_pairs(split: str = "train") -> list[VersePair]:
     return [p for p in _bible() if keep(p.book)]
 
 
+def bible_text(split: str = "train", language: str = "en") -> str:
+    """One side of ``split``'s verses as plain text: a paragraph per chapter (chapters separated by a blank line),
+    a line per verse; for monolingual data (``megacore prepare --document-unit paragraph``, tokenizer training).
+    Raises ValueError for an unknown split or language."""
+    if language not in LANGUAGES:
+        raise ValueError(f"megacore.data.bible_text: language must be one of {LANGUAGES}, got {language!r}")
+    chapters: list[list[str]] = []
+    last = None
+    for pair in bible_pairs(split):
+        if (pair.book, pair.chapter) != last:
+            chapters.append([])
+            last = (pair.book, pair.chapter)
+        chapters[-1].append(getattr(pair, language))
+    return "\n\n".join("\n".join(verses) for verses in chapters) + "\n"
+
+
 __all__ = ["BIBLE_FILE", "LANGUAGES", "SPLITS", "TEST_BOOKS", "VALID_BOOKS", "VersePair", "bible_pairs",
-           "read_bible_tsv"]
+           "bible_text", "read_bible_tsv"]

@@ -91,7 +91,7 @@ from megacore.data.indexed import (
 ERRORS = ("strict", "replace", "skip")
 DOCUMENT_UNITS = ("file", "paragraph", "line")
 FORMATS = ("auto", "text", "jsonl")
-TOKENIZER_KINDS = ("bpe", "wordpiece")
+TOKENIZER_KINDS = ("bpe", "wordpiece", "unigram")
 TEXT_SUFFIXES = (".txt", ".txt.xz")
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.xz", ".json.xz")
 _XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -430,7 +430,7 @@ def _chunks(documents: Iterable[_Document], chunk_chars: int, chunk_docs: int) -
 # -- the command ------------------------------------------------------------------------------------------------
 def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_texts: Callable[[], list[str]],
                              log: Callable[[str], None]):
-    from megacore.data.tokenizer import Tokenizer, train_bpe, train_wordpiece
+    from megacore.data.tokenizer import Tokenizer, train_bpe, train_unigram, train_wordpiece
 
     if tokenizer is not None and train_tokenizer is not None:
         raise PrepareError("megacore prepare: pass either --tokenizer or --train-tokenizer, not both")
@@ -446,7 +446,7 @@ def _load_or_train_tokenizer(tokenizer, train_tokenizer, vocab_size, training_te
     vocab_size = 8192 if vocab_size is None else vocab_size
     texts = training_texts()
     log(f"megacore prepare: training a {kind} tokenizer (vocab {vocab_size}) on the inputs")
-    train = train_bpe if kind == "bpe" else train_wordpiece
+    train = {"bpe": train_bpe, "wordpiece": train_wordpiece, "unigram": train_unigram}[kind]
     return train(texts, vocab_size=vocab_size)
 
 
@@ -618,7 +618,8 @@ def prepare_dataset(
         inputs: files and directories (see the module docstring); None or empty: the embedded corpus's
             ``split`` ("train": five novels, "valid": persuasion, "all").
         tokenizer: a :class:`megacore.data.tokenizer.Tokenizer` or the path of a saved one; else one is trained
-            on the inputs: ``train_tokenizer`` "bpe" (the default) or "wordpiece", of ``vocab_size`` (8192).
+            on the inputs: ``train_tokenizer`` "bpe" (the default), "wordpiece" or "unigram" (sentencepiece-style, with
+            T5's 100 sentinel tokens), of ``vocab_size`` (8192).
         document_unit: for text files, one document per "file", "paragraph" or "line".
         workers: tokenizing processes (1: in this process).
         append_eod: end every document with the tokenizer's ``eod`` (WordPiece: ``[SEP]``).

@@ -1,6 +1,6 @@
 """Tokenizers: one `Tokenizer` class over a Hugging Face `tokenizers.Tokenizer`, with megacore's special-token
-conventions, trainers for byte-level BPE (GPT) and WordPiece (BERT / ELECTRA), and loaders for the common
-formats.
+conventions, trainers for byte-level BPE (GPT), WordPiece (BERT / ELECTRA) and sentencepiece-style Unigram with
+sentinel tokens (T5), and loaders for the common formats.
 
 Kinds (``Tokenizer.kind``):
   ``"bpe"``            byte-level BPE, GPT-2 style: every byte string encodes, ``decode(encode(x)) == x``.
@@ -17,6 +17,9 @@ when the tokenizer has no such token):
     ``sep``, ``mask`` and ``unk`` are None unless the training call names tokens for them.
   - WordPiece has ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4 when trained here); ``eod`` is ``[SEP]``, which
     ends every BERT segment.
+  - Unigram trained here (:func:`train_unigram`, T5's layout): ``<pad>`` = 0, ``</s>`` = 1 (``eod``), ``<unk>`` = 2,
+    and the sentinel tokens ``<extra_id_0>`` ... ``<extra_id_{n-1}>`` at the end of the vocabulary, ``<extra_id_0>``
+    last (``Tokenizer.sentinels``; T5's span corruption replaces the i-th masked span by ``<extra_id_i>``).
   - Generally: a role with no token of its own falls back: ``eod`` to ``sep``, ``pad`` to ``eod``.
 ``encode`` never adds special tokens (the datasets add them where their format wants them), and ``decode``
 skips none unless asked. Special tokens written literally in the text (``"<|endoftext|>"``) are recognised
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -58,6 +62,13 @@ WORDPIECE_SPECIAL_TOKENS = {
 }  # fmt: skip
 # Order of WordPiece's special tokens in a trained vocabulary (BERT's [PAD] is 0).
 _WORDPIECE_ORDER = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+#: T5's special tokens (its sentencepiece model's ids 0-2).
+UNIGRAM_SPECIAL_TOKENS = {"eod": "</s>", "pad": "<pad>", "cls": None, "sep": None, "mask": None, "unk": "<unk>"}
+_UNIGRAM_ORDER = ("<pad>", "</s>", "<unk>")
+#: The name of sentinel ``i`` (T5's and transformers' T5Tokenizer's).
+SENTINEL_FORMAT = "<extra_id_{}>"
+_SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 
 # Candidate names per role when a file does not say which token plays which role (tokenizer.json,
 # sentencepiece): the first one in the vocabulary wins.
@@ -204,9 +215,28 @@ class Tokenizer:
                 starts[i] = not token[0].isalnum() or token[0] == "\u2581"
         return starts
 
+    @property
+    def sentinels(self) -> list[int]:
+        """The ids of the sentinel tokens ``<extra_id_0>``, ``<extra_id_1>``, ... in that order (T5's span
+        corruption), ``[]`` when the vocabulary has none. Raises ValueError when the numbering has a gap."""
+        cached = getattr(self, "_sentinels", None)
+        if cached is None:
+            found = {}
+            for token, i in self.backend.get_vocab(with_added_tokens=True).items():
+                m = _SENTINEL_RE.fullmatch(token)
+                if m:
+                    found[int(m.group(1))] = i
+            if found and sorted(found) != list(range(len(found))):
+                missing = min(set(range(max(found) + 1)) - set(found))
+                raise ValueError(f"megacore.data.Tokenizer.sentinels: the vocabulary has {len(found)} sentinel tokens "
+                                 f"but not {SENTINEL_FORMAT.format(missing)}")
+            cached = self._sentinels = [found[k] for k in range(len(found))]
+        return list(cached)
+
     def __repr__(self) -> str:
         roles = ", ".join(f"{r}={getattr(self, r)}" for r in ROLES if getattr(self, r) is not None)
-        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, {roles})"
+        sentinels = f", sentinels={len(self.sentinels)}" if self.sentinels else ""
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, {roles}{sentinels})"
 
     # ---------------------------------------------------------------- persistence
 
@@ -473,6 +503,64 @@ def train_wordpiece(
         )
     _bert_post_processor(backend, names)
     return Tokenizer(backend, "wordpiece", names)
+
+
+def train_unigram(
+    source=None,
+    vocab_size: int = 32_000,
+    *,
+    sentinels: int = 100,
+    special_tokens: Mapping[str, str | None] | None = None,
+    show_progress: bool = False,
+) -> Tokenizer:
+    """Train a sentencepiece-style Unigram tokenizer with sentinel tokens (T5's scheme) with the `tokenizers`
+    library: NFKC normalization with runs of spaces collapsed, ``▁`` marking word starts (a space is prepended to
+    the text, as sentencepiece's dummy prefix), so ``decode(encode(x))`` gives back ``x`` up to that normalization
+    (newlines are kept) for text of characters it was trained on (printable ASCII always; others become ``<unk>``).
+
+    Args:
+        source: as for :func:`train_bpe` (for a bilingual tokenizer, pass the texts of both languages).
+        vocab_size: the whole vocabulary: special tokens, learned pieces and sentinels (a small corpus may give
+            fewer pieces; the sentinels are always there).
+        sentinels: how many sentinel tokens ``<extra_id_0>`` ... to append (T5 has 100); 0 for none.
+        special_tokens: role -> token overriding :data:`UNIGRAM_SPECIAL_TOKENS`.
+
+    Returns a :class:`Tokenizer` of kind ``"sentencepiece"``: ``<pad>`` = 0, ``</s>`` = 1 (``eod``), ``<unk>`` = 2
+    (T5's ids), the pieces, then the sentinels with ``<extra_id_0>`` last, as in T5's vocabulary and transformers'
+    T5Tokenizer (``Tokenizer.sentinels`` lists them). Raises ValueError for a too-small vocab_size or an empty
+    source.
+    """
+    fn = "train_unigram"
+    if isinstance(sentinels, bool) or not isinstance(sentinels, int) or sentinels < 0:
+        raise ValueError(f"megacore.data.{fn}: sentinels={sentinels!r} must be an int >= 0")
+    names = _resolve_special_tokens(UNIGRAM_SPECIAL_TOKENS, special_tokens, fn)
+    if names["unk"] is None:
+        raise ValueError(f"megacore.data.{fn}: Unigram needs an unknown token (special_tokens['unk'] is None)")
+    order = {t: i for i, t in enumerate(_UNIGRAM_ORDER)}
+    specials = sorted(dict.fromkeys(t for t in names.values() if t is not None), key=lambda t: order.get(t, len(order)))
+    # the trainer needs room for the alphabet besides the special tokens
+    vocab_size = _check_vocab_size(vocab_size, fn, len(specials) + sentinels + 64,
+                                   f"{len(specials)} special tokens, {sentinels} sentinels and an alphabet of 64")
+    backend = tokenizers.Tokenizer(models.Unigram())
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size - sentinels,
+        special_tokens=specials,
+        unk_token=names["unk"],
+        initial_alphabet=[chr(c) for c in range(33, 127)],  # printable ASCII, seen in the texts or not
+        show_progress=show_progress,
+    )
+    _train(backend, trainer, source, fn)
+    # <extra_id_{n-1}> first, so <extra_id_0> gets the last id (T5's layout)
+    backend.add_special_tokens([SENTINEL_FORMAT.format(i) for i in reversed(range(sentinels))])
+    if names["eod"] is not None:  # so the saved tokenizer.json ends a text with </s> in transformers, as T5's does
+        eod_id = backend.token_to_id(names["eod"])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {names['eod']}", pair=f"$A {names['eod']} $B:1 {names['eod']}:1",
+            special_tokens=[(names["eod"], eod_id)])
+    return Tokenizer(backend, "sentencepiece", names)
 
 
 
