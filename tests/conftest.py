@@ -25,3 +25,14 @@ def corpus_cache(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("corpus-cache")
     embedded_corpus(str(root), 1000, log=lambda m: None)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def t5_corpus_cache(tmp_path_factory) -> str:
+    """A cache directory holding the embedded corpus as T5 pretraining prepares it (the novels and the Bible
+    corpus, a bilingual Unigram of 1,000 tokens with sentinels), once for the whole session."""
+    from megacore.training.corpus import embedded_corpus_t5
+
+    root = tmp_path_factory.mktemp("t5-corpus-cache")
+    embedded_corpus_t5(str(root), 1000, log=lambda m: None)
+    return str(root)

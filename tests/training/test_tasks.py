@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from megacore.models.registry import PRESETS, build
-from megacore.models.t5 import T5Model
 from megacore.training.config import TrainConfig
-from megacore.training.tasks import (TASKS, CausalLMTask, ElectraTask, MaskedLMTask, Task, TaskData,
-                                     register_task)
+from megacore.training.tasks import (TASKS, CausalLMTask, ElectraTask, MaskedLMTask, SpanCorruptionTask, Task,
+                                     TaskData, register_task)
 
 TINY_MODEL = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "ffn_hidden_size": 64,
               "hidden_dropout": 0.0, "attention_dropout": 0.0}
@@ -30,6 +29,7 @@ BATCH_KEYS = {
     "bert-tiny": ({"input_ids", "attention_mask", "token_type_ids", "labels"}, {"next_sentence_label"}),
     "roberta-base": ({"input_ids", "attention_mask", "token_type_ids", "labels"}, set()),
     "electra-small": ({"input_ids", "attention_mask", "token_type_ids", "mlm_labels"}, set()),
+    "t5-tiny": ({"input_ids", "attention_mask", "labels"}, set()),  # labels: [b, the target length]
 }
 
 
@@ -38,13 +38,10 @@ def test_every_preset_declares_a_registered_task_and_gets_it():
                 "gpt2-medium": (CausalLMTask, "gpt"), "gpt-1.3b": (CausalLMTask, "gpt"),
                 "bert-tiny": (MaskedLMTask, "bert"), "bert-base": (MaskedLMTask, "bert"),
                 "roberta-base": (MaskedLMTask, "bert"),
-                "electra-small": (ElectraTask, "electra"), "electra-base": (ElectraTask, "electra")}
-    untrained = {name for name, (model, _) in PRESETS.items() if model is T5Model}  # span corruption: issue 15
-    assert untrained == {"t5-tiny", "t5-small", "t5-base", "t5-v1_1-tiny", "t5-v1_1-small", "t5-v1_1-base"}
-    for name in untrained:
-        with pytest.raises(ValueError, match="T5Model declares pretraining_task=None; megacore train knows the tasks"):
-            Task.for_preset(name)
-    for name in set(PRESETS) - untrained:
+                "electra-small": (ElectraTask, "electra"), "electra-base": (ElectraTask, "electra"),
+                **{name: (SpanCorruptionTask, "t5") for name in ("t5-tiny", "t5-small", "t5-base", "t5-v1_1-tiny",
+                                                                 "t5-v1_1-small", "t5-v1_1-base")}}
+    for name in PRESETS:
         task = Task.for_preset(name)
         model = build(name, device="meta")
         assert type(task) is TASKS[model.pretraining_task], name
@@ -64,7 +61,8 @@ def test_bert_presets_pretrain_with_the_sentence_pairs_of_their_binary_head():
 
 
 def test_a_model_that_declares_no_registered_task_is_refused_with_the_known_tasks():
-    with pytest.raises(ValueError, match=r"Linear declares pretraining_task=None; .*causal_lm, electra, masked_lm"):
+    with pytest.raises(ValueError, match=r"Linear declares pretraining_task=None; megacore train knows the tasks "
+                                         r"causal_lm, electra, masked_lm, span_corruption"):
         Task.for_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
         Task.for_preset("gpt5")
@@ -75,34 +73,35 @@ def test_a_registered_task_is_what_its_models_train_with(monkeypatch):
     from megacore.training import tasks
 
     @register_task
-    class SpanCorruptionTask(Task):
-        name, family, metric = "span_corruption", "t5", "valid_accuracy"
+    class PermutationLMTask(Task):
+        name, family, metric = "permutation_lm", "xlnet", "valid_accuracy"
 
-    class T5Model(torch.nn.Module):
-        pretraining_task = "span_corruption"
+    class XLNetModel(torch.nn.Module):
+        pretraining_task = "permutation_lm"
 
-    assert type(Task.for_model(T5Model())) is SpanCorruptionTask
-    assert tasks.TASKS["span_corruption"] is SpanCorruptionTask
-    with pytest.raises(ValueError, match="task 'span_corruption' is already registered"):
-        register_task(type("Again", (Task,), {"name": "span_corruption"}))
+    assert type(Task.for_model(XLNetModel())) is PermutationLMTask
+    assert tasks.TASKS["permutation_lm"] is PermutationLMTask
+    with pytest.raises(ValueError, match="task 'permutation_lm' is already registered"):
+        register_task(type("Again", (Task,), {"name": "permutation_lm"}))
     with pytest.raises(TypeError, match="expected a Task subclass"):
-        register_task(T5Model)
+        register_task(XLNetModel)
     with pytest.raises(ValueError, match="has no name"):
         register_task(type("Nameless", (Task,), {}))
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory, corpus_cache):
-    """Cache directories with the embedded corpus prepared: BPE (the session's) and WordPiece (this module's)."""
+def caches(tmp_path_factory, corpus_cache, t5_corpus_cache):
+    """Cache directories with the embedded corpus prepared: BPE and T5's Unigram (the session's) and WordPiece
+    (this module's)."""
     from megacore.training.corpus import embedded_corpus_wordpiece
 
     wordpiece = str(tmp_path_factory.mktemp("wordpiece-cache"))
     embedded_corpus_wordpiece(wordpiece, 1000, log=lambda m: None)
-    return {"bpe": corpus_cache, "wordpiece": wordpiece}
+    return {"bpe": corpus_cache, "wordpiece": wordpiece, "unigram": t5_corpus_cache}
 
 
 def _config(preset: str, caches) -> TrainConfig:
-    cache = caches["bpe"] if preset.startswith("gpt") else caches["wordpiece"]
+    cache = caches["bpe" if preset.startswith("gpt") else "unigram" if preset.startswith("t5") else "wordpiece"]
     return TrainConfig(model=preset, cache_dir=cache, output="unused", seq_len=SEQ, vocab_size=1000,
                        micro_batch_size=MICRO, global_batch_size=MICRO, eval_batches=EVAL_BATCHES, progress=False)
 
@@ -135,6 +134,10 @@ def test_a_batch_is_the_models_keyword_arguments_as_int64_tensors(prepared):
     batch = task.batch(item)
     per_token, per_sample = BATCH_KEYS[preset]
     assert set(batch) == per_token | per_sample
+    if isinstance(task, SpanCorruptionTask):  # the targets' length follows from the encoder's (T5's rule)
+        from megacore.data import span_corruption_lengths
+
+        assert batch.pop("labels").shape == (MICRO, span_corruption_lengths(SEQ)[1])
     for key, value in batch.items():
         assert value.dtype == torch.int64, key
         assert list(value.shape) == ([MICRO, SEQ] if key in per_token else [MICRO]), key
@@ -148,6 +151,10 @@ def test_the_loss_is_a_0_dim_fp32_tensor_equal_to_the_models_own_loss(prepared):
     assert loss.dim() == 0 and loss.dtype == torch.float32 and loss.requires_grad
     if isinstance(task, CausalLMTask):  # the mean next-token cross-entropy over the counted labels
         logits = model(batch["input_ids"]).float()
+        expected = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    elif isinstance(task, SpanCorruptionTask):  # the mean cross-entropy over the counted targets
+        logits = model(batch["input_ids"], decoder_input_ids=model.shift_right(batch["labels"]),
+                       attention_mask=batch["attention_mask"]).float()
         expected = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
     elif preset == "bert-tiny":  # masked-LM cross-entropy plus the next-sentence head's
         out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
@@ -189,8 +196,8 @@ def test_final_metrics_and_the_report(prepared, caches, tmp_path):
         assert lines[1].startswith(f"megacore train: checkpoint {result['checkpoint']} (load it with")
 
 
-@pytest.mark.parametrize("preset", ["bert-tiny", "electra-small"])
-def test_megacore_evaluate_reads_a_masked_lm_or_electra_checkpoint(preset, caches, tmp_path, capsys):
+@pytest.mark.parametrize("preset", ["bert-tiny", "electra-small", "t5-tiny"])
+def test_megacore_evaluate_reads_a_masked_lm_electra_or_t5_checkpoint(preset, caches, tmp_path, capsys):
     from megacore.cli import main
     from megacore.training.run import train
 
