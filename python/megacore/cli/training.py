@@ -47,32 +47,45 @@ _HELP = {
     "loss_spike_factor": "stop when a step's loss exceeds this factor x the largest of the previous 100 steps "
                          "(off by default; Megatron uses 10)",
     "max_skipped_steps": "float16: stop after this many consecutive steps skipped for overflow",
+    "task": "a registered task to train the model with (megacore finetune TASK sets it); default: the model's "
+            "pretraining task",
+    "task_options": "JSON object of the task's own options (megacore finetune's task flags set them)",
+    "pretrained": "a megacore train checkpoint to start from: its model, weights and tokenizer (megacore finetune "
+                  "--checkpoint)",
     "override_lr_schedule": "on resume, apply --lr, --min-lr, --warmup-steps and --weight-decay from this command "
                             "instead of refusing a change",
 }
 
 
 def _add_train(sub) -> None:
-    from megacore.training.config import TrainConfig
-
     p = sub.add_parser("train", help="train a model (default: gpt-tiny on the embedded corpus, CPU, < 10 min)",
                        description="Train a model. With no arguments: gpt-tiny on the embedded Austen corpus. Under "
                                    "`torchrun --nproc-per-node N -m megacore train --tensor-parallel-size T "
                                    "--pipeline-parallel-size P` it trains with tensor size T, P pipeline stages and "
                                    "data-parallel size N/(T P) (gloo on CPU, NCCL on GPU). Rerunning "
                                    "with the same --output resumes from the newest complete checkpoint.")
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_config_flags(p, skip: tuple = (), defaults: dict = {}) -> None:  # noqa: B006 - read only
+    """--config and a flag per TrainConfig field (but ``skip``); ``defaults`` replace the fields' in the help."""
+    from megacore.training.config import TrainConfig
+
     p.add_argument("--config", help="a JSON or YAML file of these options (command-line flags override it)")
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = defaults.get(f.name, default)
         if hints[f.name] is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{_HELP[f.name]} (default: {default})")
         else:  # a string: TrainConfig converts and checks every value, from here and from --config alike
             p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
                            help=f"{_HELP[f.name]} (default: {default})")
-    p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -89,6 +102,82 @@ def _cmd_train(args: argparse.Namespace) -> int:
             options["output"] = f"runs/{options.get('model', TrainConfig.model)}"
         config = parse_config(options)
         train(config, explicit=set(options) - ({"output"} if "output" not in given else set()))
+    except (ValueError, OSError, NotImplementedError, ImportError, TrainingDivergedError,
+            StalledRanksError) as e:
+        return print_error(e)
+    return 0
+
+
+# megacore finetune TASK: the task's own flags, each a key of TrainConfig.task_options (type, help)
+_TASK_FLAGS = {
+    "translation": {"direction": (str, "es-en (default) or en-es")},
+    "seq2seq": {"train": (str, "training pairs: a .jsonl/.json or .tsv file (optionally .xz)"),
+                "valid": (str, "validation pairs (same format)"),
+                "test": (str, "test pairs for the final metrics (default: --valid)"),
+                "source_key": (str, "JSON field / TSV column of the source text (default: source)"),
+                "target_key": (str, "JSON field / TSV column of the target text (default: target)")},
+}
+_SEQ2SEQ_FLAGS = {
+    "target_length": (int, "target tokens per sample, </s> included (default 128)"),
+    "beams": (int, "beams of the final beam-search evaluation (default 4; 1: greedy only)"),
+    "length_penalty": (float, "beam search's length penalty: scores are log-probability / length ** this (default 1)"),
+    "max_new_tokens": (int, "longest decoded output (default: --target-length)"),
+    "source_prefix": (str, "text put before every source (translation: 'translate Spanish to English: ')"),
+    "eval_samples": (int, "validation pairs decoded for BLEU at each evaluation (default 200; 0: all)"),
+    "test_samples": (int, "test pairs decoded at the end (default 0: all)"),
+}
+
+
+def _add_finetune(sub) -> None:
+    from megacore.training.seq2seq import Seq2SeqFinetuneTask
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint (or a preset from scratch) on a task: translation, "
+                                        "seq2seq",
+                       description="Fine-tune a `megacore train` checkpoint (--checkpoint), or a preset from scratch "
+                                   "(--model), on a task, with the progress bar, metrics, checkpoints and resume of "
+                                   "`megacore train`. translation: the embedded Spanish-English Bible corpus (books "
+                                   "held out), BLEU and chrF against copying the source; seq2seq: your JSONL/TSV "
+                                   "pairs, BLEU, chrF and ROUGE.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name, flags in _TASK_FLAGS.items():
+        t = tasks.add_parser(name, help={"translation": "Spanish <-> English on the embedded Bible corpus",
+                                         "seq2seq": "any text-to-text task on your files"}[name])
+        t.add_argument("--checkpoint", dest="pretrained", metavar="DIR",
+                       help="a megacore train checkpoint to start from (default: --model from scratch)")
+        for key, (kind, text) in {**flags, **_SEQ2SEQ_FLAGS}.items():
+            t.add_argument("--" + key.replace("_", "-"), dest="task_" + key, type=kind, default=None, help=text)
+        _add_config_flags(t, skip=("task", "task_options", "pretrained"), defaults=Seq2SeqFinetuneTask.defaults)
+        t.set_defaults(func=_cmd_finetune, task_flags=tuple({**flags, **_SEQ2SEQ_FLAGS}))
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from megacore.parallel import StalledRanksError
+    from megacore.training.checkpoint import resolve_checkpoint
+    from megacore.training.config import TrainConfig, load_config_file, parse_config
+    from megacore.training.resume import _read_extra
+    from megacore.training.run import train
+    from megacore.training.tasks import TASKS
+    from megacore.training.trainer import TrainingDivergedError
+
+    try:
+        options = dict(TASKS[args.task].defaults)
+        options.update(load_config_file(args.config) if args.config else {})
+        skip = ("task", "task_options", "pretrained")
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if f.name not in skip and getattr(args, f.name) is not None}
+        options.update(given)
+        task_options = dict(options.get("task_options") or {})
+        task_options.update({k: getattr(args, "task_" + k) for k in args.task_flags
+                             if getattr(args, "task_" + k) is not None})
+        options.update(task=args.task, task_options=task_options)
+        if args.pretrained is not None:
+            options["pretrained"] = args.pretrained
+        if options.get("pretrained") and "model" not in given:  # the checkpoint's model
+            options["model"] = _read_extra(resolve_checkpoint(options["pretrained"], "finetune"), "finetune")["preset"]
+        if "output" not in options:
+            options["output"] = f"runs/finetune-{args.task}"
+        config = parse_config(options)
+        train(config, explicit=set(given) | {"task", "task_options"} | ({"pretrained"} if args.pretrained else set()))
     except (ValueError, OSError, NotImplementedError, ImportError, TrainingDivergedError,
             StalledRanksError) as e:
         return print_error(e)
@@ -184,5 +273,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     _add_train(sub)
+    _add_finetune(sub)
     _add_evaluate(sub)
     _add_generate(sub)

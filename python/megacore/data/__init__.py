@@ -13,6 +13,7 @@ from megacore.data.indexed import (
 )
 from megacore.data.masked_lm import ElectraDataset, MaskedLMDataset, word_starts
 from megacore.data.span_corruption import SpanCorruptionDataset, random_spans_noise_mask, span_corruption_lengths
+from megacore.data.seq2seq import Seq2SeqDataset, TextPair, read_pairs, tokenize_pairs
 from megacore.data.parallel import VersePair, bible_pairs, bible_text, read_bible_tsv
 from megacore.data.prepare import PrepareError, PrepareSummary, merge_datasets, prepare_dataset, split_sentences
 from megacore.data.sampler import PretrainingSampler, RandomPretrainingSampler
@@ -46,6 +47,10 @@ __all__ = [
     "bible_pairs",
     "bible_text",
     "random_spans_noise_mask",
+    "read_pairs",
+    "Seq2SeqDataset",
+    "TextPair",
+    "tokenize_pairs",
     "span_corruption_lengths",
     "SpanCorruptionDataset",
     "blending_sample_counts",

@@ -95,6 +95,7 @@ class T5Model(nn.Module):
     """
 
     config_class = T5Config  # what megacore.models.build makes from a preset's fields
+    pretraining_task = "span_corruption"  # megacore.training.tasks.SpanCorruptionTask
 
     def __init__(self, config: T5Config, device=None, pad_token_id: int = 0, decoder_start_token_id: int = 0):
         super().__init__()

@@ -11,7 +11,7 @@ Resuming (:func:`resume_config`): the checkpoint's options are the base, and opt
 them, by these rules:
 
 - never: the model, its overrides, the data, the tokenizer and its vocabulary, the sequence length, the
-  seed and the dtype (the checkpoint would be misread, or the data position would mean other samples);
+  seed, the dtype, the task, its options and the pretrained checkpoint (the checkpoint would be misread, or the data position would mean other samples);
   ``--dtype auto`` is no change: a resumed run continues in the checkpoint's dtype (which records what auto
   chose), and the log says so where auto would choose otherwise on this machine;
 - ``--train-steps``: more (or fewer, but still ahead of the checkpoint) steps; the learning-rate schedule
@@ -105,6 +105,9 @@ class TrainConfig:
     max_skipped_steps: Count = 32
     override_lr_schedule: bool = False
     model_overrides: dict = dataclasses.field(default_factory=dict)
+    task: Optional[str] = None  # a registered task (megacore finetune TASK); None: the model's pretraining task
+    task_options: dict = dataclasses.field(default_factory=dict)  # the task's own options (checked by the task)
+    pretrained: Optional[str] = None  # a megacore train checkpoint to start from: its model, weights, tokenizer
 
     @field_validator("*", mode="before")
     @classmethod
@@ -114,7 +117,7 @@ class TrainConfig:
             raise ValueError("expected a number, got a boolean")
         return value
 
-    @field_validator("model_overrides", mode="before")
+    @field_validator("model_overrides", "task_options", mode="before")
     @classmethod
     def _overrides_from_json(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -123,7 +126,7 @@ class TrainConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"not a JSON object ({e})") from None
         if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping of ModelConfig fields to values, got {type(value).__name__}")
+            raise ValueError(f"expected a mapping of names to values, got {type(value).__name__}")
         return value
 
     @model_validator(mode="after")
@@ -219,7 +222,8 @@ def load_config_file(path: str) -> dict:
 
 # ---- resuming ----------------------------------------------------------------------------------------------
 
-NEVER_ON_RESUME = ("model", "model_overrides", "data", "tokenizer", "vocab_size", "seq_len", "seed", "dtype")
+NEVER_ON_RESUME = ("model", "model_overrides", "data", "tokenizer", "vocab_size", "seq_len", "seed", "dtype", "task",
+                   "task_options", "pretrained")
 SCHEDULE_OPTIONS = ("lr", "min_lr", "warmup_steps", "weight_decay")
 
 

@@ -125,7 +125,7 @@ def model_from_checkpoint(checkpoint: str, device=None):
     fields["tensor_parallel"] = state.model_parallel_is_initialized() and state.get_tensor_parallel_world_size() > 1
     fields["sequence_parallel"] = False
     model_cls = PRESETS[extra["preset"]][0]
-    model = model_cls(ModelConfig(**fields), device=device)
+    model = model_cls(getattr(model_cls, "config_class", ModelConfig)(**fields), device=device)
     load_checkpoint(step_dir, model, restore_rng=False)
     extra["path"] = step_dir
     return model.eval(), Tokenizer.load(extra["tokenizer"]), extra

@@ -114,6 +114,47 @@ def _check_pipeline_layout(config: TrainConfig) -> None:
                          "'{\"num_layers\": N}')")
 
 
+def _pretrained(config: TrainConfig):
+    """(step directory, extra) of ``config.pretrained`` (a checkpoint of ``megacore train``), or None. Raises
+    ValueError when it was trained as another model than ``config.model`` or with --model-overrides given."""
+    from megacore.training.checkpoint import resolve_checkpoint
+    from megacore.training.resume import _read_extra
+
+    if config.pretrained is None:
+        return None
+    step_dir = resolve_checkpoint(config.pretrained, "train")
+    extra = _read_extra(step_dir, "train")
+    if extra["preset"] != config.model:
+        raise ValueError(f"{_FN}: --pretrained {config.pretrained} is a {extra['preset']} checkpoint, but --model is "
+                         f"{config.model} (leave --model out, or pass --model {extra['preset']})")
+    if config.model_overrides:
+        raise ValueError(f"{_FN}: --model-overrides with --pretrained: the checkpoint fixes the model's shape")
+    return step_dir, extra
+
+
+def _pretrained_model(pretrained, overrides: dict, load: bool):
+    """The model of a pretrained checkpoint (its config, with the run-time fields of ``overrides``: dropout,
+    recompute, the parallel layout), with its weights when ``load``. Raises ValueError when the run's tokenizer
+    is not the checkpoint's size."""
+    from megacore.models.registry import PRESETS
+    from megacore.training.checkpoint import load_checkpoint
+
+    step_dir, extra = pretrained
+    model_cls = PRESETS[extra["preset"]][0]
+    fields = {k: v for k, v in extra["model_config"].items() if k != "params_dtype"}
+    if fields["vocab_size"] != overrides["vocab_size"]:
+        raise ValueError(f"{_FN}: the tokenizer has {overrides['vocab_size']} tokens, the pretrained model "
+                         f"{fields['vocab_size']}")
+    for key in ("hidden_dropout", "attention_dropout", "recompute", "tensor_parallel", "sequence_parallel"):
+        fields[key] = overrides[key]
+    from megacore.models import ModelConfig
+
+    model = model_cls(getattr(model_cls, "config_class", ModelConfig)(**fields))
+    if load:
+        load_checkpoint(step_dir, model, restore_rng=False)
+    return model
+
+
 # ---- the run --------------------------------------------------------------------------------------------------
 
 
@@ -168,7 +209,8 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     _check_pipeline_layout(config)
     _writable_directory(str(out), "--output")
     _writable_directory(config.cache_dir, "--cache-dir")
-    task = Task.for_preset(config.model)
+    pretrained = _pretrained(config)
+    task = Task.for_run(config.task, config.task_options, build(config.model, device="meta"))
     state = _init_distributed(config)
     tp, dp = (state.tensor_parallel_size, state.data_parallel_size) if state else (1, 1)
     pp, vp = config.pipeline_parallel_size, config.virtual_pipeline_parallel_size
@@ -196,7 +238,10 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
     overrides.update(vocab_size=data.tokenizer.vocab_size, hidden_dropout=config.hidden_dropout,
                      attention_dropout=config.attention_dropout, recompute=config.recompute,
                      tensor_parallel=state is not None, sequence_parallel=config.sequence_parallel)
-    model = build(config.model, **overrides)  # drawn whole on CPU: the same weights on every device and layout
+    if pretrained is None:
+        model = build(config.model, **overrides)  # drawn whole on CPU: the same weights on every device and layout
+    else:  # the pretrained checkpoint's model, with this run's dropout, recompute and layout
+        model = _pretrained_model(pretrained, overrides, load=resumed_dir is None)
     if pp > 1:
         from megacore.parallel.pipeline import cut_stage
 
@@ -311,6 +356,10 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
         path = save(step)
         result = dict(final, tokens_per_second=tokens_done / max(time.perf_counter() - start, 1e-9),
                       checkpoint=str(path))
+        final_evaluation = task.final_evaluation(ddp or model, data, config)  # every rank (collectives)
+        if final_evaluation:
+            result.update(final_evaluation)
+            metrics.write({"step": step, **final_evaluation})
         if main:
             final_metrics = task.final_metrics(data, config)  # GPT: the unigram baseline
             if final_metrics:

@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
-from megacore.training.corpus import MASKED_LM_UNITS, embedded_corpus, embedded_corpus_wordpiece
+from megacore.training.corpus import MASKED_LM_UNITS, embedded_corpus, embedded_corpus_t5, embedded_corpus_wordpiece
 
 _FN = "megacore train"
 _NAME = "megacore.training.tasks"
@@ -141,6 +141,36 @@ class Task:
         """This task for ``model`` (override to read settings from the model; default: ``cls()``)."""
         return cls()
 
+    @staticmethod
+    def for_run(name: Optional[str], options: dict, model: torch.nn.Module) -> "Task":
+        """The task a run trains ``model`` with: its pretraining task when ``name`` is None, else the registered
+        task ``name`` (a fine-tuning task: ``megacore finetune NAME``) with its ``options``. Raises ValueError for
+        an unknown task, a model the task cannot train, or bad options."""
+        if name is None:
+            if options:
+                raise ValueError(f"{_FN}: task options {sorted(options)} need a task (megacore finetune TASK)")
+            return Task.for_model(model)
+        if name not in TASKS:
+            raise ValueError(f"{_FN}: unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+        cls = TASKS[name]
+        if not cls.accepts(model):
+            raise ValueError(f"{_FN}: task {name!r} cannot train a {type(model).__name__} "
+                             f"({cls.accepts.__doc__.strip().splitlines()[0]})")
+        return cls.from_options(dict(options), model)
+
+    @classmethod
+    def accepts(cls, model: torch.nn.Module) -> bool:
+        """A model whose pretraining task this is."""
+        return getattr(model, "pretraining_task", None) == cls.name
+
+    @classmethod
+    def from_options(cls, options: dict, model: torch.nn.Module) -> "Task":
+        """This task with ``options`` (``TrainConfig.task_options``) for ``model``; default: no options
+        (:meth:`from_model`). Raises ValueError naming an unknown or bad option."""
+        if options:
+            raise ValueError(f"{_FN}: task {cls.name!r} takes no options; got {', '.join(sorted(options))}")
+        return cls.from_model(model)
+
     # -- training
 
     def datasets(self, config, data_parallel_size: int, segments: list[int], log) -> TaskData:
@@ -239,6 +269,11 @@ class Task:
     def final_metrics(self, data: TaskData, config) -> dict:
         """Metrics computed once after the last step, on rank 0, logged as one record of the last step
         (default: none)."""
+        return {}
+
+    def final_evaluation(self, model: torch.nn.Module, data: TaskData, config) -> dict:
+        """Metrics computed once after the last step by every rank (they may run collectives, e.g. decoding a
+        tensor-parallel model), logged by rank 0 as one record of the last step (default: none)."""
         return {}
 
     def report(self, result: dict, checkpoints: Path) -> list[str]:
@@ -423,6 +458,7 @@ class _EncoderPretraining(Task):
     ``--valid-data`` required with ``--data``, the model's own loss, and an accuracy counted per batch."""
 
     corpus_units = MASKED_LM_UNITS
+    embedded = staticmethod(embedded_corpus_wordpiece)  # the embedded corpus as the task reads it
 
     def _dataset(self, indexed, tokenizer, seq_len: int, seed: int, num_samples: int):
         raise NotImplementedError
@@ -435,8 +471,8 @@ class _EncoderPretraining(Task):
         from megacore.data import IndexedDataset
 
         if config.data is not None and config.valid_data is None:
-            raise ValueError(f"{_FN}: masked-LM pretraining on --data needs --valid-data too")
-        train_prefix, valid_prefix, tokenizer, tok_path = _corpus(config, embedded_corpus_wordpiece, log)
+            raise ValueError(f"{_FN}: {self.family} pretraining on --data needs --valid-data too")
+        train_prefix, valid_prefix, tokenizer, tok_path = _corpus(config, self.embedded, log)
         train_indexed = IndexedDataset(train_prefix)
 
         def make(num_samples: int, seed: int):
@@ -568,5 +604,101 @@ class ElectraTask(_EncoderPretraining):
         return {"correct": correct, "counted": counted}
 
 
-__all__ = ["CausalLMTask", "ElectraTask", "MaskedLMTask", "TASKS", "Task", "TaskData", "register_task",
+# ---- encoder-decoders (T5) ----------------------------------------------------------------------------------
+
+
+class EncoderDecoderTask(Task):
+    """What the encoder-decoder tasks share (span corruption, translation, seq2seq): batches of ``input_ids``,
+    ``attention_mask`` and ``labels``; the loss is the mean per-token loss over the counted targets; evaluation
+    counts the loss and the argmax accuracy over them (``target_accuracy``), token-weighted."""
+
+    family = "t5"
+
+    def batch(self, item: dict) -> dict:
+        """``{"input_ids": [b, s], "attention_mask": [b, s], "labels": [b, t]}``, int64."""
+        return {k: item[k].long() for k in ("input_ids", "attention_mask", "labels")}
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The mean per-token loss over the counted target tokens."""
+        per_token = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
+        return self.output_loss(per_token, batch)
+
+    def output_loss(self, output, batch: dict) -> torch.Tensor:
+        from megacore.parallel.pipeline import default_output_loss
+
+        return default_output_loss(output, batch)
+
+    @staticmethod
+    def _counts(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Sums of one evaluation batch from its logits ``[b, t, vocab]``: the loss over the counted targets,
+        the correct argmaxes, the counted targets."""
+        counted = labels != -100
+        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                                 reduction="sum")
+        correct = (logits.argmax(-1) == labels) & counted
+        return {"loss_sum": float(loss), "correct": int(correct.sum()), "counted": int(counted.sum())}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, dataset, micro_batch_size: int, batches: int) -> dict:
+        """``{"valid_loss", "target_accuracy"}`` over the first ``batches`` batches, both over the target tokens
+        (token-weighted). Every rank evaluates the same batches."""
+        inner = getattr(model, "module", model)
+        was_training = inner.training
+        inner.eval()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size)
+        sums = {"loss_sum": 0.0, "correct": 0, "counted": 0}
+        try:
+            for _, item in zip(range(batches), loader):
+                batch = to_device(self.batch(item), next(inner.parameters()).device)
+                logits = inner(batch["input_ids"], decoder_input_ids=inner.shift_right(batch["labels"]),
+                               attention_mask=batch["attention_mask"])
+                for key, value in self._counts(logits, batch["labels"]).items():
+                    sums[key] += value
+        finally:
+            inner.train(was_training)
+        return self._metrics(sums)
+
+    eval_keys = ("loss_sum", "correct", "counted")
+
+    def eval_counts(self, model, output, acts, batch: dict) -> dict:
+        return self._counts(model.stage_output(acts, {**batch, "labels": None}), batch["labels"])
+
+    def _metrics(self, sums: dict) -> dict:
+        return {"valid_loss": sums["loss_sum"] / max(sums["counted"], 1.0),
+                "target_accuracy": sums["correct"] / max(sums["counted"], 1.0)}
+
+    def eval_metrics(self, sums: dict) -> dict:
+        return self._metrics(sums)
+
+
+@register_task
+class SpanCorruptionTask(EncoderDecoderTask, _EncoderPretraining):
+    """T5 pretraining on SpanCorruptionDataset samples (``--seq-len`` is the encoder's length; the targets' length
+    follows from it, 256 -> 58): the embedded corpus is the novels and both sides of the Bible corpus with a
+    bilingual Unigram tokenizer with sentinels (``embedded_corpus_t5``); ``--data`` needs a tokenizer with sentinel
+    tokens (``megacore prepare --train-tokenizer unigram``). The loss is the mean over the target tokens; the
+    metric is the accuracy of the argmax over them (sentinels and ``</s>`` included)."""
+
+    name = "span_corruption"
+    metric = "target_accuracy"
+    embedded = staticmethod(embedded_corpus_t5)
+
+    def _dataset(self, indexed, tokenizer, seq_len: int, seed: int, num_samples: int):
+        from megacore.data import SpanCorruptionDataset
+
+        return SpanCorruptionDataset(indexed, tokenizer, seq_len, seed=seed, num_samples=num_samples)
+
+    def report(self, result: dict, checkpoints: Path) -> list[str]:
+        return [f"megacore train: step {result['step']}: validation loss {result['valid_loss']:.3f}, target "
+                f"accuracy {result['target_accuracy']:.3f}; {result['tokens_per_second']:,.0f} tokens/s",
+                f"megacore train: checkpoint {result['checkpoint']}\n"
+                f"  fine-tune it for translation:  megacore finetune translation --checkpoint {checkpoints}\n"
+                f"  evaluate it:                   megacore evaluate --checkpoint {checkpoints}"]
+
+
+__all__ = ["CausalLMTask", "ElectraTask", "EncoderDecoderTask", "MaskedLMTask", "SpanCorruptionTask", "TASKS", "Task", "TaskData", "register_task",
            "segment_seed", "to_device", "training_stream", "unigram_perplexity"]
+
+
+# The fine-tuning tasks register themselves (megacore finetune translation | seq2seq).
+from megacore.training import seq2seq as _seq2seq  # noqa: E402,F401
