@@ -262,6 +262,7 @@ def test_beam_search_finds_the_exhaustive_best_sequence_that_greedy_misses(lengt
     (dict(min_new_tokens=5), r"min_new_tokens=5 must be an int in \[0, max_new_tokens=4\]"),
     (dict(input_ids=torch.ones(3, dtype=torch.long)), r"input_ids has shape \[3\] .* expected a non-empty integer"),
     (dict(input_ids=torch.ones(2, 3)), r"input_ids has shape \[2, 3\] and dtype torch.float32"),
+    (dict(input_ids=[[5, 6, 7], [8]]), "input_ids must be an int tensor or equal-length lists of ints"),
     (dict(input_ids=torch.full((2, 3), VOCAB)), r"input_ids hold 101, outside \[0, vocab_size=101\)"),
     (dict(attention_mask=torch.ones(2, 4)), r"attention_mask has shape \[2, 4\], expected \[2, 3\]"),
     (dict(attention_mask=torch.tensor([[1, 1, 0], [0, 0, 0]])), r"attention_mask rows \[1\] are all padding"),

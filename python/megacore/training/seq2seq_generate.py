@@ -66,7 +66,10 @@ def _check_args(vocab_size: int, max_new_tokens, num_beams, length_penalty, earl
 
 def _check_inputs(input_ids, attention_mask, vocab_size: int, device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(input_ids ``[b, s]`` int64, attention_mask ``[b, s]`` int64 or None), on ``device``."""
-    ids = torch.as_tensor(input_ids)
+    try:
+        ids = torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{_NAME}: input_ids must be an int tensor or equal-length lists of ints ({e})") from None
     if ids.dim() != 2 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ValueError(f"{_NAME}: input_ids has shape {list(ids.shape)} and dtype {ids.dtype}, expected a "
                          "non-empty integer [batch, source_len]")
