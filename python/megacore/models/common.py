@@ -259,6 +259,31 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def reorder(self, index: torch.Tensor, memory: bool = True) -> None:
+        """Keeps batch rows ``index`` (int64 ``[b']``, rows of the current batch, repeats allowed) in that order:
+        row ``j`` of every cached tensor becomes old row ``index[j]`` and ``batch`` becomes ``b'`` (beam search:
+        expanding each sequence into its beams, following each beam's parent, dropping finished sequences).
+        ``memory=False`` leaves the memory's keys and values as they are, for an ``index`` of the same size that
+        only moves rows among rows with equal memories (the beams of one sequence): a copy saved per step.
+        Raises ValueError for an index that is not 1-D, out of range, or that changes the batch with
+        ``memory=False``."""
+        if index.dim() != 1 or index.dtype != torch.int64:
+            raise ValueError(f"megacore.models.KVCache.reorder: index has shape {list(index.shape)} and dtype "
+                             f"{index.dtype}, expected int64 [new batch]")
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < self.batch):
+            raise ValueError(f"megacore.models.KVCache.reorder: index holds rows outside [0, {self.batch}) (the "
+                             "cache's batch)")
+        if not memory and self.cross and index.numel() != self.batch:
+            raise ValueError(f"megacore.models.KVCache.reorder: index has {index.numel()} rows, the cache "
+                             f"{self.batch}: memory=False keeps the memory's rows, so the batch cannot change")
+        for cache in (self.keys, self.values):
+            for layer, t in cache.items():
+                cache[layer] = t.index_select(0, index.to(t.device))
+        if memory:
+            for layer, (k, v) in self.cross.items():
+                self.cross[layer] = (k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
+        self.batch = index.numel()
+
 
 class TransformerStack(nn.Module):
     """``num_layers`` C++ TransformerLayers; ``recompute='full'`` checkpoints each layer (its forward is

@@ -20,7 +20,8 @@ With data parallelism the optimizer state can be sharded over the data-parallel 
     trainer = Trainer(ddp, optimizer, schedule, precision=precision, grad_accumulation=4, ddp=ddp)
 
 Checkpoints (``checkpoint.py``) hold full, merged weights and optimizer moments, so they load at any
-tensor-parallel size; ``generate.py`` decodes with a KV cache; ``evaluate.py`` gives perplexity and a
+tensor-parallel size; ``generate.py`` decodes with a KV cache (``seq2seq_generate.py``: an
+encoder-decoder's greedy and beam search); ``evaluate.py`` gives perplexity and a
 LAMBADA-style last-word accuracy.
 """
 
@@ -30,6 +31,7 @@ from megacore.training.evaluate import last_word_accuracy, perplexity
 from megacore.training.generate import generate
 from megacore.training.optim import LRSchedule, build_optimizer, clip_grad_norm, parameter_groups
 from megacore.training.precision import DynamicLossScaler, MixedPrecision
+from megacore.training.seq2seq_generate import generate_seq2seq
 from megacore.training.trainer import Trainer, TrainingDivergedError, masked_mean_loss
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "build_optimizer",
     "clip_grad_norm",
     "generate",
+    "generate_seq2seq",
     "last_word_accuracy",
     "load_checkpoint",
     "masked_mean_loss",
