@@ -213,9 +213,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, streamed)",
-                       description="Continue a prompt with a `megacore train` checkpoint, printing tokens as they come. "
-                                   "Under `torchrun --nproc-per-node T` the model is split T-way (tensor parallelism).")
+    p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, streamed); translate with a T5 one",
+                       description="Continue a prompt with a `megacore train` checkpoint, printing tokens as they come; "
+                                   "with an encoder-decoder (T5) checkpoint, the prompt is the source: it is encoded "
+                                   "and its output decoded with the KV cache, greedily or by beam search (--beams), "
+                                   "with the fine-tuning run's source prefix. Under `torchrun --nproc-per-node T` the "
+                                   "model is split T-way (tensor parallelism).")
     p.add_argument("--checkpoint", required=True, help="a checkpoints directory (the latest step) or a step directory")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -224,6 +227,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-k, top-p)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beams", type=int, default=None,
+                   help="encoder-decoder checkpoints (T5): beam search with this many beams (default 1: greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="encoder-decoder beam search: scores are log-probability / length ** this (default 1)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -245,7 +252,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         printing = _init_tensor_parallel_from_torchrun()
         if not printing:  # every rank computes (tensor parallelism), rank 0 prints
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this command
-        model, tokenizer, _ = model_from_checkpoint(args.checkpoint)
+        model, tokenizer, extra = model_from_checkpoint(args.checkpoint)
+        if hasattr(model, "encode"):  # an encoder-decoder: the prompt is the source
+            print(_translate(model, tokenizer, extra, args))
+            return 0
+        if args.beams is not None:
+            raise ValueError("megacore generate: --beams is for encoder-decoder (T5) checkpoints; a decoder samples "
+                             "or decodes greedily (--greedy)")
         prompt = tokenizer.encode(args.prompt)
         if not prompt:
             raise ValueError("megacore generate: --prompt encodes to no tokens")
@@ -269,6 +282,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, OSError, TypeError) as e:
         return print_error(e)
     return 0
+
+
+def _translate(model, tokenizer, extra: dict, args: argparse.Namespace) -> str:
+    """The output of an encoder-decoder checkpoint for ``--prompt``: after the fine-tuning run's source prefix (none
+    for a pretrained checkpoint), greedy or beam search, at most ``--max-new-tokens``."""
+    from megacore.training.seq2seq import translate
+    from megacore.training.tasks import TASKS
+
+    saved = extra.get("train_config") or {}
+    prefix = ""
+    if saved.get("task") in TASKS and hasattr(TASKS[saved["task"]], "source_prefix_of"):
+        prefix = TASKS[saved["task"]].source_prefix_of(saved.get("task_options") or {})
+    if not args.prompt.strip():
+        raise ValueError("megacore generate: --prompt is empty")
+    beams = 1 if args.beams is None else args.beams
+    return translate(model, tokenizer, [prefix + args.prompt], max_new_tokens=args.max_new_tokens, num_beams=beams,
+                     length_penalty=args.length_penalty, source_length=saved.get("seq_len"))[0]
 
 
 def add_commands(sub) -> None:

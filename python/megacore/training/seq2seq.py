@@ -153,6 +153,13 @@ class Seq2SeqFinetuneTask(EncoderDecoderTask):
         return isinstance(model, T5Model)
 
     @classmethod
+    def source_prefix_of(cls, options: dict) -> str:
+        """The source prefix a run with these task options put before every source (``megacore generate`` puts it
+        before the prompt)."""
+        options = {k: v for k, v in options.items() if k not in ("train", "valid", "test")}
+        return cls(**options, **({"train": "", "valid": ""} if cls is Seq2SeqTask else {})).source_prefix
+
+    @classmethod
     def from_options(cls, options: dict, model: torch.nn.Module) -> "Seq2SeqFinetuneTask":
         unknown = sorted(set(options) - set(cls._OPTIONS))
         if unknown:
