@@ -150,6 +150,10 @@ def test_cut_stage_errors():
     model = pipeline.cut_stage(_gpt(), 0, 2)
     with pytest.raises(ValueError, match="already cut"):
         pipeline.cut_stage(model, 0, 2)
+    stray = _gpt()
+    stray.extra = torch.nn.Linear(2, 2)  # no stage declares it: no stage would know whether it holds it
+    with pytest.raises(ValueError, match=r"GPTModel's parameters \['extra.weight', 'extra.bias'\] are in none of"):
+        pipeline.cut_stage(stray, 0, 2)
 
 
 # ---- training through real processes ---------------------------------------------------------------------------

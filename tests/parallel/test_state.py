@@ -72,6 +72,19 @@ def _check_config(rank, world_size, tp, pp):
         dist.all_gather_object(names, name, group=group)
         assert names == [name] * len(ranks), (where, "members disagree on the group name")
     assert len({name for _, name, _ in groups.values()}) == 3, "group names must be distinct"
+    stage_group = None
+    if pp > 1:
+        assert mp.get_pipeline_stages_group((0, pp - 1)) is state.embedding_group
+        stages = (0, pp - 2, pp - 1) if pp > 2 else (0, 1)  # PP 4: a group the other stages are not in
+        stage_group = mp.get_pipeline_stages_group(stages)
+        assert mp.get_pipeline_stages_group(stages) is stage_group  # made once
+        if coords[2] in stages:
+            assert _members(stage_group, world_size) == [exp["pipeline"][i] for i in stages]
+        else:
+            assert stage_group is None
+        for bad in [(0,), (1, 0), (0, pp)]:
+            with pytest.raises(ValueError, match=r"get_pipeline_stages_group: stages=.* must be at least two"):
+                mp.get_pipeline_stages_group(bad)
 
     with pytest.raises(RuntimeError, match="initialize_model_parallel: model parallel is already initialized"):
         mp.initialize_model_parallel(tp, pp)
@@ -81,6 +94,7 @@ def _check_config(rank, world_size, tp, pp):
     assert not mp.model_parallel_is_initialized()
     pg_map = dist.distributed_c10d._world.pg_map
     assert all(g not in pg_map for g, _, _ in groups.values()), "destroy must destroy the groups it made"
+    assert stage_group is None or stage_group not in pg_map, "destroy must destroy the groups of stages"
     with pytest.raises(RuntimeError, match="initialize_model_parallel first"):
         mp.get_tensor_parallel_rank()
     mp.destroy_model_parallel()  # a second destroy is a no-op

@@ -219,7 +219,7 @@ class BertModel(StagedModel):
                              f"{self.config.max_position_embeddings}")
         return position_ids_from_input_ids(input_ids, p)
 
-    pipeline_stack = "encoder"
+    pipeline_stacks = ("encoder",)
     first_stage_modules = ("embedding",)
     last_stage_modules = ("mlm_head", "pooler", "binary_head")
     tied_modules = ("embedding.word",)

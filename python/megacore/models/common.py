@@ -336,28 +336,38 @@ class TransformerStack(nn.Module):
 
 class StagedModel(nn.Module):
     """What pipeline parallelism needs of a model (``megacore.parallel.pipeline``): the model as
-    *input part -> the layers of one TransformerStack -> output part*, each part a method, so that one
-    process runs them back to back (``run_stages``) and a pipeline runs them on different ranks.
+    *input part -> the pipeline layers -> output part*, each part a method, so that one process runs them back
+    to back (``run_stages``) and a pipeline runs them on different ranks.
+
+    The *pipeline layers* are the layers of the stacks ``pipeline_stacks`` names, one stack after the other,
+    numbered from 0 (GPT, BERT, ELECTRA: one stack; T5: the encoder's layers, then the decoder's). The pipeline
+    divides them among its stages; what a stage needs besides its layers is declared here, and a module that
+    several stages need is held by each of them (a *tied copy* on all but the first, whose gradients are summed
+    after backward: ``megacore.parallel.pipeline.sync_tied_gradients``).
 
     Class attributes (module paths, relative to the model):
-        pipeline_stack: the TransformerStack whose layers the pipeline divides among the stages.
+        pipeline_stacks: the TransformerStacks whose layers are the pipeline layers, in the order they run.
         first_stage_modules: modules ``stage_input`` uses (they live on the first stage).
         last_stage_modules: modules ``stage_output`` uses (they live on the last stage).
-        tied_modules: modules ``stage_output`` shares with the first stage (the tied word embedding): the
-            last stage holds a copy whose gradient is summed with the first stage's after backward.
+        tied_modules: first-stage modules ``stage_output`` uses too (the tied word embedding of the LM head):
+            the last stage holds a copy.
 
     Methods, for a micro-batch ``batch`` (a dict of ``[b, s]`` tensors, the model's keyword arguments):
         stage_input(batch) -> (acts, loss): what enters the first layer, ``acts`` a tuple whose first
             tensor is the hidden state ``[s(/tp), b, h]`` (more tensors travel along with it, e.g. ELECTRA's
             replaced-token labels), and a partial loss computed there (ELECTRA's generator) or None.
         stage_mask(batch): the layers' attention mask (every stage computes it from the batch).
+        run_layers(acts, batch, layers) -> acts: the pipeline layers ``layers`` (consecutive indices) on ``acts``.
+        layer_modules(layers): modules a stage holding pipeline layers ``layers`` needs to run them, besides the
+            layers (T5: each stack's position-bias table; where the decoder starts, the encoder's final norm and
+            the word embedding).
         stage_output(acts, batch): the model's output from the last layer's ``acts`` (with the batch's
             labels, its loss).
-        boundary_spec(batch): ``[(shape, dtype), ...]`` of ``acts``, so that a stage knows what it will receive
-            before it arrives.
+        boundary_spec(batch, layer): ``[(shape, dtype), ...]`` of the ``acts`` that enter pipeline layer ``layer``
+            from the one before, so that a stage knows what it will receive before it arrives.
     """
 
-    pipeline_stack: str = ""
+    pipeline_stacks: tuple[str, ...] = ()
     first_stage_modules: tuple[str, ...] = ()
     last_stage_modules: tuple[str, ...] = ()
     tied_modules: tuple[str, ...] = ()
@@ -371,22 +381,43 @@ class StagedModel(nn.Module):
     def stage_output(self, acts: tuple, batch: dict):
         raise NotImplementedError
 
-    def boundary_spec(self, batch: dict) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        """The hidden state's ``[s(/tp), b, h]`` in the layers' dtype (after a MixedPrecision cast too); models
-        that send more override it."""
-        b, s = batch["input_ids"].shape
+    def pipeline_layers(self) -> list[tuple[str, int]]:
+        """(stack path, layer index in the stack) of each pipeline layer this model holds, in order: every layer
+        of a model not cut into stages."""
+        return [(path, i) for path in self.pipeline_stacks for i in self.get_submodule(path).layer_indices()]
+
+    def run_layers(self, acts: tuple, batch: dict, layers) -> tuple:
+        """The one stack's layers ``layers`` on the hidden state ``acts[0]`` with ``stage_mask``; the other
+        tensors of ``acts`` travel along unchanged. Models of several stacks override it."""
+        if len(self.pipeline_stacks) != 1:
+            raise NotImplementedError(f"megacore.models.{type(self).__name__}: a model of several stacks runs its "
+                                      "pipeline layers itself (run_layers)")
+        stack = self.get_submodule(self.pipeline_stacks[0])
+        return (stack(acts[0], self.stage_mask(batch), indices=list(layers)),) + tuple(acts[1:])
+
+    def layer_modules(self, layers) -> tuple[str, ...]:
+        return ()
+
+    def hidden_spec(self, batch_size: int, seq: int) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a hidden state of ``seq`` positions: ``[seq(/tp), batch, hidden]`` in the layers'
+        dtype (after a MixedPrecision cast too)."""
         c = self.config
         if c.sequence_parallel:
-            s //= state.get_tensor_parallel_world_size()
-        dtype = next(self.get_submodule(self.pipeline_stack).parameters()).dtype
-        return [((s, b, c.hidden_size), dtype)]
+            seq //= state.get_tensor_parallel_world_size()
+        dtype = next(p for path in self.pipeline_stacks for p in self.get_submodule(path).parameters()).dtype
+        return (seq, batch_size, c.hidden_size), dtype
+
+    def boundary_spec(self, batch: dict, layer: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """The hidden state ``[s(/tp), b, h]`` (``hidden_spec``) at every boundary; models that send more
+        override it."""
+        b, s = batch["input_ids"].shape
+        return [self.hidden_spec(b, s)]
 
     def run_stages(self, batch: dict):
         """(output, input part's loss or None): the whole model on one process, input part -> every layer ->
         output part, the computation a pipeline spreads over its stages."""
         acts, input_loss = self.stage_input(batch)
-        stack = self.get_submodule(self.pipeline_stack)
-        acts = (stack(acts[0], self.stage_mask(batch)),) + tuple(acts[1:])
+        acts = self.run_layers(acts, batch, range(len(self.pipeline_layers())))
         return self.stage_output(acts, batch), input_loss
 
 

@@ -271,7 +271,7 @@ class ElectraModel(StagedModel):
 
     # The pipeline divides the discriminator's layers; the generator (a fraction of the discriminator's size)
     # runs whole on the first stage, whose stage_input gives the generator's loss.
-    pipeline_stack = "discriminator.encoder"
+    pipeline_stacks = ("discriminator.encoder",)
     first_stage_modules = ("embedding", "generator", "discriminator.projection")
     last_stage_modules = ("discriminator.head",)
 
@@ -332,8 +332,8 @@ class ElectraModel(StagedModel):
         return ElectraStageOutput(self.discriminator_weight * discriminator_loss, discriminator_loss, logits,
                                   labels.bool())
 
-    def boundary_spec(self, batch: dict):
-        return super().boundary_spec(batch) + [(tuple(batch["input_ids"].shape), torch.uint8)]
+    def boundary_spec(self, batch: dict, layer: int):
+        return super().boundary_spec(batch, layer) + [(tuple(batch["input_ids"].shape), torch.uint8)]
 
 
 class ElectraStageOutput(NamedTuple):

@@ -44,7 +44,7 @@ class GPTModel(StagedModel):
         self.decoder = TransformerStack(config, device)
         self.final_norm = Norm(config, config.hidden_size, device, sequence_parallel=config.sequence_parallel)
 
-    pipeline_stack = "decoder"
+    pipeline_stacks = ("decoder",)
     first_stage_modules = ("embedding",)
     last_stage_modules = ("final_norm",)
     tied_modules = ("embedding.word",)

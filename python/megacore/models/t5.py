@@ -13,6 +13,18 @@ ReLU (T5) or GeGLU (T5 v1.1, which also unties the LM head). Heads may be narrow
 
 Differences from transformers' ``T5ForConditionalGeneration`` in training (none in eval): T5 also applies
 dropout between the MLP's activation and its output GEMM; megacore's layer does not (as Megatron's T5).
+
+Pipeline stages (``megacore.parallel.pipeline``): the pipeline layers are the encoder's E layers, then the
+decoder's, divided as any model's. Up to decoder layer 0 the hidden state ``[s(/tp), b, h]`` crosses a boundary;
+after it the decoder's ``[t(/tp), b, h]`` and the memory ``[s(/tp), b, h]``, whose gradient comes back with it.
+
+    stage 0                    word embedding (the ids)
+    decoder layer 0's stage    encoder_norm (the memory), word embedding (the decoder's ids)
+    each stage with layers     their stacks' bias tables (encoder_bias, decoder_bias)
+    last stage                 decoder_norm, LM head (T5: the word embedding; v1.1: lm_head)
+
+A module on several stages is a tied copy on all but the first of them (the word embedding, as Megatron's
+embedding group of first, decoder-first and last stage; the bias tables), its gradients summed after backward.
 """
 
 from __future__ import annotations
@@ -23,10 +35,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from megacore.models.common import (KVCache, ModelConfig, Norm, TransformerStack, WordEmbedding, lm_output,
-                                    tensor_parallel_world)
+from megacore.models.common import (KVCache, ModelConfig, Norm, StagedModel, TransformerStack, WordEmbedding,
+                                    lm_output, tensor_parallel_world)
 from megacore.models.position_bias import RelativePositionBias
 from megacore.parallel.mappings import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 
@@ -82,7 +93,7 @@ class T5Config(ModelConfig):
                                    cross_attention=True, num_layers=self.num_decoder_layers)
 
 
-class T5Model(nn.Module):
+class T5Model(StagedModel):
     """An encoder-decoder (T5 / T5 v1.1), tensor- and sequence-parallel like the other megacore models.
 
     ``forward(input_ids [b, s], decoder_input_ids [b, t] = None, labels [b, t] = None, attention_mask [b, s] =
@@ -128,25 +139,34 @@ class T5Model(nn.Module):
         x = norm(x)
         return F.dropout(x, self.config.hidden_dropout) if self.training and self.config.hidden_dropout > 0 else x
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The memory ``[s(/tp), b, h]`` (the encoder's output, after its final norm)."""
-        _check_ids("input_ids", input_ids)
+    def _encoder_layers(self, x: torch.Tensor, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        indices: Optional[list[int]] = None) -> torch.Tensor:
+        """The encoder's layers ``indices`` (None: all it holds) on ``x [s(/tp), b, h]``."""
         s = input_ids.shape[1]
-        x = self._embed(input_ids)
         mask = _padding_mask(attention_mask, input_ids)
         if mask is None:  # the encoder's layers take a padding mask: an empty one
             mask = torch.zeros(input_ids.shape[0], 1, 1, s, dtype=torch.bool, device=input_ids.device)
-        return self._final(self.encoder_norm, self.encoder(x, mask, attention_bias=self.encoder_bias(s, s)))
+        return self.encoder(x, mask, indices=indices, attention_bias=self.encoder_bias(s, s))
+
+    def _decoder_layers(self, x: torch.Tensor, t: int, memory: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        indices: Optional[list[int]] = None) -> torch.Tensor:
+        """The decoder's layers ``indices`` (None: all it holds) on ``x [t(/tp), b, h]`` attending to ``memory``."""
+        return self.decoder(x, indices=indices, attention_bias=self.decoder_bias(t, t), memory=memory,
+                            memory_mask=_padding_mask(attention_mask, None))
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The memory ``[s(/tp), b, h]`` (the encoder's output, after its final norm)."""
+        _check_ids("input_ids", input_ids)
+        x = self._encoder_layers(self._embed(input_ids), input_ids, attention_mask)
+        return self._final(self.encoder_norm, x)
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The decoder's output ``[t(/tp), b, h]`` (after its final norm) for ``memory`` from :meth:`encode`;
         ``attention_mask`` is the encoder input's (it masks the memory's padding)."""
         _check_ids("decoder_input_ids", decoder_input_ids)
-        t = decoder_input_ids.shape[1]
         x = self._embed(decoder_input_ids)
-        memory_mask = _padding_mask(attention_mask, None)
-        x = self.decoder(x, attention_bias=self.decoder_bias(t, t), memory=memory, memory_mask=memory_mask)
+        x = self._decoder_layers(x, decoder_input_ids.shape[1], memory, attention_mask)
         return self._final(self.decoder_norm, x)
 
     def _head(self, x: torch.Tensor, labels: Optional[torch.Tensor], sequence_parallel: bool) -> torch.Tensor:
@@ -194,12 +214,17 @@ class T5Model(nn.Module):
         shifted[:, 1:] = labels[:, :-1]
         return shifted.masked_fill(shifted == -100, self.pad_token_id)
 
-    def forward(self, input_ids: torch.Tensor, decoder_input_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _decoder_input_ids(self, decoder_input_ids: Optional[torch.Tensor],
+                           labels: Optional[torch.Tensor]) -> torch.Tensor:
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError(f"{_NAME}: give decoder_input_ids or labels (shifted right into decoder_input_ids)")
             decoder_input_ids = self.shift_right(labels)
+        return decoder_input_ids
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        decoder_input_ids = self._decoder_input_ids(decoder_input_ids, labels)
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(f"{_NAME}: labels has shape {list(labels.shape)}, expected "
                              f"{list(decoder_input_ids.shape)} (the shape of decoder_input_ids)")
@@ -209,6 +234,61 @@ class T5Model(nn.Module):
         memory = self.encode(input_ids, attention_mask)
         x = self.decode(decoder_input_ids, memory, attention_mask)
         return self._head(x, labels, self.config.sequence_parallel)
+
+    # Pipeline stages (the module docstring): the encoder's layers, then the decoder's; the stage holding decoder
+    # layer 0 starts the decoder (the memory, the decoder's embedding).
+    pipeline_stacks = ("encoder", "decoder")
+    first_stage_modules = ("word",)
+    last_stage_modules = ("decoder_norm", "lm_head")
+
+    @property
+    def tied_modules(self) -> tuple[str, ...]:
+        return ("word",) if self.config.tie_word_embeddings else ()  # the tied LM head
+
+    def layer_modules(self, layers) -> tuple[str, ...]:
+        encoder_layers = self.config.num_layers
+        paths = []
+        if any(i < encoder_layers for i in layers):
+            paths.append("encoder_bias")
+        if any(i >= encoder_layers for i in layers):
+            paths.append("decoder_bias")
+        if encoder_layers in layers:  # decoder layer 0: the decoder starts here
+            paths += ["encoder_norm", "word"]
+        return tuple(paths)
+
+    def stage_input(self, batch: dict):
+        _check_ids("input_ids", batch["input_ids"])
+        return (self._embed(batch["input_ids"]),), None  # [s(/tp), b, h]
+
+    def run_layers(self, acts: tuple, batch: dict, layers) -> tuple:
+        """Pipeline layers ``layers``: encoder layers (``acts`` = the encoder's hidden state), then from decoder layer
+        0 on ``acts`` = (the decoder's hidden state, the memory)."""
+        encoder_layers = self.config.num_layers
+        encoder = [i for i in layers if i < encoder_layers]
+        decoder = [i - encoder_layers for i in layers if i >= encoder_layers]
+        if encoder:
+            acts = (self._encoder_layers(acts[0], batch["input_ids"], batch.get("attention_mask"), encoder),)
+        if decoder:
+            ids = self._decoder_input_ids(batch.get("decoder_input_ids"), batch.get("labels"))
+            if decoder[0] == 0:  # the encoder is done: its memory, and the decoder's input
+                _check_ids("decoder_input_ids", ids)
+                memory = self._final(self.encoder_norm, acts[0])  # first: dropout draws in forward's order
+                acts = (self._embed(ids), memory)
+            x, memory = acts
+            acts = (self._decoder_layers(x, ids.shape[1], memory, batch.get("attention_mask"), decoder), memory)
+        return acts
+
+    def stage_output(self, acts: tuple, batch: dict) -> torch.Tensor:
+        """The per-token loss ``[b, t]`` (fp32) when the batch has ``labels``, else the logits ``[b, t, v]``."""
+        x = self._final(self.decoder_norm, acts[0])
+        return self._head(x, batch.get("labels"), self.config.sequence_parallel)
+
+    def boundary_spec(self, batch: dict, layer: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        b, s = batch["input_ids"].shape
+        if layer <= self.config.num_layers:  # up to decoder layer 0: the encoder's hidden state
+            return [self.hidden_spec(b, s)]
+        t = self._decoder_input_ids(batch.get("decoder_input_ids"), batch.get("labels")).shape[1]
+        return [self.hidden_spec(b, t), self.hidden_spec(b, s)]
 
 
 def _check_ids(name: str, ids: torch.Tensor) -> None:

@@ -6,16 +6,19 @@ micro-batches through them (Narayanan et al., 2021; Megatron-LM's ``forward_back
           --- activations (point-to-point, shapes known in advance) --->
           <--- gradients of those activations ---------------------------
 
-A model that can be cut is a :class:`megacore.models.common.StagedModel` (GPT, BERT/RoBERTa, ELECTRA):
-an input part, one TransformerStack, an output part. :func:`cut_stage` keeps this rank's part of it;
-parameter names stay the full model's, so checkpoints and optimizers see the same names at any layout.
-With ``virtual_size`` V > 1 (the interleaved schedule) a rank holds V chunks of layers: rank r's chunk c
-is virtual stage ``c * P + r`` of ``P * V``.
+A model that can be cut is a :class:`megacore.models.common.StagedModel` (GPT, BERT/RoBERTa, ELECTRA, T5):
+an input part, the pipeline layers (one TransformerStack's, or several stacks' one after the other: T5's
+encoder then decoder), an output part. :func:`cut_stage` keeps this rank's part of it; parameter names stay
+the full model's, so checkpoints and optimizers see the same names at any layout. A module several stages
+need (the tied word embedding, T5's bias tables) is held by each, and its gradients are summed over them
+(:func:`sync_tied_gradients`). With ``virtual_size`` V > 1 (the interleaved schedule) a rank holds V chunks
+of layers: rank r's chunk c is virtual stage ``c * P + r`` of ``P * V``.
 
 The schedule (:func:`schedule`) is a list of ("forward" | "backward", micro-batch, chunk) for one rank;
 :func:`forward_backward` runs it. Sends are asynchronous and receives are posted one operation ahead,
 so the next micro-batch's transfer overlaps this one's compute; every rank computes the shapes it will
-receive from the micro-batch (``StagedModel.boundary_spec``), so nothing but the tensors travels.
+receive from the micro-batch and the boundary (``StagedModel.boundary_spec``), so nothing but the tensors
+travels.
 """
 
 from __future__ import annotations
@@ -44,17 +47,30 @@ _ACTIVATION_TAG, _GRADIENT_TAG = 11, 12  # gloo matches by tag; NCCL by group (s
 class StageLayout:
     """Where this rank sits in the pipeline and what it holds (``model.pipeline`` after :func:`cut_stage`).
 
-    chunks: per virtual chunk ``c`` (0 .. V-1), the global indices of its layers (virtual stage ``c*P + rank``).
-    tied_copies: the names of parameters this rank holds as a copy of the first stage's (the last stage's
-        tied word embedding): their gradients are summed with the first stage's, gradient norms count
-        them once and checkpoints save the first stage's.
+    chunks: per virtual chunk ``c`` (0 .. V-1), the indices of its pipeline layers (virtual stage ``c*P + rank``).
+    shared: ``(name, ranks)`` for each parameter this rank holds that other ranks hold too (the tied word embedding,
+        T5's position-bias tables), ``ranks`` ascending: the first owns it, the others hold copies (``tied_copies``)
+        whose gradients are summed with the owner's (:func:`sync_tied_gradients`); gradient norms count it once and
+        checkpoints save the owner's.
+    tie_groups: every set of ranks some parameter is shared over, on any rank (the same tuple on every rank, so
+        that all ranks create their process groups alike).
     """
 
     rank: int
     size: int
     virtual_size: int
     chunks: tuple[tuple[int, ...], ...]
-    tied_copies: frozenset
+    shared: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    tie_groups: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def tied_copies(self) -> frozenset:
+        """The names of parameters this rank holds as a copy of another rank's (their owner's)."""
+        return frozenset(name for name, ranks in self.shared if ranks[0] != self.rank)
+
+    def owner(self, name: str) -> int:
+        """The rank that owns parameter ``name`` (this rank unless it holds a copy)."""
+        return next((ranks[0] for n, ranks in self.shared if n == name), self.rank)
 
     def is_first(self, chunk: int) -> bool:
         """Whether chunk ``chunk`` is the model's first virtual stage (it runs the input part)."""
@@ -92,11 +108,34 @@ def _check_size(name: str, value) -> None:
         raise ValueError(f"{_NAME}: {name}={value!r} must be an int >= 1")
 
 
-def _drop(model: nn.Module, path: str) -> None:
+def _module_or_none(model: nn.Module, path: str) -> Optional[nn.Module]:
+    """The submodule at ``path``, or None where it (or a module above it) is None or absent."""
+    module = model
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+def _set(model: nn.Module, path: str, value: Optional[nn.Module]) -> None:
     parent, _, leaf = path.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    if getattr(owner, leaf, None) is not None:
-        setattr(owner, leaf, None)
+    setattr(model.get_submodule(parent) if parent else model, leaf, value)
+
+
+def _stage_needs(model: nn.Module, layers: list[int], first: bool, last: bool) -> set[str]:
+    """The module paths a rank holding pipeline layers ``layers`` needs besides them."""
+    needs = set(model.layer_modules(layers))
+    if first:
+        needs |= set(model.first_stage_modules)
+    if last:
+        needs |= set(model.last_stage_modules) | set(model.tied_modules)
+    return needs
+
+
+def _holds(needs: set[str], path: str) -> bool:
+    """Whether a rank needing ``needs`` holds the module or parameter at ``path`` (it or a module above it)."""
+    return any(path == n or path.startswith(n + ".") for n in needs)
 
 
 def cut_stage(model: nn.Module, rank: Optional[int] = None, size: Optional[int] = None,
@@ -104,23 +143,27 @@ def cut_stage(model: nn.Module, rank: Optional[int] = None, size: Optional[int] 
     """Keeps, in place, the part of ``model`` (a StagedModel, built whole) that pipeline rank ``rank`` of
     ``size`` runs, and returns it with ``model.pipeline`` (a :class:`StageLayout`) set.
 
-    The first rank keeps the input part's modules, the last rank the output part's (and, when the model ties
-    them, a copy of the first stage's word embedding); each rank keeps the layers of its ``virtual_size``
-    chunks, the stack's layer list becoming an ``nn.ModuleDict`` keyed by the global layer index, so every
-    kept parameter keeps its name. Modules no rank's part uses are dropped (set to None); the memory of what
-    was dropped is freed once nothing else refers to it. ``rank``/``size`` default to this process's pipeline
-    rank and size (``initialize_model_parallel``).
+    Each rank keeps the pipeline layers of its ``virtual_size`` chunks (each stack's layer list becoming an
+    ``nn.ModuleDict`` keyed by the layer's index in its stack, so every kept parameter keeps its name), and the
+    modules it needs besides them: the input part's on the first rank, the output part's (and the tied modules)
+    on the last, and those its layers need (``StagedModel.layer_modules``). A module several ranks need is held by
+    each (when only a module inside a declared one is needed, only it: GPT's last stage keeps ``embedding.word``
+    of ``embedding``); its parameters are shared (``StageLayout.shared``), the lowest rank owning them. Declared
+    modules a rank does not need are dropped (set to None); the memory of what was dropped is freed once nothing
+    else refers to it. ``rank``/``size`` default to this process's pipeline rank and size
+    (``initialize_model_parallel``).
 
     Build the whole model on every rank with the same seed first (as ``megacore train`` does), so each stage
     starts from the weights one process would have.
 
     Raises ValueError when the layers do not divide into ``size * virtual_size`` equal stages, a size is not
-    an int >= 1, or the rank is out of range; TypeError when ``model`` is not a StagedModel.
+    an int >= 1, the rank is out of range, or the model has parameters outside its stacks and declared modules
+    (no stage would know it holds them); TypeError when ``model`` is not a StagedModel.
     """
     from megacore.models.common import StagedModel, TransformerStack
 
     if not isinstance(model, StagedModel):
-        raise TypeError(f"{_NAME}.cut_stage: model must be a megacore StagedModel (GPT, BERT, ELECTRA), got "
+        raise TypeError(f"{_NAME}.cut_stage: model must be a megacore StagedModel (GPT, BERT, ELECTRA, T5), got "
                         f"{type(model).__name__}")
     if getattr(model, "pipeline", None) is not None:
         raise ValueError(f"{_NAME}.cut_stage: the model is already cut (pipeline rank {model.pipeline.rank} of "
@@ -132,42 +175,54 @@ def cut_stage(model: nn.Module, rank: Optional[int] = None, size: Optional[int] 
     _check_size("virtual_size", virtual_size)
     if not (isinstance(rank, int) and 0 <= rank < size):
         raise ValueError(f"{_NAME}.cut_stage: rank={rank!r} is not in [0, {size})")
-    stack = model.get_submodule(model.pipeline_stack)
-    assert isinstance(stack, TransformerStack)
-    chunks = tuple(tuple(r) for r in stage_layers(len(stack.layer_indices()), size, virtual_size)[rank])
-    keep = [i for chunk in chunks for i in chunk]
-    stack.layers = nn.ModuleDict({str(i): stack.layer(i) for i in keep})
-    first, last = rank == 0, rank == size - 1
-    tied = set()
-    if not first:
-        for path in model.first_stage_modules:
-            if last and path in model.tied_modules:
-                continue
-            if any(t.startswith(path + ".") for t in model.tied_modules) and last:
-                # keep only the tied module under this one (GPT/BERT: embedding.word of embedding)
-                _keep_only(model, path, [t for t in model.tied_modules if t.startswith(path + ".")])
-                continue
-            _drop(model, path)
-        if last:
-            tied = {f"{path}.{name}" for path in model.tied_modules
-                    for name, _ in model.get_submodule(path).named_parameters()}
-    if not last:
-        for path in model.last_stage_modules:
-            _drop(model, path)
-    model.pipeline = StageLayout(rank, size, virtual_size, chunks, frozenset(tied))
+    pipeline_layers = model.pipeline_layers()
+    per_rank = stage_layers(len(pipeline_layers), size, virtual_size)
+    needs = [_stage_needs(model, [i for chunk in per_rank[r] for i in chunk], r == 0, r == size - 1)
+             for r in range(size)]
+    declared = sorted(set().union(*needs), key=lambda p: (p.count("."), p))  # modules above the ones inside them
+
+    # Who holds each parameter outside the stacks: the ranks needing its module or one above it.
+    stacks = tuple(model.pipeline_stacks)
+    shared, tie_groups, stray = [], set(), []
+    for name, _ in model.named_parameters():
+        if name.startswith(tuple(path + "." for path in stacks)):
+            continue
+        if not _holds(set(declared), name):
+            stray.append(name)
+        holders = tuple(r for r in range(size) if _holds(needs[r], name))
+        if len(holders) > 1:
+            tie_groups.add(holders)
+            if rank in holders:
+                shared.append((name, holders))
+    if stray:
+        raise ValueError(f"{_NAME}.cut_stage: {type(model).__name__}'s parameters {stray} are in none of its "
+                         "pipeline stacks and no stage declares their module (first_stage_modules, "
+                         "last_stage_modules, tied_modules, layer_modules)")
+
+    chunks = tuple(tuple(r) for r in per_rank[rank])
+    keep = {i for chunk in chunks for i in chunk}
+    for path in stacks:
+        stack = model.get_submodule(path)
+        assert isinstance(stack, TransformerStack), path
+        stack.layers = nn.ModuleDict({str(i): stack.layer(i) for g, (p, i) in enumerate(pipeline_layers)
+                                      if p == path and g in keep})
+    mine = needs[rank]
+    for path in declared:
+        module = _module_or_none(model, path)
+        if module is None or _holds(mine, path):
+            continue
+        inner = sorted(n for n in mine if n.startswith(path + "."))
+        if inner:  # keep only the modules inside it that this rank needs
+            bare = nn.Module()
+            for full in inner:
+                name = full[len(path) + 1:]
+                assert "." not in name, full
+                setattr(bare, name, module.get_submodule(name))
+            _set(model, path, bare)
+        else:
+            _set(model, path, None)
+    model.pipeline = StageLayout(rank, size, virtual_size, chunks, tuple(shared), tuple(sorted(tie_groups)))
     return model
-
-
-def _keep_only(model: nn.Module, path: str, inner: list[str]) -> None:
-    """Replaces module ``path`` with a bare module holding only its submodules ``inner`` (full paths)."""
-    old = model.get_submodule(path)
-    bare = nn.Module()
-    for full in inner:
-        name = full[len(path) + 1:]
-        assert "." not in name, full
-        setattr(bare, name, old.get_submodule(name))
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, bare)
 
 
 def layout_of(model: nn.Module) -> Optional[StageLayout]:
@@ -176,40 +231,45 @@ def layout_of(model: nn.Module) -> Optional[StageLayout]:
 
 
 def tied_copy_names(model: nn.Module) -> frozenset:
-    """Names of parameters this rank holds as copies of the first stage's (empty when not cut)."""
+    """Names of parameters this rank holds as copies of another rank's (empty when not cut)."""
     layout = layout_of(model)
     return layout.tied_copies if layout is not None else frozenset()
 
 
 def tied_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters this rank shares with another stage: the tied word embedding on the first and on the
-    last stage of a pipeline (empty elsewhere and without pipeline parallelism). DistributedDataParallel
-    gives each its own bucket, so both stages slice its gradient alike."""
+    """The parameters this rank shares with other stages (``StageLayout.shared``: the tied word embedding on the
+    first and last stage, T5's position-bias tables and word embedding; empty without pipeline parallelism).
+    DistributedDataParallel gives each its own bucket, so every stage holding it slices its gradient alike."""
     layout = layout_of(model)
-    if layout is None or layout.size == 1 or not (layout.holds_first or layout.holds_last):
+    if layout is None or not layout.shared:
         return []
-    inner = getattr(model, "module", model)
-    return [p for path in inner.tied_modules for p in inner.get_submodule(path).parameters()]
+    params = dict(getattr(model, "module", model).named_parameters())
+    return [params[name] for name, _ in layout.shared]
 
 
 @torch.no_grad()
 def sync_tied_gradients(model: nn.Module) -> None:
-    """Sums the gradients of the tied word embedding over the first and last stage (Megatron's embedding
-    group), so both copies take the same step. Reads ``main_grad`` when DistributedDataParallel made one;
-    after a reduce-scatter (the distributed optimizer) only this rank's slice of it is meaningful, and it is
-    the same slice on both stages because the parameter has a bucket of its own there
-    (:func:`tied_parameters`). A no-op on the stages in between and without pipeline parallelism."""
+    """Sums the gradients of each shared parameter (``StageLayout.shared``) over the stages holding it (for GPT
+    and BERT, the word embedding over the first and last stage: Megatron's embedding group), so every copy takes
+    the same step. Reads ``main_grad`` when DistributedDataParallel made one; after a reduce-scatter (the
+    distributed optimizer) only this rank's slice of it is meaningful, and it is the same slice on every stage
+    because the parameter has a bucket of its own there (:func:`tied_parameters`). Every rank must call it: the
+    first call creates the groups of stages (``get_pipeline_stages_group``). A no-op without shared parameters."""
     from megacore.parallel.distributed import grad_of
 
     inner = getattr(model, "module", model)
     layout = getattr(inner, "pipeline", None)
-    if layout is None or layout.size == 1:
+    if layout is None or not layout.tie_groups:
         return
-    group = parallel_state.get_parallel_state().embedding_group
-    if group is None:
-        return
-    for path in inner.tied_modules:
-        for _, p in inner.get_submodule(path).named_parameters():
+    params = dict(inner.named_parameters())
+    for stages in layout.tie_groups:
+        group = parallel_state.get_pipeline_stages_group(stages)
+        if group is None:
+            continue
+        for name, ranks in layout.shared:  # in the model's order, the same on every rank of the group
+            if ranks != stages:
+                continue
+            p = params[name]
             g = grad_of(p)
             if g is None:  # this stage did not use it: it contributes zero
                 g = p.grad = torch.zeros_like(p)
@@ -374,15 +434,15 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Ca
     m = len(micro_batches)
     ops = (forward_schedule(m, layout.virtual_size) if forward_only
            else schedule(m, layout.size, layout.rank, layout.virtual_size))
-    stack = inner.get_submodule(inner.pipeline_stack)
     channel = _Channel(layout) if layout.size > 1 else None
     device = next(inner.parameters()).device
-    spec_cache: dict[int, list] = {}
+    spec_cache: dict[tuple[int, int], list] = {}
 
-    def spec(mb: int) -> list:
-        if mb not in spec_cache:
-            spec_cache[mb] = inner.boundary_spec(micro_batches[mb])
-        return spec_cache[mb]
+    def spec(mb: int, layer: int) -> list:
+        """What crosses the boundary before pipeline layer ``layer`` for micro-batch ``mb``."""
+        if (mb, layer) not in spec_cache:
+            spec_cache[(mb, layer)] = inner.boundary_spec(micro_batches[mb], layer)
+        return spec_cache[(mb, layer)]
 
     # What a forward receives: posted one operation ahead, so the transfer overlaps the compute before it.
     posted: dict[tuple[str, int, int], tuple] = {}
@@ -396,10 +456,11 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Ca
         key = (op.kind, op.microbatch, op.chunk)
         if channel is None or key in posted or not needs_recv(op):
             return
+        layers = layout.chunks[op.chunk]
         if op.kind == FORWARD:
-            posted[key] = channel.recv(spec(op.microbatch), True, device)
-        else:
-            float_spec = [s for s in spec(op.microbatch) if s[1].is_floating_point]
+            posted[key] = channel.recv(spec(op.microbatch, layers[0]), True, device)
+        else:  # the gradients of what this chunk sent on
+            float_spec = [s for s in spec(op.microbatch, layers[-1] + 1) if s[1].is_floating_point]
             posted[key] = channel.recv(float_spec, False, device)
 
     def take(op: Op) -> list[torch.Tensor]:
@@ -438,8 +499,7 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], scale_loss: Ca
                                 if _differentiable(t):
                                     t.requires_grad_(True)
                         inputs = tuple(received)
-                    x = stack(inputs[0], inner.stage_mask(batch), indices=list(layout.chunks[op.chunk]))
-                    outputs = (x,) + tuple(inputs[1:])
+                    outputs = tuple(inner.run_layers(inputs, batch, list(layout.chunks[op.chunk])))
                     if layout.is_last(op.chunk):
                         output = inner.stage_output(outputs, batch)
                         if on_output is not None:

@@ -40,8 +40,8 @@ class ParamShard:
     vocab_size: Optional[int]  # the unpadded rows of a vocab table (dim 0); None: not a vocab table
     world: int
     sequence_parallel: bool = False  # replicated, used on sequence shards (its user sums its gradient)
-    tied_copy: bool = False  # a pipeline stage's copy of a parameter the first stage owns (the tied embedding)
-    stage: int = 0  # the pipeline stage that owns it (a tied copy: the first stage); 0 without pipeline parallelism
+    tied_copy: bool = False  # a pipeline stage's copy of a parameter another stage owns (the tied embedding)
+    stage: int = 0  # the pipeline stage that owns it (a tied copy: its owner's); 0 without pipeline parallelism
     chunks: int = 1  # the sharded dim stacks this many pieces, each split over the ranks (see placement.place)
 
     def full_shape(self) -> list[int]:
@@ -76,7 +76,6 @@ def param_shards(model: nn.Module, world: int) -> list[ParamShard]:
     vocab = _vocab_tables(model)
     copies = tied_copy_names(model)
     layout = layout_of(model)
-    stage = layout.rank if layout is not None else 0
     owner = {}  # id(parameter) -> (the module holding it, its name there)
     for module in model.modules():
         for local, p in module.named_parameters(recurse=False):
@@ -87,7 +86,7 @@ def param_shards(model: nn.Module, world: int) -> list[ParamShard]:
         dim = placement.dim if world > 1 else None
         tied = name in copies
         out.append(ParamShard(name, p, dim, vocab.get(id(p)), world, placement.sequence_parallel, tied,
-                              0 if tied else stage, placement.chunks))
+                              layout.owner(name) if layout is not None else 0, placement.chunks))
     return out
 
 
@@ -125,7 +124,7 @@ class ParallelPlan:
         return self.tensor_parallel_size > 1 and any(shard.sequence_parallel for shard in self.params)
 
     def is_tied_copy(self, p: torch.Tensor) -> bool:
-        """Whether ``p`` (or the parameter it stands for) is a stage's copy of a first-stage parameter."""
+        """Whether ``p`` (or the parameter it stands for) is a stage's copy of a parameter another stage owns."""
         shard = self.layout(p)
         return shard is not None and shard.tied_copy
 

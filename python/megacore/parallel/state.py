@@ -12,6 +12,7 @@ frozen ``ParallelState``; the module-level accessors read it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,6 +52,9 @@ class ParallelState:
     pipeline_activation_group: Optional[dist.ProcessGroup] = None
     pipeline_gradient_group: Optional[dist.ProcessGroup] = None
     embedding_group: Optional[dist.ProcessGroup] = None
+    # Groups of some stages of each pipeline, made on first use (get_pipeline_stages_group): stage indices ->
+    # this rank's group, None when its stage is not among them. The embedding group is (0, P - 1)'s.
+    stage_groups: dict = dataclasses.field(default_factory=dict)
 
 
 _STATE: Optional[ParallelState] = None
@@ -176,6 +180,7 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_s
         pipeline_activation_group=activation_group,
         pipeline_gradient_group=gradient_group,
         embedding_group=embedding_group,
+        stage_groups={(0, pp - 1): embedding_group} if pp > 1 else {},
     )
     return _STATE
 
@@ -229,8 +234,10 @@ def destroy_model_parallel() -> None:
     state, _STATE = _STATE, None
     if state is None or not dist.is_initialized():
         return
-    for group in (state.tensor_parallel_group, state.data_parallel_group, state.pipeline_parallel_group,
-                  state.pipeline_activation_group, state.pipeline_gradient_group, state.embedding_group):
+    groups = [state.tensor_parallel_group, state.data_parallel_group, state.pipeline_parallel_group,
+              state.pipeline_activation_group, state.pipeline_gradient_group, state.embedding_group]
+    groups += [g for g in state.stage_groups.values() if all(g is not other for other in groups)]
+    for group in groups:
         if group is not None:
             dist.destroy_process_group(group)
 
@@ -325,6 +332,26 @@ def get_pipeline_parallel_rank() -> int:
 def get_pipeline_parallel_world_size() -> int:
     """Returns the pipeline-parallel group size. Raises RuntimeError before ``initialize_model_parallel``."""
     return _require("get_pipeline_parallel_world_size").pipeline_parallel_size
+
+
+def get_pipeline_stages_group(stages: tuple[int, ...]) -> Optional[dist.ProcessGroup]:
+    """The group of pipeline stages ``stages`` (ascending stage indices, at least two) of this rank's pipeline: the
+    ranks at this rank's tensor- and data-parallel position on those stages (for stages (0, P - 1), the embedding
+    group). None when this rank's stage is not among them. The first call for a set of stages creates its group
+    in every pipeline, a collective over the world: every rank must then call it with the same stages, in the same
+    order. Raises RuntimeError before ``initialize_model_parallel``, ValueError for stages out of order or range."""
+    fn = "get_pipeline_stages_group"
+    state = _require(fn)
+    key = tuple(stages)
+    pp = state.pipeline_parallel_size
+    if len(key) < 2 or list(key) != sorted(set(key)) or key[0] < 0 or key[-1] >= pp:
+        raise ValueError(f"{_PREFIX}.{fn}: stages={key!r} must be at least two ascending stage indices in [0, {pp})")
+    if key not in state.stage_groups:
+        _, _, pipeline_lists = rank_layout(dist.get_world_size(), state.tensor_parallel_size, pp)
+        group, _ = _new_groups([[ranks[i] for i in key] for ranks in pipeline_lists], dist.get_rank(),
+                               "megacore_pipeline_stages", member_only=True)
+        state.stage_groups[key] = group
+    return state.stage_groups[key]
 
 
 def get_pipeline_parallel_group_name() -> str:

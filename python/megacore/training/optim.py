@@ -233,7 +233,7 @@ def clip_grad_norm(params, max_norm: float, data_parallel_sharded: bool = False,
     computes the norm without clipping. A non-finite norm leaves the gradients as they are (the loss
     scaler's overflow check should catch it first). Under pipeline
     parallelism the squared norms are summed over the stages; a stage's tied copy (the last stage's word
-    embedding, ``ParallelPlan.is_tied_copy``) is clipped but counted on the first stage only.
+    embedding, ``ParallelPlan.is_tied_copy``) is clipped but counted on its owner's stage only.
 
     Raises ValueError for a NaN ``max_norm``, and for tensors without ``plan`` under tensor or pipeline
     parallelism (shards could not be told from replicated parameters).
