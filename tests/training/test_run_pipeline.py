@@ -25,25 +25,40 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+# T5 reads the session's T5 corpus (a Unigram of 1,000 tokens); its 4 encoder and 4 decoder layers are the pipeline's 8
+T5 = dict(vocab_size=1000, model_overrides=dict(TINY["model_overrides"], kv_channels=8))
+
+
+def _options(model: str) -> dict:
+    return dict(TINY, model=model, **(T5 if model.startswith("t5") else {}))
+
+
+def _valid_loss(run) -> float:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["valid_loss"] for r in records if "valid_loss" in r][-1]
+
+
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The reference: each model's run in one process, and the shared corpus cache."""
+def one_process(tmp_path_factory, t5_corpus_cache):
+    """The reference: each model's run in one process (losses, and T5's validation loss), and the corpus caches."""
     root = tmp_path_factory.mktemp("pipeline-cli")
+    caches = {"gpt-tiny": str(root / "cache"), "bert-tiny": str(root / "cache"), "t5-tiny": t5_corpus_cache}
     runs = {}
-    for model in ("gpt-tiny", "bert-tiny"):
-        config = TrainConfig(model=model, cache_dir=str(root / "cache"), output=str(root / model), **TINY)
+    for model in ("gpt-tiny", "bert-tiny", "t5-tiny"):
+        config = TrainConfig(cache_dir=caches[model], output=str(root / model), **_options(model))
         train(config, log=lambda m: None)
         runs[model] = _losses(root / model)
-    return root, runs
+    runs["t5-tiny valid"] = _valid_loss(root / "t5-tiny")
+    return root, runs, caches
 
 
-def _torchrun(nproc: int, root, out, *flags: str, model: str = "gpt-tiny") -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, root, out, *flags: str, model: str = "gpt-tiny", cache=None) -> subprocess.CompletedProcess:
     config = out.parent / f"{out.name}.json"
-    config.write_text(json.dumps(dict(TINY, model=model)))
+    config.write_text(json.dumps(_options(model)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                            str(nproc), "-m", "megacore", "train", "--config", str(config), "--cache-dir",
-                           str(root / "cache"), "--output", str(out), *flags],
+                           str(cache or root / "cache"), "--output", str(out), *flags],
                           capture_output=True, text=True, timeout=400, env=env)
 
 
@@ -56,19 +71,23 @@ LAYOUTS = {  # name: (processes, flags, model)
     "pp2_dp2_distributed_optimizer": (4, ["--pipeline-parallel-size", "2", "--use-distributed-optimizer"], "bert-tiny"),
     "tp2_pp2_dp2_distributed_optimizer": (8, ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
                                               "--use-distributed-optimizer"], "gpt-tiny"),
+    # T5: the split falls at the encoder / decoder boundary; evaluation runs through the stages
+    "t5_pp2": (2, ["--pipeline-parallel-size", "2"], "t5-tiny"),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_torchrun_layout_trains_like_one_process(one_process, tmp_path, name):
-    root, reference = one_process
+    root, reference, caches = one_process
     nproc, flags, model = LAYOUTS[name]
-    r = _torchrun(nproc, root, tmp_path / "run", *flags, model=model)
+    r = _torchrun(nproc, root, tmp_path / "run", *flags, model=model, cache=caches[model])
     assert r.returncode == 0, r.stderr[-4000:]
     assert ("pipeline-parallel" in r.stdout) == ("--pipeline-parallel-size" in flags) and "validation loss" in r.stdout
     assert ("(distributed optimizer)" in r.stdout) == ("distributed_optimizer" in name)
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
     assert _losses(tmp_path / "run") == pytest.approx(reference[model], rel=2e-4)
+    if model == "t5-tiny":
+        assert _valid_loss(tmp_path / "run") == pytest.approx(reference["t5-tiny valid"], rel=2e-4)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -88,7 +107,7 @@ def test_impossible_pipeline_layouts_are_refused(argv, message, capsys, tmp_path
 
 
 def test_interleaving_needs_whole_rounds_of_micro_batches(one_process, tmp_path):
-    root, _ = one_process
+    root, _, _ = one_process
     r = _torchrun(2, root, tmp_path / "run", "--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2",
                   "--global-batch-size", "6")
     assert r.returncode != 0
@@ -101,7 +120,7 @@ def test_a_pipeline_run_resumes_in_one_process_like_a_one_process_run(one_proces
     that was one process throughout takes (its checkpoint and the pipeline's hold the same state)."""
     import shutil
 
-    root, _ = one_process
+    root, _, _ = one_process
     r = _torchrun(2, root, tmp_path / "pp", "--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2")
     assert r.returncode == 0, r.stderr[-4000:]
     shutil.copytree(root / "gpt-tiny", tmp_path / "one")

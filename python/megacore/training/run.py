@@ -106,7 +106,8 @@ def _check_pipeline_layout(config: TrainConfig) -> None:
         raise ValueError(f"{_FN}: --virtual-pipeline-parallel-size {vp} needs --pipeline-parallel-size > 1")
     if pp == 1:
         return
-    layers = preset_config(config.model, **config.model_overrides).num_layers
+    preset = preset_config(config.model, **config.model_overrides)
+    layers = preset.num_layers + (getattr(preset, "num_decoder_layers", None) or 0)  # T5: encoder then decoder
     if layers % (pp * vp):
         stages = f"--pipeline-parallel-size {pp}" + (f" x --virtual-pipeline-parallel-size {vp}" if vp > 1 else "")
         raise ValueError(f"{_FN}: {config.model} has {layers} layers, which do not divide into {stages} equal "
