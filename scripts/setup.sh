@@ -24,7 +24,7 @@ fi
 # The build tools: `--no-build-isolation` builds with what is installed. None of them depends on torch.
 "$PYTHON" -m pip install -q pybind11 ninja "cmake>=3.26" setuptools wheel
 # megacore in place, with what pyproject.toml declares: its runtime dependencies (numpy, safetensors, tokenizers,
-# tqdm, pyyaml, pydantic) and the test extra (pytest, hypothesis, transformers). The installed torch satisfies
+# tqdm, pyyaml, pydantic, sacrebleu, rouge-score) and the test extra (pytest, hypothesis, transformers). The installed torch satisfies
 # torch>=2.4, so pip keeps it; the constraint pins it, so a dependency that wanted another torch fails here
 # instead of replacing it.
 TORCH_PIN="$(mktemp)"

@@ -51,6 +51,14 @@ NOT_RUN = {
         "a full training run on 8 processes; tests/training/test_run_pipeline.py runs it shrunk under torchrun",
     "megacore train --model bert-tiny": "a full training run; tests/training/test_run.py runs it shrunk",
     "megacore train --model electra-small": "a full training run; tests/training/test_run.py runs it shrunk",
+    "megacore train --model t5-tiny": "a full training run; tests/training/test_t5_training.py runs it shrunk",
+    "megacore finetune translation": "a full fine-tuning run; tests/training/test_t5_training.py runs it shrunk",
+    "megacore finetune translation --checkpoint runs/t5-tiny/checkpoints --direction en-es":
+        "the same, from a pretrained checkpoint (as the tests do)",
+    "megacore finetune seq2seq --train train.jsonl --valid valid.jsonl --source-key document --target-key summary":
+        "needs the user's files; tests/training/test_t5_training.py runs it on a JSONL file it writes",
+    "megacore generate --checkpoint runs/finetune-translation/checkpoints --prompt 'Y dijo Dios: Sea la luz.' "
+    "--beams 4": "needs the fine-tuning run's checkpoint; tests/training/test_t5_training.py runs it on a shrunk one",
 }
 
 DISTRIBUTED = "dist.init_process_group("  # marks the block that needs several processes

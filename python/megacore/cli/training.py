@@ -128,6 +128,10 @@ _SEQ2SEQ_FLAGS = {
 }
 
 
+# TrainConfig fields megacore finetune sets itself or has no use for (the task brings its data and tokenizer)
+_FINETUNE_SKIP = ("task", "task_options", "pretrained", "data", "valid_data", "tokenizer")
+
+
 def _add_finetune(sub) -> None:
     from megacore.training.seq2seq import Seq2SeqFinetuneTask
 
@@ -145,8 +149,9 @@ def _add_finetune(sub) -> None:
         t.add_argument("--checkpoint", dest="pretrained", metavar="DIR",
                        help="a megacore train checkpoint to start from (default: --model from scratch)")
         for key, (kind, text) in {**flags, **_SEQ2SEQ_FLAGS}.items():
-            t.add_argument("--" + key.replace("_", "-"), dest="task_" + key, type=kind, default=None, help=text)
-        _add_config_flags(t, skip=("task", "task_options", "pretrained"), defaults=Seq2SeqFinetuneTask.defaults)
+            t.add_argument("--" + key.replace("_", "-"), dest="task_" + key, type=kind, default=None, help=text,
+                           metavar=key.upper())
+        _add_config_flags(t, skip=_FINETUNE_SKIP, defaults=Seq2SeqFinetuneTask.defaults)
         t.set_defaults(func=_cmd_finetune, task_flags=tuple({**flags, **_SEQ2SEQ_FLAGS}))
 
 
@@ -162,9 +167,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     try:
         options = dict(TASKS[args.task].defaults)
         options.update(load_config_file(args.config) if args.config else {})
-        skip = ("task", "task_options", "pretrained")
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name not in skip and getattr(args, f.name) is not None}
+                 if f.name not in _FINETUNE_SKIP and getattr(args, f.name) is not None}
         options.update(given)
         task_options = dict(options.get("task_options") or {})
         task_options.update({k: getattr(args, "task_" + k) for k in args.task_flags
