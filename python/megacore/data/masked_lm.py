@@ -163,6 +163,14 @@ class SentenceSamples:
 
     name = "megacore.data.SentenceSamples"
 
+    def _read_vocab_size(self, tokenizer) -> int:
+        """``tokenizer.vocab_size``, checked, as ``self.vocab_size`` (span tokens are checked against it)."""
+        vocab_size = getattr(tokenizer, "vocab_size", None)
+        if not _is_int(vocab_size) or vocab_size < 1:
+            raise ValueError(f"{self.name}: tokenizer.vocab_size={vocab_size!r} must be a positive int")
+        self.vocab_size = int(vocab_size)
+        return self.vocab_size
+
     def _setup_samples(self, indexed_dataset, short_seq_prob: float, seed: int, num_samples: Optional[int]) -> None:
         name = self.name
         if not isinstance(short_seq_prob, (int, float)) or not 0 <= short_seq_prob <= 1:
@@ -335,10 +343,7 @@ class MaskedLMDataset(SentenceSamples):
 
     def _read_tokenizer(self, tokenizer) -> None:
         name = self.name
-        vocab_size = getattr(tokenizer, "vocab_size", None)
-        if not _is_int(vocab_size) or vocab_size < 1:
-            raise ValueError(f"{name}: tokenizer.vocab_size={vocab_size!r} must be a positive int")
-        self.vocab_size = int(vocab_size)
+        vocab_size = self._read_vocab_size(tokenizer)
         for attr in ("cls", "sep", "mask", "pad"):
             value = getattr(tokenizer, attr, None)
             if not _is_int(value) or not 0 <= value < vocab_size:

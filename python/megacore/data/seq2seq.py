@@ -20,7 +20,7 @@ import numpy as np
 from megacore.data.corpus import read_text
 from megacore.data.masked_lm import IGNORE_INDEX, _is_int
 
-__all__ = ["Seq2SeqDataset", "TextPair", "read_pairs", "tokenize_pairs"]
+__all__ = ["Seq2SeqDataset", "TextPair", "encoder_decoder_item", "read_pairs", "tokenize_pairs"]
 
 _FN = "megacore.data.read_pairs"
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -118,6 +118,19 @@ def tokenize_pairs(pairs: Sequence[TextPair], tokenizer, source_prefix: str = ""
     return [(s + [eos], t + [eos]) for s, t in zip(sources, targets)]
 
 
+def encoder_decoder_item(source: np.ndarray, target: np.ndarray, source_length: int, target_length: int,
+                         pad: int) -> dict[str, np.ndarray]:
+    """An encoder-decoder sample: ``input_ids [source_length]`` (``source`` padded with ``pad``), its
+    ``attention_mask`` (1 = token) and ``labels [target_length]`` (``target`` padded with -100), int64."""
+    input_ids = np.full(source_length, pad, dtype=np.int64)
+    input_ids[:source.size] = source
+    attention_mask = np.zeros(source_length, dtype=np.int64)
+    attention_mask[:source.size] = 1
+    labels = np.full(target_length, IGNORE_INDEX, dtype=np.int64)
+    labels[:target.size] = target
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 class Seq2SeqDataset:
     """Tokenized (source, target) pairs as training samples for an encoder-decoder.
 
@@ -181,13 +194,7 @@ class Seq2SeqDataset:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         source, target = self.pairs[self.pair_index(index)]
         source, target = self._fit(source, self.source_length), self._fit(target, self.target_length)
-        input_ids = np.full(self.source_length, self.pad, dtype=np.int64)
-        input_ids[:source.size] = source
-        attention_mask = np.zeros(self.source_length, dtype=np.int64)
-        attention_mask[:source.size] = 1
-        labels = np.full(self.target_length, IGNORE_INDEX, dtype=np.int64)
-        labels[:target.size] = target
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return encoder_decoder_item(source, target, self.source_length, self.target_length, self.pad)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(pairs={len(self.pairs)}, samples={len(self)}, source_length="

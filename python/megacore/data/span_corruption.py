@@ -31,7 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from megacore.data.masked_lm import IGNORE_INDEX, SentenceSamples, _is_int
+from megacore.data.masked_lm import SentenceSamples, _is_int
+from megacore.data.seq2seq import encoder_decoder_item
 
 __all__ = ["SpanCorruptionDataset", "random_spans_noise_mask", "span_corruption_lengths"]
 
@@ -149,10 +150,7 @@ class SpanCorruptionDataset(SentenceSamples):
 
     def _read_tokenizer(self, tokenizer) -> None:
         name = self.name
-        vocab_size = getattr(tokenizer, "vocab_size", None)
-        if not _is_int(vocab_size) or vocab_size < 1:
-            raise ValueError(f"{name}: tokenizer.vocab_size={vocab_size!r} must be a positive int")
-        self.vocab_size = int(vocab_size)
+        vocab_size = self._read_vocab_size(tokenizer)
         for attr in ("pad", "eod"):
             value = getattr(tokenizer, attr, None)
             if not _is_int(value) or not 0 <= value < vocab_size:
@@ -186,13 +184,7 @@ class SpanCorruptionDataset(SentenceSamples):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         _, _, (inputs, targets) = self.sample(index)
-        input_ids = np.full(self.max_seq_length, self.pad_id, dtype=np.int64)
-        input_ids[:inputs.size] = inputs
-        attention_mask = np.zeros(self.max_seq_length, dtype=np.int64)
-        attention_mask[:inputs.size] = 1
-        labels = np.full(self.target_length, IGNORE_INDEX, dtype=np.int64)
-        labels[:targets.size] = targets
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return encoder_decoder_item(inputs, targets, self.max_seq_length, self.target_length, self.pad_id)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(samples={len(self)}, max_seq_length={self.max_seq_length}, "
