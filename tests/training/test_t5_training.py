@@ -169,3 +169,19 @@ def test_bad_seq2seq_data_names_the_file_and_line(tmp_path, capsys):
             "--output", str(tmp_path / "r")]
     assert main(argv) == 1
     assert f"{tmp_path / 't.jsonl'}:2: no field 'target'" in capsys.readouterr().err
+
+
+def test_generate_under_torchrun_is_tensor_parallel_and_translates_like_one_process(finetuned):
+    import os
+    import subprocess
+    import sys
+
+    _, run, _ = finetuned
+    argv = ["-m", "megacore", "generate", "--checkpoint", str(run / "checkpoints"), "--prompt",
+            "Y dijo Dios: Sea la luz.", "--max-new-tokens", "12", "--beams", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout and one.stdout.count("\n") == 1
