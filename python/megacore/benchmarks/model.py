@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 import megacore
-from megacore.benchmarks.ops import DTYPES, _time, describe_machine
+from megacore.benchmarks.ops import DTYPES, _time, available_cores, describe_machine
 from megacore.benchmarks.train import optimizer_step
 from megacore.models.registry import build, preset_config
 
@@ -206,14 +206,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="T5: encoder tokens per sequence (default 128; --quick 32)")
     parser.add_argument("--target-len", type=int, default=None,
                         help="T5: decoder tokens per sequence (default 32; --quick 8)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: every core this process may run on)")
     args = parser.parse_args(argv)
-    for option, value in (("--source-len", args.source_len), ("--target-len", args.target_len)):
+    for option, value in (("--source-len", args.source_len), ("--target-len", args.target_len),
+                          ("--threads", args.threads)):
         if value is not None and value < 1:
-            parser.error(f"{option} is {value}, expected a positive number of tokens")
+            parser.error(f"{option} is {value}, expected a positive number")
     try:
         import transformers  # noqa: F401
     except ImportError:
         parser.error("the model benchmark compares with Hugging Face: pip install transformers")
+    torch.set_num_threads(args.threads or available_cores())
     print("# megacore model benchmark (training step: forward + backward; T5 also AdamW) — "
           f"{describe_machine('cpu')}")
     print(HEADER, flush=True)
