@@ -22,6 +22,7 @@ import argparse
 import ast
 import contextlib
 import time
+from typing import Callable
 
 import torch
 
@@ -86,6 +87,19 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
 
+def optimizer_step(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> Callable[[], None]:
+    """One training step as a closure: ``loss_fn(model).backward()``, then AdamW (``_optimizer``, made here over
+    ``model``'s parameters) steps and zeroes the gradients. ``loss_fn`` may run a compiled wrapper of ``model``."""
+    opt = _optimizer(model)
+
+    def run():
+        loss_fn(model).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
 def model_config(model: str | None, overrides: dict, dtype: torch.dtype) -> ModelConfig:
     """The benchmark's own configuration (``model`` None) or preset ``model``, with ``overrides`` applied."""
     if model is None:
@@ -101,32 +115,22 @@ def _steps(config: ModelConfig, batch: int, seq: int, compile_: bool, hf_: bool,
     ours = GPTModel(config, device=device).train()
     hf = _hf_model(config, config.params_dtype).to(device) if hf_ else None
 
-    def step(model, loss_fn):
-        opt = _optimizer(model)
-
-        def run():
-            loss_fn(model).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return run
-
     def mine(model):
         return model(ids, labels=labels).sum() / (labels != -100).sum()
 
     def theirs(model):  # HF shifts the labels itself
         return model(input_ids=ids, labels=ids).loss
 
-    fns = {"megacore": step(ours, mine)}
+    fns = {"megacore": optimizer_step(ours, mine)}
     if hf_:
-        fns["hf"] = step(hf, theirs)
+        fns["hf"] = optimizer_step(hf, theirs)
     if compile_:
         torch._dynamo.reset()
         ours_c = torch.compile(ours)
-        fns["megacore_compile"] = step(ours, lambda m: mine(ours_c))
+        fns["megacore_compile"] = optimizer_step(ours, lambda m: mine(ours_c))
         if hf_:
             hf_c = torch.compile(hf)
-            fns["hf_compile"] = step(hf, lambda m: theirs(hf_c))
+            fns["hf_compile"] = optimizer_step(hf, lambda m: theirs(hf_c))
     return fns
 
 
