@@ -221,3 +221,30 @@ def test_cached_decoding_errors():
         model.forward_with_cache(start[:2], cache, None, mask)
     with pytest.raises(ValueError, match="KVCache: the stack's layers attend to a memory: give memory_len"):
         model.new_cache(3, 4, memory_len=0)
+
+
+def test_a_new_t5_model_has_t5s_initialization():
+    """T5's (Mesh TensorFlow's, transformers' _init_weights) per-tensor standard deviations, v1.1 too."""
+    from megacore.models.registry import build
+
+    for preset in ("t5-tiny", "t5-v1_1-tiny"):
+        torch.manual_seed(0)
+        model = build(preset, vocab_size=4000)
+        c = model.config
+        h, d, heads, f = c.hidden_size, c.kv_channels, c.num_attention_heads, c.ffn_hidden_size
+
+        def std(t):
+            return float(t.float().std())
+
+        expected = {"word": (model.word.weight, 1.0), "bias": (model.encoder_bias.weight, h ** -0.5)}
+        if model.lm_head is not None:
+            expected["lm_head"] = (model.lm_head.weight, 1.0)
+        layer = model.decoder.layer(0)
+        qkv = layer.attention.qkv.weight.view(heads, 3, d, h)
+        expected.update(q=(qkv[:, 0], (h * d) ** -0.5), kv=(qkv[:, 1:], h ** -0.5),
+                        o=(layer.attention.proj.weight, (heads * d) ** -0.5),
+                        cross_q=(layer.cross_attention.q.weight, (h * d) ** -0.5),
+                        cross_kv=(layer.cross_attention.kv.weight, h ** -0.5),
+                        wi=(layer.mlp.fc1.weight, h ** -0.5), wo=(layer.mlp.fc2.weight, f ** -0.5))
+        for name, (tensor, target) in expected.items():
+            assert std(tensor) == pytest.approx(target, rel=0.1), (preset, name)
