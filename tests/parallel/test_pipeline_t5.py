@@ -1,6 +1,6 @@
 """T5 pipeline stages: the encoder's layers then the decoder's, cut by the pipeline's layer division. Where each
-module lives, what crosses each boundary, and real gloo pipelines (PP 2 with the split inside the encoder, at the
-encoder/decoder boundary and inside the decoder; PP 4; interleaved; TP 2 x PP 2 with sequence parallelism) against
+module lives, what crosses each boundary, and real gloo pipelines (PP 2 with the split inside the encoder and at the
+encoder/decoder boundary; PP 4, whose splits fall inside both stacks and at the boundary; interleaved; TP 2 x PP 2 with sequence parallelism) against
 one process: the loss, every parameter's gradient and the gradient norm, for T5 (tied, scaled head) and T5 v1.1
 (its own head)."""
 
@@ -193,8 +193,8 @@ def _check_layout(rank, world, tp, pp, vp, encoder_layers, decoder_layers, seque
 
 LAYOUTS = {  # name: (world, tp, pp, vp, encoder layers, decoder layers, sequence parallel)
     "pp2_split_at_the_encoder_decoder_boundary": (2, 1, 2, 1, 2, 2, False),
-    "pp2_split_inside_the_encoder": (2, 1, 2, 1, 3, 1, False),
-    "pp2_split_inside_the_decoder": (2, 1, 2, 1, 1, 3, False),
+    "pp2_split_inside_the_encoder": (2, 1, 2, 1, 3, 1, False),  # stage 1: the encoder's end and the decoder's start
+    # (a split inside the decoder, the memory crossing with the decoder's state: pp4's stages 2 | 3)
     "pp4_one_layer_per_stage": (4, 1, 4, 1, 2, 2, False),
     "pp2_interleaved_2_chunks": (2, 1, 2, 2, 2, 2, False),
     "tp2_pp2_sequence_parallel": (4, 2, 2, 1, 2, 2, True),

@@ -62,7 +62,7 @@ def test_bert_presets_pretrain_with_the_sentence_pairs_of_their_binary_head():
 
 def test_a_model_that_declares_no_registered_task_is_refused_with_the_known_tasks():
     with pytest.raises(ValueError, match=r"Linear declares pretraining_task=None; megacore train knows the tasks "
-                                         r"causal_lm, electra, masked_lm, span_corruption"):
+                                         r"causal_lm, electra, masked_lm, seq2seq, span_corruption, translation"):
         Task.for_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
         Task.for_preset("gpt5")
@@ -193,7 +193,10 @@ def test_final_metrics_and_the_report(prepared, caches, tmp_path):
         assert final == {}
         assert lines[0] == (f"megacore train: step 7: validation loss 2.500, {task.metric.replace('_', ' ')} "
                             "0.250; 1,234 tokens/s")
-        assert lines[1].startswith(f"megacore train: checkpoint {result['checkpoint']} (load it with")
+        if isinstance(task, SpanCorruptionTask):  # what to do next with a pretrained T5
+            assert f"megacore finetune translation --checkpoint {tmp_path / 'checkpoints'}" in lines[1]
+        else:
+            assert lines[1].startswith(f"megacore train: checkpoint {result['checkpoint']} (load it with")
 
 
 @pytest.mark.parametrize("preset", ["bert-tiny", "electra-small", "t5-tiny"])
