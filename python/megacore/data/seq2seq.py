@@ -9,7 +9,6 @@ row of the wrong width) is an error naming the file and the line; blank lines ar
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megacore.data.corpus import read_text
 from megacore.data.masked_lm import IGNORE_INDEX, _is_int
+from megacore.data.records import file_format, json_object, nonblank_lines, read_file_text
 
 __all__ = ["Seq2SeqDataset", "TextPair", "encoder_decoder_item", "read_pairs", "tokenize_pairs"]
 
 _FN = "megacore.data.read_pairs"
 JSONL_SUFFIXES = (".jsonl", ".json")
 TSV_SUFFIXES = (".tsv", ".txt")
+_FORMATS = {"jsonl": JSONL_SUFFIXES, "tsv": TSV_SUFFIXES}
+_FORMAT_HINT = ".jsonl / .json (JSON lines) or .tsv (tab-separated with a header line), optionally .xz"
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,6 @@ class TextPair:
     source: str
     target: str
     where: str = ""
-
-
-def _format_of(path: Path) -> str:
-    name = path.name[:-3] if path.name.endswith(".xz") else path.name
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(TSV_SUFFIXES):
-        return "tsv"
-    raise ValueError(f"{_FN}: {path}: cannot tell the format from the name: use .jsonl / .json (JSON lines) or "
-                     ".tsv (tab-separated with a header line), optionally .xz")
 
 
 def read_pairs(path: str | os.PathLike, source_key: str = "source", target_key: str = "target") -> list[TextPair]:
@@ -57,18 +48,12 @@ def read_pairs(path: str | os.PathLike, source_key: str = "source", target_key: 
     for name, key in (("source_key", source_key), ("target_key", target_key)):
         if not isinstance(key, str) or not key:
             raise ValueError(f"{_FN}: {name}={key!r} must be a non-empty str")
-    fmt = _format_of(path)
-    try:
-        lines = read_text(path).split("\n")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{_FN}: {path} is not UTF-8 text ({e})") from None
+    fmt = file_format(path, _FORMATS, _FN, _FORMAT_HINT)
+    text = read_file_text(path, _FN)
     pairs: list[TextPair] = []
     columns: Optional[tuple[int, int]] = None
     width = 0
-    for number, line in enumerate(lines, start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
+    for number, line in nonblank_lines(text):
         where = f"{path}:{number}"
         if fmt == "tsv" and columns is None:  # the header
             header = line.split("\t")
@@ -85,12 +70,7 @@ def read_pairs(path: str | os.PathLike, source_key: str = "source", target_key: 
                 raise ValueError(f"{_FN}: {where}: {len(fields)} tab-separated fields, the header has {width}")
             source, target = fields[columns[0]], fields[columns[1]]
         else:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{_FN}: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{_FN}: {where}: expected a JSON object, got {type(record).__name__}")
+            record = json_object(line, where, _FN)
             for key in (source_key, target_key):
                 if key not in record:
                     raise ValueError(f"{_FN}: {where}: no field {key!r} (fields: {', '.join(sorted(record)) or 'none'}; "
