@@ -22,10 +22,12 @@ With data parallelism the optimizer state can be sharded over the data-parallel 
 Checkpoints (``checkpoint.py``) hold full, merged weights and optimizer moments, so they load at any
 tensor-parallel size; ``generate.py`` decodes with a KV cache (``seq2seq_generate.py``: an
 encoder-decoder's greedy and beam search); ``evaluate.py`` gives perplexity and a
-LAMBADA-style last-word accuracy.
+LAMBADA-style last-word accuracy; ``classification_metrics.py`` the metrics of fine-tuned classifiers (accuracy,
+macro-F1, Matthews' correlation; MSE, Pearson, Spearman).
 """
 
 from megacore.training.checkpoint import load_checkpoint, save_checkpoint
+from megacore.training.classification_metrics import classification_metrics, regression_metrics
 from megacore.training.distributed_optimizer import DistributedOptimizer
 from megacore.training.evaluate import last_word_accuracy, perplexity
 from megacore.training.generate import generate
@@ -42,6 +44,7 @@ __all__ = [
     "Trainer",
     "TrainingDivergedError",
     "build_optimizer",
+    "classification_metrics",
     "clip_grad_norm",
     "generate",
     "generate_seq2seq",
@@ -50,5 +53,6 @@ __all__ = [
     "masked_mean_loss",
     "parameter_groups",
     "perplexity",
+    "regression_metrics",
     "save_checkpoint",
 ]
