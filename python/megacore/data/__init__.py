@@ -1,6 +1,19 @@
-"""megacore.data: tokenizers, the embedded corpora, Megatron-compatible indexed datasets, datasets and samplers."""
+"""megacore.data: tokenizers, the embedded corpora, Megatron-compatible indexed datasets, datasets and samplers,
+and the fine-tuning data of classifiers (labelled files and the embedded classification / tagging tasks)."""
 
 from megacore.data.blended import BlendedDataset, blending_sample_counts
+from megacore.data.classification import (
+    ClassificationDataset,
+    LabeledExample,
+    LabelSet,
+    austen_novel_examples,
+    bible_pair_examples,
+    encode_examples,
+    label_counts,
+    majority_baseline,
+    proper_noun_examples,
+    read_labeled,
+)
 from megacore.data.corpus import corpus_files, read_text
 from megacore.data.gpt_dataset import GPTDataset, build_gpt_datasets, document_lengths
 from megacore.data.indexed import (
@@ -31,6 +44,16 @@ from megacore.data.tokenizer import (
 
 __all__ = [
     "BlendedDataset",
+    "ClassificationDataset",
+    "LabelSet",
+    "LabeledExample",
+    "austen_novel_examples",
+    "bible_pair_examples",
+    "encode_examples",
+    "label_counts",
+    "majority_baseline",
+    "proper_noun_examples",
+    "read_labeled",
     "DTYPE_CODES",
     "ElectraDataset",
     "GPTDataset",
