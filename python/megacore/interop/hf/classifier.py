@@ -15,7 +15,9 @@ Hugging Face                                megacore ``ClassifierConfig``
                                             writes None: HF's token classifiers ignore it). HF's
                                             ``"multi_label_classification"`` does not convert
 ``classifier_dropout``                      ``classifier_dropout`` (encoders; GPT-2's head has no dropout)
-``pad_token_id``                            ``pad_token_id`` (written when not None)
+``pad_token_id``                            ``pad_token_id``, read as HF has it (BERT's and ELECTRA's too, unused
+                                            by megacore, so HF -> megacore -> HF keeps it) and written when not
+                                            None (a megacore BERT classifier's None comes back as HF's default 0)
 ==========================================  =========================================================================
 """
 
