@@ -168,6 +168,7 @@ GPT2 = register(Family(
     tied=lambda architecture, config: {"lm_head.weight": "transformer.wte.weight"} if architecture == LM else {},
     ignored=_BUFFERS,
     normalize_keys=normalize_keys,
-    architecture_of=lambda model: classifier_architecture(model, "GPT2", "gpt") if isinstance(model, Classifier) else LM,
+    architecture_of=lambda model: (classifier_architecture(model, "GPT2", "gpt") if isinstance(model, Classifier)
+                                   else LM),
     config_classes=classifier_config_class((CLASSIFIER,)),
 ))
