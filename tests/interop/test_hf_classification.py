@@ -2,7 +2,8 @@
 ElectraFor... and GPT2ForSequenceClassification <-> megacore Classifier. Logits and loss equal transformers'
 (1e-4, fp32) on a right-padded batch with an attention mask (and token types for BERT and ELECTRA); weights and
 the classification config (labels, problem type, dropout, padding id) move exactly both ways and through the
-safetensors layout; tensor parallelism shards and gathers them.
+safetensors layout. (Sharding under tensor parallelism is the families' shared code, tested in test_hf.py; the
+classifiers' TP 2 == TP 1 is in tests/models/test_classification.py.)
 
 Small random HF models as in test_hf.py (vocab 101, hidden 48, 2 layers), eval mode."""
 
@@ -16,7 +17,6 @@ from megacore.interop import hf as interop  # noqa: E402
 from megacore.models import Classifier  # noqa: E402
 from tests.interop.test_hf import (ATOL, ENCODER, VOCAB, _quiet_transformers, assert_close_on_cpu,  # noqa: E402,F401
                                    assert_same_weights, encoder_inputs, gpt2_config, on, randomize_vectors)
-from tests.parallel.utils import run_distributed  # noqa: E402
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 CONFIGS = {  # HF class -> its config
@@ -197,30 +197,3 @@ def test_to_hf_refuses_a_pretraining_model_as_a_classifier():
     with pytest.raises(ValueError, match="BertForSequenceClassification is a megacore Classifier "
                                          r"\(Classifier.from_pretrained_model makes one from a BertModel\)"):
         interop.to_hf(bert, architecture="BertForSequenceClassification")
-
-
-def _check_classifiers_tensor_parallel(rank, world):
-    from megacore.interop import hf as interop
-    from megacore.parallel import initialize_model_parallel
-
-    transformers.logging.set_verbosity_error()
-    initialize_model_parallel(world)
-    for architecture in ("BertForSequenceClassification", "GPT2ForSequenceClassification"):
-        hf = make_classifier(architecture)  # the same seed on every rank
-        ids, mask, types = inputs(architecture)
-        ids, mask, types = ids[:, :12], mask[:, :12], None if types is None else types[:, :12]  # SP splits 12 in 2
-        labels = labels_for(architecture, mask)
-        with torch.no_grad():
-            expected = hf(ids, attention_mask=mask, token_type_ids=types, labels=labels)
-        for sp in (False, True):
-            model = interop.from_hf(hf, tensor_parallel=True, sequence_parallel=sp)
-            assert model.embedding.word.weight.shape[0] == 51  # vocab-parallel: 102 padded rows / 2
-            with torch.no_grad():
-                out = model(ids, mask, types, labels=labels)
-            torch.testing.assert_close(out.logits, expected.logits, atol=ATOL, rtol=0)
-            torch.testing.assert_close(out.loss, expected.loss, atol=ATOL, rtol=0)
-            assert_same_weights(hf.state_dict(), interop.to_hf(model).state_dict())
-
-
-def test_tensor_parallel_classifiers_shard_and_gather():
-    run_distributed(_check_classifiers_tensor_parallel, 2, timeout_s=120)
