@@ -100,6 +100,18 @@ def position_ids_from_input_ids(input_ids: torch.Tensor, padding_idx: int) -> to
     return torch.cumsum(real, dim=1) * real + padding_idx
 
 
+def offset_position_ids(input_ids: torch.Tensor, padding_idx: int, config: ModelConfig, model: str,
+                        field: str) -> torch.Tensor:
+    """RoBERTa's positions of ``input_ids`` (:func:`position_ids_from_input_ids`); ValueError naming
+    ``megacore.models.<model>`` and ``field`` (the padding id's name there) when the sequence needs more rows
+    than the position table has."""
+    s = input_ids.shape[1]
+    if s + padding_idx + 1 > config.max_position_embeddings:
+        raise ValueError(f"megacore.models.{model}: sequence length {s} needs {s + padding_idx + 1} positions with "
+                         f"{field}={padding_idx}, but max_position_embeddings={config.max_position_embeddings}")
+    return position_ids_from_input_ids(input_ids, padding_idx)
+
+
 def check_ids(model: str, input_ids: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     """ValueError naming ``megacore.models.<model>`` unless ``input_ids`` is ``[batch, seq]`` and every
     other given ``[batch, seq]`` argument (by keyword) has its shape."""
@@ -212,12 +224,7 @@ class BertModel(StagedModel):
         p = self.position_offset_padding_idx
         if p is None:
             return None
-        s = input_ids.shape[1]
-        if s + p + 1 > self.config.max_position_embeddings:
-            raise ValueError(f"megacore.models.BertModel: sequence length {s} needs {s + p + 1} positions with "
-                             f"position_offset_padding_idx={p}, but max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
-        return position_ids_from_input_ids(input_ids, p)
+        return offset_position_ids(input_ids, p, self.config, "BertModel", "position_offset_padding_idx")
 
     pipeline_stacks = ("encoder",)
     first_stage_modules = ("embedding",)

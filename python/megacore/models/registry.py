@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megacore.models.bert import BertModel
+from megacore.models.classification import Classifier
 from megacore.models.common import ModelConfig
 from megacore.models.electra import ElectraModel
 from megacore.models.gpt import GPTModel
@@ -75,6 +76,11 @@ PRESETS.update({
 })
 
 
+# Model classes that are no preset, by the name a checkpoint records (``extra["model_class"]``): a checkpoint of one
+# is rebuilt as ``MODEL_CLASSES[name](MODEL_CLASSES[name].config_class(**fields))``.
+MODEL_CLASSES: dict[str, type] = {"classifier": Classifier}
+
+
 def _config_class(model: Callable[..., nn.Module]) -> type:
     """The config class a preset's model takes (a model class's ``config_class``, else ModelConfig)."""
     model = getattr(model, "func", model)  # a functools.partial of a model class
@@ -111,4 +117,4 @@ def build(name: str, device=None, **overrides) -> nn.Module:
     return model_cls(config, device=device)
 
 
-__all__ = ["PRESETS", "build", "preset_config", "register"]
+__all__ = ["MODEL_CLASSES", "PRESETS", "build", "preset_config", "register"]

@@ -8,7 +8,11 @@
 Supported: ``GPT2LMHeadModel`` <-> ``GPTModel``; ``BertForPreTraining``, ``BertForMaskedLM`` and
 ``RobertaForMaskedLM`` <-> ``BertModel``; ``ElectraForPreTraining`` (+ the generator, ``ElectraForMaskedLM``)
 <-> ``ElectraDiscriminatorModel`` / ``ElectraModel``; ``T5ForConditionalGeneration`` (T5 and T5 v1.1) <->
-``T5Model``. Each family's module has the name-by-name mapping.
+``T5Model``; the classifiers ``BertForSequenceClassification``, ``BertForTokenClassification``,
+``RobertaForSequenceClassification``, ``RobertaForTokenClassification``, ``ElectraForSequenceClassification``,
+``ElectraForTokenClassification`` and ``GPT2ForSequenceClassification`` <-> ``Classifier`` (labels, problem type,
+dropout and padding id as ``megacore.interop.hf.classifier`` says). Each family's module has the name-by-name
+mapping.
 
 Under tensor parallelism (``from_hf(m, tensor_parallel=True)`` after
 ``megacore.parallel.initialize_model_parallel``), ``from_hf`` and
@@ -44,9 +48,10 @@ def _build(family: Family, parts: list[tuple[str, dict, dict]], overrides: dict,
            params_dtype: torch.dtype) -> nn.Module:
     """The megacore model holding the weights of ``parts``, each ``(architecture, hf_config, hf_state)``:
     one model, or ELECTRA's discriminator then its generator; this rank's shards on ``device``."""
-    unknown = sorted(set(overrides) - set(family.config_class.__dataclass_fields__))
+    config_class = family.config_class_for(parts[0][0])
+    unknown = sorted(set(overrides) - set(config_class.__dataclass_fields__))
     if unknown:
-        raise TypeError(f"megacore.interop.hf.{fn}: {unknown} are not {family.config_class.__name__} fields")
+        raise TypeError(f"megacore.interop.hf.{fn}: {unknown} are not {config_class.__name__} fields")
     if len(parts) > 1:
         if family.generator_architecture is None:
             raise ValueError(f"megacore.interop.hf.{fn}: a generator goes only with a model that has one (ELECTRA); "
@@ -54,8 +59,9 @@ def _build(family: Family, parts: list[tuple[str, dict, dict]], overrides: dict,
         if parts[1][0] != family.generator_architecture:
             raise ValueError(f"megacore.interop.hf.{fn}: generator is a {parts[1][0]}, expected a "
                              f"{family.generator_architecture}")
-    configs = [family.config_class(**{**family.config_from_hf(hf_config, architecture), "params_dtype": params_dtype,
-                              **overrides}) for architecture, hf_config, _ in parts]
+    configs = [family.config_class_for(architecture)(**{**family.config_from_hf(hf_config, architecture),
+                                                        "params_dtype": params_dtype, **overrides})
+               for architecture, hf_config, _ in parts]
     full: dict[str, torch.Tensor] = {}
     for (architecture, _, hf_state), config in zip(parts, configs):
         for name, tensor in family.state_from_hf(hf_state, config, architecture).items():
@@ -82,7 +88,8 @@ def from_hf(hf_model: nn.Module, device=None, generator: Optional[nn.Module] = N
 
     Args:
         hf_model: a ``transformers`` model of a supported class (``GPT2LMHeadModel``, ``BertForPreTraining``,
-            ``BertForMaskedLM``, ``RobertaForMaskedLM``, ``ElectraForPreTraining``).
+            ``BertForMaskedLM``, ``RobertaForMaskedLM``, ``ElectraForPreTraining``, ``T5ForConditionalGeneration``,
+            a ``...ForSequenceClassification`` / ``...ForTokenClassification`` of BERT, RoBERTa, ELECTRA or GPT-2).
         device: where the parameters go; None = ``hf_model``'s device.
         generator: ELECTRA only: the generator (``ElectraForMaskedLM``) to join the discriminator
             ``hf_model`` in one ``ElectraModel`` (their embeddings must be equal: megacore shares them).
@@ -90,8 +97,8 @@ def from_hf(hf_model: nn.Module, device=None, generator: Optional[nn.Module] = N
         overrides: ModelConfig fields to set beyond those the HF config defines, e.g.
             ``tensor_parallel=True`` (keep this rank's shards), ``sequence_parallel``, ``recompute``,
             ``attention_backend``, ``params_dtype`` (default: ``hf_model``'s dtype).
-    Returns: the megacore model (``GPTModel``, ``BertModel``, ``ElectraDiscriminatorModel`` or
-    ``ElectraModel``), in ``hf_model``'s train/eval mode.
+    Returns: the megacore model (``GPTModel``, ``BertModel``, ``ElectraDiscriminatorModel``, ``ElectraModel``,
+    ``T5Model`` or ``Classifier``), in ``hf_model``'s train/eval mode.
     Raises ValueError for an unsupported class or an HF option megacore cannot reproduce (naming it),
     TypeError for an override that is not a ModelConfig field.
     """
@@ -129,11 +136,12 @@ def to_hf(model: nn.Module, architecture: Optional[str] = None) -> nn.Module:
 
     Args:
         model: a megacore model of a supported class (``GPTModel``, ``BertModel``, ``ElectraModel``,
-            ``ElectraDiscriminatorModel``).
+            ``ElectraDiscriminatorModel``, ``T5Model``, ``Classifier``).
         architecture: the HF class name to build; None = the one matching ``model`` (``GPT2LMHeadModel``;
             ``BertForPreTraining`` for a BertModel with the NSP head, ``BertForMaskedLM`` without,
             ``RobertaForMaskedLM`` for one with RoBERTa's positions; ``ElectraForPreTraining`` for ELECTRA,
-            whose generator is ``architecture="ElectraForMaskedLM"``).
+            whose generator is ``architecture="ElectraForMaskedLM"``; for a Classifier, its backbone's
+            ``...ForSequenceClassification`` or ``...ForTokenClassification``).
     Returns: the HF model on ``model``'s device and dtype, in its train/eval mode.
     Raises TypeError for an unsupported model, ValueError for a megacore option the HF class cannot
     hold (naming it), ImportError without ``transformers``.

@@ -1,5 +1,5 @@
 """BERT (``BertForPreTraining``, ``BertForMaskedLM``) and RoBERTa (``RobertaForMaskedLM``) <-> megacore
-``BertModel``.
+``BertModel``; ``{Bert,Roberta}For{Sequence,Token}Classification`` <-> megacore ``Classifier``.
 
 ================================================  ==================================================  ==========
 megacore                                          Hugging Face (``{p}`` = ``bert.`` / ``roberta.``)   transform
@@ -16,12 +16,17 @@ megacore                                          Hugging Face (``{p}`` = ``bert
 ``...attention_norm.*`` (post-LN)                 ``...attention.output.LayerNorm.*``
 ``...mlp.fc1.*`` / ``...mlp.fc2.*``               ``...intermediate.dense.*`` / ``...output.dense.*``
 ``...mlp_norm.*`` (post-LN)                       ``...output.LayerNorm.*``
-``pooler.dense.*``                                ``bert.pooler.dense.*`` (BertForPreTraining)
+``pooler.dense.*``                                ``bert.pooler.dense.*`` (BertForPreTraining,
+                                                  BertForSequenceClassification)
 ``mlm_head.dense.*`` / ``mlm_head.norm.*``        ``cls.predictions.transform.{dense,LayerNorm}.*`` /
                                                   ``lm_head.{dense,layer_norm}.*`` (RoBERTa)
 ``mlm_head.bias``                                 ``cls.predictions.bias`` / ``lm_head.bias``         (tied: the
                                                                                                       decoder's)
 ``binary_head.*``                                 ``cls.seq_relationship.*`` (BertForPreTraining)
+``classifier.*`` (Classifier)                     ``classifier.*`` (BERT's sequence and the token
+                                                  classifiers: one linear)
+``classifier.{dense,out_proj}.*`` (Classifier)    ``classifier.{dense,out_proj}.*``
+                                                  (RobertaForSequenceClassification)
 ================================================  ==================================================  ==========
 
 ``BertForPreTraining`` is ``BertModel(add_pooler=True, head="nsp")`` (a ``"sop"`` head has the same
@@ -29,6 +34,10 @@ weights and converts too: HF's ``seq_relationship`` does not say what its labels
 ``BertForMaskedLM`` is ``BertModel(add_pooler=False, head=None)``; ``RobertaForMaskedLM`` is
 ``BertModel(add_pooler=False, head=None, position_offset_padding_idx=pad_token_id)``. RoBERTa checkpoints
 of the whole ``RobertaModel`` carry a pooler that ``RobertaForMaskedLM`` ignores; so does the reader.
+
+The classifiers are ``Classifier(ClassifierConfig(backbone="bert" / "roberta", head="sequence" / "token"))``;
+RoBERTa's ``pad_token_id`` is its ``pad_token_id``. Their labels, problem type and dropout convert as
+``megacore.interop.hf.classifier`` says.
 """
 
 from __future__ import annotations
@@ -37,8 +46,17 @@ import functools
 
 import torch
 
+from megacore.interop.hf.classifier import (
+    classifier_architecture,
+    classifier_config_class,
+    classifier_config_from_hf,
+    classifier_config_to_hf,
+    classifier_head,
+    classifier_problems,
+)
 from megacore.interop.hf.family import Family, Mapping, check_supported, qkv_from_hf, qkv_to_hf, register
 from megacore.models.bert import BertModel
+from megacore.models.classification import Classifier
 from megacore.models.common import ModelConfig
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
@@ -149,14 +167,45 @@ def _pairs(mc: str, hf: str) -> list[Mapping]:
     return [Mapping(f"{mc}.{kind}", f"{hf}.{kind}") for kind in ("weight", "bias")]
 
 
+def encoder_classifier_head_mappings(config: ModelConfig, architecture: str, pooler: str) -> list[Mapping]:
+    """The head of an encoder's ``...For{Sequence,Token}Classification`` (BERT, RoBERTa, ELECTRA name theirs
+    alike): ``classifier.*``; BERT's sequence head also the pooler (``pooler``: its HF name, else None) and a
+    plain ``classifier``, the others' ``classifier.dense`` and ``classifier.out_proj``."""
+    if classifier_head(architecture) == "token":
+        return _pairs("classifier", "classifier")
+    if pooler is not None:
+        return _pairs("pooler.dense", pooler) + _pairs("classifier", "classifier")
+    return _pairs("classifier.dense", "classifier.dense") + _pairs("classifier.out_proj", "classifier.out_proj")
+
+
+def classifier_config_from_encoder(c: dict, architecture: str, backbone: str, fields: dict) -> dict:
+    """``fields`` (the encoder's ModelConfig fields) and, for a classification architecture, the classifier's."""
+    if classifier_head(architecture) is None:
+        return fields
+    return dict(fields, **classifier_config_from_hf(c, architecture, backbone))
+
+
+def encoder_classifier_config_to_hf(model, architecture: str, backbone: str, model_type: str) -> dict:
+    """The HF config of a Classifier of an encoder ``backbone`` (ValueError listing what does not convert)."""
+    problems = classifier_problems(model, architecture, backbone)
+    fields = encoder_config_to_hf(model.config, f"this {type(model).__name__}", problems)
+    return dict(fields, model_type=model_type, architectures=[architecture], **classifier_config_to_hf(model.config))
+
+
 # ---- BERT ----------------------------------------------------------------------------------------------------
 
 
+BERT_CLASSIFIERS = ("BertForSequenceClassification", "BertForTokenClassification")
+
+
 def bert_config_from_hf(c: dict, architecture: str) -> dict:
-    return encoder_config_from_hf({**BERT_DEFAULTS, **c}, architecture)
+    c = {**BERT_DEFAULTS, **c}
+    return classifier_config_from_encoder(c, architecture, "bert", encoder_config_from_hf(c, architecture))
 
 
-def bert_architecture(model: BertModel):
+def bert_architecture(model):
+    if isinstance(model, Classifier):
+        return classifier_architecture(model, "Bert", "bert")
     if model.position_offset_padding_idx is not None:
         return None  # RoBERTa
     return "BertForPreTraining" if model.binary_head is not None else "BertForMaskedLM"
@@ -172,7 +221,9 @@ def _structure_problems(model: BertModel, architecture: str, pooler: bool, binar
     return problems
 
 
-def bert_config_to_hf(model: BertModel, architecture: str) -> dict:
+def bert_config_to_hf(model, architecture: str) -> dict:
+    if isinstance(model, Classifier) or classifier_head(architecture) is not None:
+        return encoder_classifier_config_to_hf(model, architecture, "bert", "bert")
     pretraining = architecture == "BertForPreTraining"
     problems = _structure_problems(model, architecture, pretraining, pretraining)
     fields = encoder_config_to_hf(model.config, "this BertModel", problems)
@@ -182,6 +233,8 @@ def bert_config_to_hf(model: BertModel, architecture: str) -> dict:
 def bert_mappings(config: ModelConfig, architecture: str) -> list[Mapping]:
     out = embedding_mappings("bert.")
     out += encoder_mappings("encoder.", "bert.encoder.", config.num_layers, config.num_attention_heads)
+    if classifier_head(architecture) is not None:
+        return out + encoder_classifier_head_mappings(config, architecture, pooler="bert.pooler.dense")
     t = "cls.predictions.transform."
     out += _pairs("mlm_head.dense", t + "dense") + _pairs("mlm_head.norm", t + "LayerNorm")
     out.append(Mapping("mlm_head.bias", "cls.predictions.bias"))
@@ -190,7 +243,9 @@ def bert_mappings(config: ModelConfig, architecture: str) -> list[Mapping]:
     return out
 
 
-def bert_build(config: ModelConfig, architecture: str, hf_config: dict, device, generator_config=None) -> BertModel:
+def bert_build(config: ModelConfig, architecture: str, hf_config: dict, device, generator_config=None):
+    if classifier_head(architecture) is not None:
+        return Classifier(config, device=device)
     if architecture == "BertForPreTraining":
         return BertModel(config, add_pooler=True, head="nsp", device=device)
     return BertModel(config, add_pooler=False, head=None, device=device)
@@ -198,27 +253,41 @@ def bert_build(config: ModelConfig, architecture: str, hf_config: dict, device, 
 
 BERT = register(Family(
     model_type="bert",
-    architectures=("BertForPreTraining", "BertForMaskedLM"),
-    model_classes=(BertModel,),
+    architectures=("BertForPreTraining", "BertForMaskedLM") + BERT_CLASSIFIERS,
+    model_classes=(BertModel, Classifier),
     config_from_hf=bert_config_from_hf,
     config_to_hf=bert_config_to_hf,
     mappings=bert_mappings,
     build=bert_build,
-    tied=lambda architecture, config: {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-                               "cls.predictions.decoder.bias": "cls.predictions.bias"},
+    tied=lambda architecture, config: {} if classifier_head(architecture) else {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias"},
     ignored=_BUFFERS,
     architecture_of=bert_architecture,
+    config_classes=classifier_config_class(BERT_CLASSIFIERS),
 ))
 
 
 # ---- RoBERTa -------------------------------------------------------------------------------------------------
 
 
+ROBERTA_CLASSIFIERS = ("RobertaForSequenceClassification", "RobertaForTokenClassification")
+
+
 def roberta_config_from_hf(c: dict, architecture: str) -> dict:
-    return encoder_config_from_hf({**ROBERTA_DEFAULTS, **c}, architecture)
+    c = {**ROBERTA_DEFAULTS, **c}
+    return classifier_config_from_encoder(c, architecture, "roberta", encoder_config_from_hf(c, architecture))
 
 
-def roberta_config_to_hf(model: BertModel, architecture: str) -> dict:
+def roberta_architecture(model):
+    if isinstance(model, Classifier):
+        return classifier_architecture(model, "Roberta", "roberta")
+    return "RobertaForMaskedLM" if model.position_offset_padding_idx is not None else None
+
+
+def roberta_config_to_hf(model, architecture: str) -> dict:
+    if isinstance(model, Classifier) or classifier_head(architecture) is not None:
+        return encoder_classifier_config_to_hf(model, architecture, "roberta", "roberta")
     problems = _structure_problems(model, architecture, False, False)
     fields = encoder_config_to_hf(model.config, "this BertModel", problems)
     return dict(fields, model_type="roberta", architectures=[architecture], pad_token_id=model.position_offset_padding_idx)
@@ -227,26 +296,31 @@ def roberta_config_to_hf(model: BertModel, architecture: str) -> dict:
 def roberta_mappings(config: ModelConfig, architecture: str) -> list[Mapping]:
     out = embedding_mappings("roberta.")
     out += encoder_mappings("encoder.", "roberta.encoder.", config.num_layers, config.num_attention_heads)
+    if classifier_head(architecture) is not None:
+        return out + encoder_classifier_head_mappings(config, architecture, pooler=None)
     out += _pairs("mlm_head.dense", "lm_head.dense") + _pairs("mlm_head.norm", "lm_head.layer_norm")
     out.append(Mapping("mlm_head.bias", "lm_head.bias"))
     return out
 
 
-def roberta_build(config: ModelConfig, architecture: str, hf_config: dict, device, generator_config=None) -> BertModel:
+def roberta_build(config: ModelConfig, architecture: str, hf_config: dict, device, generator_config=None):
+    if classifier_head(architecture) is not None:
+        return Classifier(config, device=device)  # its pad_token_id is the padding id
     padding_idx = {**ROBERTA_DEFAULTS, **hf_config}["pad_token_id"]
     return BertModel(config, add_pooler=False, head=None, position_offset_padding_idx=padding_idx, device=device)
 
 
 ROBERTA = register(Family(
     model_type="roberta",
-    architectures=("RobertaForMaskedLM",),
-    model_classes=(BertModel,),
+    architectures=("RobertaForMaskedLM",) + ROBERTA_CLASSIFIERS,
+    model_classes=(BertModel, Classifier),
     config_from_hf=roberta_config_from_hf,
     config_to_hf=roberta_config_to_hf,
     mappings=roberta_mappings,
     build=roberta_build,
-    tied=lambda architecture, config: {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
-                               "lm_head.decoder.bias": "lm_head.bias"},
+    tied=lambda architecture, config: {} if classifier_head(architecture) else {
+        "lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight", "lm_head.decoder.bias": "lm_head.bias"},
     ignored=_BUFFERS + ("roberta.pooler.dense.weight", "roberta.pooler.dense.bias"),
-    architecture_of=lambda model: "RobertaForMaskedLM" if model.position_offset_padding_idx is not None else None,
+    architecture_of=roberta_architecture,
+    config_classes=classifier_config_class(ROBERTA_CLASSIFIERS),
 ))

@@ -7,7 +7,9 @@ with its own copy of the embeddings; megacore's ``ElectraModel`` holds one embed
 - ``from_hf(discriminator)`` -> ``ElectraDiscriminatorModel`` (what is fine-tuned);
   ``from_hf(discriminator, generator=generator)`` -> ``ElectraModel`` (their embeddings must be equal);
 - ``to_hf(model)`` -> ``ElectraForPreTraining`` for either megacore class;
-  ``to_hf(electra_model, architecture="ElectraForMaskedLM")`` -> the generator, with the shared embedding.
+  ``to_hf(electra_model, architecture="ElectraForMaskedLM")`` -> the generator, with the shared embedding;
+- ``ElectraFor{Sequence,Token}Classification`` <-> ``Classifier`` with ``backbone="electra"`` (the
+  discriminator's trunk and a classification head).
 
 =============================================  ===========================================  ==================
 megacore                                       Hugging Face                                 transform
@@ -21,10 +23,13 @@ megacore                                       Hugging Face                     
 ``generator.mlm_head.dense.*`` / ``norm.*``    ``generator_predictions.dense.*`` / ``LayerNorm.*``
 ``generator.mlm_head.bias``                    ``generator_lm_head.bias``                   (``generator_lm_head.
                                                                                             weight`` is tied)
+``classifier.*`` (Classifier, token head)      ``classifier.*``
+``classifier.{dense,out_proj}.*`` (sequence)   ``classifier.{dense,out_proj}.*``
 =============================================  ===========================================  ==================
 
 HF's generator head applies exact GeLU whatever ``hidden_act`` says; megacore's uses the config's
-activation, so a generator converts only with ``hidden_act="gelu"``.
+activation, so a generator converts only with ``hidden_act="gelu"``. The sequence classifier's head is exact GeLU
+in both, whatever ``hidden_act`` says.
 """
 
 from __future__ import annotations
@@ -33,16 +38,26 @@ from megacore.interop.hf.bert import (
     BERT_DEFAULTS,
     _BUFFERS,
     _pairs,
+    classifier_config_from_encoder,
     embedding_mappings,
+    encoder_classifier_config_to_hf,
+    encoder_classifier_head_mappings,
     encoder_config_from_hf,
     encoder_config_to_hf,
     encoder_mappings,
 )
+from megacore.interop.hf.classifier import (
+    classifier_architecture,
+    classifier_config_class,
+    classifier_head,
+)
 from megacore.interop.hf.family import Family, Mapping, register
+from megacore.models.classification import Classifier
 from megacore.models.common import ModelConfig
 from megacore.models.electra import ElectraDiscriminatorModel, ElectraModel
 
 DISCRIMINATOR, GENERATOR = "ElectraForPreTraining", "ElectraForMaskedLM"
+CLASSIFIERS = ("ElectraForSequenceClassification", "ElectraForTokenClassification")
 # transformers.ElectraConfig's defaults of the keys read here (checked by the tests).
 ELECTRA_DEFAULTS = dict(BERT_DEFAULTS, embedding_size=128, hidden_size=256, num_attention_heads=4,
                         intermediate_size=1024)
@@ -54,8 +69,14 @@ def config_from_hf(c: dict, architecture: str) -> dict:
     if architecture == GENERATOR and c["hidden_act"] != "gelu":
         problems.append(f"hidden_act={c['hidden_act']!r} (HF's generator head applies exact GeLU regardless; "
                         "megacore's head follows hidden_act: only 'gelu' converts)")
-    fields = encoder_config_from_hf(c, architecture, tuple(problems))
-    return dict(fields, embedding_size=c["embedding_size"])
+    fields = dict(encoder_config_from_hf(c, architecture, tuple(problems)), embedding_size=c["embedding_size"])
+    return classifier_config_from_encoder(c, architecture, "electra", fields)
+
+
+def architecture_of(model):
+    if isinstance(model, Classifier):
+        return classifier_architecture(model, "Electra", "electra")
+    return DISCRIMINATOR
 
 
 def config_of(model, architecture: str) -> ModelConfig:
@@ -63,6 +84,9 @@ def config_of(model, architecture: str) -> ModelConfig:
 
 
 def config_to_hf(model, architecture: str) -> dict:
+    if isinstance(model, Classifier) or classifier_head(architecture) is not None:
+        return dict(encoder_classifier_config_to_hf(model, architecture, "electra", "electra"),
+                    embedding_size=model.config.embedding_dim)
     if architecture == GENERATOR and not isinstance(model, ElectraModel):
         raise ValueError(f"megacore.interop.hf.to_hf: architecture={GENERATOR!r} is ELECTRA's generator; a "
                          f"{type(model).__name__} has none (an ElectraModel does)")
@@ -80,7 +104,9 @@ def mappings(config: ModelConfig, architecture: str) -> list[Mapping]:
     if config.embedding_dim != config.hidden_size:
         out += _pairs(f"{part}.projection", "electra.embeddings_project")
     out += encoder_mappings(f"{part}.encoder.", "electra.encoder.", config.num_layers, config.num_attention_heads)
-    if architecture == GENERATOR:
+    if classifier_head(architecture) is not None:
+        out += encoder_classifier_head_mappings(config, architecture, pooler=None)
+    elif architecture == GENERATOR:
         out += _pairs("generator.mlm_head.dense", "generator_predictions.dense")
         out += _pairs("generator.mlm_head.norm", "generator_predictions.LayerNorm")
         out.append(Mapping("generator.mlm_head.bias", "generator_lm_head.bias"))
@@ -91,6 +117,8 @@ def mappings(config: ModelConfig, architecture: str) -> list[Mapping]:
 
 
 def build(config: ModelConfig, architecture: str, hf_config: dict, device, generator_config):
+    if classifier_head(architecture) is not None:
+        return Classifier(config, device=device)
     if architecture == GENERATOR:
         raise ValueError(f"megacore.interop.hf: an {GENERATOR} is ELECTRA's generator: pass it as generator= "
                          f"together with the {DISCRIMINATOR} discriminator (megacore has no generator-only model)")
@@ -101,8 +129,8 @@ def build(config: ModelConfig, architecture: str, hf_config: dict, device, gener
 
 ELECTRA = register(Family(
     model_type="electra",
-    architectures=(DISCRIMINATOR, GENERATOR),
-    model_classes=(ElectraDiscriminatorModel, ElectraModel),
+    architectures=(DISCRIMINATOR, GENERATOR) + CLASSIFIERS,
+    model_classes=(ElectraDiscriminatorModel, ElectraModel, Classifier),
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
     mappings=mappings,
@@ -112,4 +140,6 @@ ELECTRA = register(Family(
     ignored=_BUFFERS,
     generator_architecture=GENERATOR,
     config_of=config_of,
+    architecture_of=architecture_of,
+    config_classes=classifier_config_class(CLASSIFIERS),
 ))

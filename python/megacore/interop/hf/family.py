@@ -71,6 +71,8 @@ class Family:
             on input.
         config_class: the megacore config class ``config_from_hf``'s fields build (``ModelConfig``, or a
             subclass with the family's own fields: ``T5Config``).
+        config_classes: ``(architecture, config class)`` pairs for the architectures whose megacore config is
+            not ``config_class`` (the classifiers': ``ClassifierConfig``).
         ignored: HF key suffixes that are buffers, not weights (GPT-2's old causal-mask ``attn.bias``).
         normalize_keys: ``(hf_state, architecture) -> hf_state`` with this family's canonical names (e.g.
             adds the base-model prefix that checkpoints of the bare base model lack).
@@ -93,6 +95,11 @@ class Family:
     generator_architecture: Optional[str] = None
     config_of: Optional[Callable[[nn.Module, str], ModelConfig]] = None
     config_class: type = ModelConfig
+    config_classes: tuple[tuple[str, type], ...] = ()
+
+    def config_class_for(self, architecture: str) -> type:
+        """The megacore config class of ``architecture``'s model."""
+        return dict(self.config_classes).get(architecture, self.config_class)
 
     def default_architecture(self, model: nn.Module) -> Optional[str]:
         """The HF class ``model`` converts to by default; None when ``model`` is not of this family."""
