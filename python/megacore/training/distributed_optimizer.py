@@ -96,8 +96,8 @@ class DistributedOptimizer(torch.optim.AdamW):
             fp32), or the ``MixedPrecision`` that cast it to bf16/fp16, whose fp32 masters (the values
             before the cast) become the masters; drop the ``MixedPrecision`` afterwards, this object
             replaces it.
-        lr, weight_decay, betas, eps, no_decay: as ``build_optimizer``; the decay groups are
-            ``parameter_groups(model, weight_decay, no_decay)``'s, on every rank (a group with no piece
+        lr, weight_decay, betas, eps, no_decay, layer_lr_decay: as ``build_optimizer``; the decay groups are
+            ``parameter_groups(model, weight_decay, no_decay, layer_lr_decay)``'s, on every rank (a group with no piece
             on this rank is kept, empty).
         overlap_param_gather: True: the next forward waits for a bucket's parameter all-gather when a
             module owning parameters in it runs; False: ``copy_master_to_model`` waits for them all.
@@ -136,7 +136,7 @@ class DistributedOptimizer(torch.optim.AdamW):
 
     def __init__(self, ddp: DistributedDataParallel, model, lr: float, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 no_decay: Sequence[str] = NO_DECAY, overlap_param_gather: bool = True):
+                 no_decay: Sequence[str] = NO_DECAY, overlap_param_gather: bool = True, layer_lr_decay: float = 1.0):
         if not isinstance(ddp, DistributedDataParallel):
             raise TypeError(f"{_NAME}: ddp must be a megacore.parallel.DistributedDataParallel, "
                             f"got {type(ddp).__name__}")
@@ -174,7 +174,7 @@ class DistributedOptimizer(torch.optim.AdamW):
             name_of.setdefault(id(p), name)
         fp32_of = ({id(m.model_param): m for m in precision.parameters()}
                    if precision is not None and precision.enabled else {})
-        groups = parameter_groups(model, weight_decay, no_decay)
+        groups = parameter_groups(model, weight_decay, no_decay, layer_lr_decay)
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         # The whole group structure, the same on every rank (full_state lists it).
         self._group_names = [list(g["names"]) for g in groups]
@@ -210,7 +210,8 @@ class DistributedOptimizer(torch.optim.AdamW):
         # Half-precision models' pieces are copies, written back after the step; fp32 pieces are the weights.
         self._copies = [piece for piece in self._pieces if piece.value.dtype != torch.float32]
 
-        optimizer_groups = [{"params": [], "weight_decay": g["weight_decay"], "names": []} for g in groups]
+        optimizer_groups = [{"params": [], "weight_decay": g["weight_decay"], "names": [],
+                             **({"lr_scale": g["lr_scale"]} if "lr_scale" in g else {})} for g in groups]
         for piece in self._pieces:
             gi = group_of[id(piece.param)]
             optimizer_groups[gi]["params"].append(piece.master)

@@ -4,6 +4,7 @@ across tensor-parallel ranks."""
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -32,9 +33,14 @@ def _excluded(name: str, no_decay: Sequence[str]) -> bool:
     return any(pattern.lower() in component for pattern in no_decay for component in components)
 
 
-def parameter_groups(model, weight_decay: float = 0.1, no_decay: Sequence[str] = NO_DECAY) -> list[dict]:
+def parameter_groups(model, weight_decay: float = 0.1, no_decay: Sequence[str] = NO_DECAY,
+                     layer_lr_decay: float = 1.0) -> list[dict]:
     """The two AdamW parameter groups of ``model``: ``[{"params": decayed, "weight_decay": weight_decay,
     "names": [...]}, {"params": excluded, "weight_decay": 0.0, "names": [...]}]`` (empty groups dropped).
+
+    With ``layer_lr_decay`` < 1 (layer-wise learning-rate decay, ELECTRA's fine-tuning recipe) each of the two is
+    split further by :func:`layer_lr_scales`' factor, kept in the group as ``"lr_scale"`` (``LRSchedule`` sets
+    ``lr = schedule rate x lr_scale``); groups are ordered by (decay, scale descending).
 
     The rule, exactly: a parameter's qualified name (``model.named_parameters()``, e.g.
     ``decoder.layers.0.attention_norm.weight``) is split on ``.``; the parameter is excluded from weight
@@ -47,14 +53,47 @@ def parameter_groups(model, weight_decay: float = 0.1, no_decay: Sequence[str] =
     if isinstance(no_decay, str):
         raise TypeError("megacore.training.parameter_groups: no_decay must be a sequence of name patterns, "
                         f"got the string {no_decay!r} (write ({no_decay!r},))")
-    decay, keep = [], []
-    for name, p in _named_parameters("parameter_groups", model):
-        (keep if _excluded(name, no_decay) else decay).append((name, p))
-    groups = [
-        {"params": [p for _, p in decay], "weight_decay": weight_decay, "names": [n for n, _ in decay]},
-        {"params": [p for _, p in keep], "weight_decay": 0.0, "names": [n for n, _ in keep]},
-    ]
-    return [g for g in groups if g["params"]]
+    named = _named_parameters("parameter_groups", model)
+    scales = layer_lr_scales([n for n, _ in named], layer_lr_decay) if layer_lr_decay != 1.0 else {}
+    groups: dict[tuple[bool, float], dict] = {}
+    for name, p in named:
+        excluded = _excluded(name, no_decay)
+        scale = scales.get(name, 1.0)
+        group = groups.setdefault((excluded, -scale), {"params": [], "weight_decay": 0.0 if excluded else weight_decay,
+                                                       "names": []})
+        if scales:
+            group["lr_scale"] = scale
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_lr_scales(names: Sequence[str], layer_lr_decay: float) -> dict[str, float]:
+    """Each parameter's learning-rate factor under layer-wise decay, as ELECTRA's fine-tuning code sets it
+    (``_get_layer_lrs`` in google-research/electra's ``model/optimization.py``): with ``L`` transformer layers,
+    depth 0 for the embeddings (``embedding.*``, ELECTRA's ``*.projection.*``), ``i + 1`` for layer ``i``
+    (``...layers.{i}.*``), ``L + 2`` for everything else (the task's head, a pooler, a final norm), and the factor
+    ``layer_lr_decay ** (L + 2 - depth)``: 1 for the head, ``d ** (L + 2)`` for the embeddings. Layer indices are
+    the model's global ones (a pipeline stage's names keep them), but ``L`` counts the layers named here.
+    Raises ValueError for a decay outside (0, 1]."""
+    if isinstance(layer_lr_decay, bool) or not isinstance(layer_lr_decay, (int, float)) or not 0 < layer_lr_decay <= 1:
+        raise ValueError(f"megacore.training.layer_lr_scales: layer_lr_decay={layer_lr_decay!r} must be in (0, 1]")
+    layers = {int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    depth_of_head = (max(layers) + 1 if layers else 0) + 2
+    out = {}
+    for name in names:
+        m = _LAYER.search(name)
+        if m:
+            depth = int(m.group(1)) + 1
+        elif name.startswith("embedding.") or ".projection." in name or name.startswith("projection."):
+            depth = 0
+        else:
+            depth = depth_of_head
+        out[name] = float(layer_lr_decay) ** (depth_of_head - depth)
+    return out
 
 
 def check_adamw_arguments(fn: str, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> None:
@@ -80,7 +119,8 @@ def fused_supported(params: list[torch.Tensor]) -> bool:
 
 
 def build_optimizer(model, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                    eps: float = 1e-8, no_decay: Sequence[str] = NO_DECAY) -> torch.optim.AdamW:
+                    eps: float = 1e-8, no_decay: Sequence[str] = NO_DECAY,
+                    layer_lr_decay: float = 1.0) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` over ``model``'s parameters in two groups (see ``parameter_groups`` for which
     are excluded from weight decay).
 
@@ -88,13 +128,14 @@ def build_optimizer(model, lr: float, weight_decay: float = 0.1, betas: tuple[fl
     whose ``named_parameters()`` are the fp32 master weights the optimizer must step on. Uses torch's fused
     kernel when every parameter's device and dtype support it (CPU and CUDA, fp32/fp16/bf16), else the
     ``foreach`` implementation. Each group keeps its ``names`` (used by checkpoints and logs).
+    ``layer_lr_decay`` < 1: layer-wise learning-rate decay (``parameter_groups``, ``layer_lr_scales``).
 
     Raises ValueError for ``lr`` < 0, ``weight_decay`` < 0, betas outside [0, 1) or ``eps`` <= 0, and when
     the model has no trainable parameter; TypeError for a model without ``named_parameters``.
     """
     fn = "megacore.training.build_optimizer"
     check_adamw_arguments(fn, lr, weight_decay, betas, eps)
-    groups = parameter_groups(model, weight_decay, no_decay)
+    groups = parameter_groups(model, weight_decay, no_decay, layer_lr_decay)
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError(f"{fn}: the model has no parameter that requires grad")
@@ -128,7 +169,8 @@ class LRSchedule:
       cosine: ``min_lr + (max_lr - min_lr) * 0.5 * (1 + cos(pi * progress))``;
       linear: ``max_lr - (max_lr - min_lr) * progress``; constant: ``max_lr``.
 
-    Construction sets every param group's ``lr`` to step 0's rate; ``step()`` advances one optimizer step.
+    Construction sets every param group's ``lr`` to step 0's rate (times the group's ``lr_scale`` when it has one:
+    layer-wise decay); ``step()`` advances one optimizer step.
     Raises ValueError for negative or inconsistent values (``min_lr > max_lr``, ``warmup_steps >
     total_steps``) or an unknown ``decay``.
     """
@@ -162,7 +204,7 @@ class LRSchedule:
     def _apply(self) -> None:
         lr = self.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise decay: parameter_groups' factor
 
     def step(self) -> None:
         """Advances one optimizer step and sets the new rate on every param group."""
@@ -284,4 +326,4 @@ def clip_grad_norm(params, max_norm: float, data_parallel_sharded: bool = False,
 
 
 __all__ = ["LRSchedule", "build_optimizer", "check_adamw_arguments", "clip_grad_norm", "data_parallel_group",
-           "fused_supported", "grad_of", "parameter_groups", "NO_DECAY"]
+           "fused_supported", "grad_of", "layer_lr_scales", "parameter_groups", "NO_DECAY"]

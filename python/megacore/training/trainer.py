@@ -171,7 +171,8 @@ class Trainer:
 
     def _train_step(self, micro_batches: list[dict], step: int) -> dict:
         self.model.train()
-        lr = self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"] / group.get("lr_scale", 1.0)  # the schedule's rate (layer-wise decay scales groups)
         tokens = sum(int(b["input_ids"].numel()) for b in micro_batches if isinstance(b.get("input_ids"), torch.Tensor))
         if self.stages is not None:
             loss = self._pipeline_forward_backward(micro_batches)
