@@ -11,7 +11,9 @@ Resuming (:func:`resume_config`): the checkpoint's options are the base, and opt
 them, by these rules:
 
 - never: the model, its overrides, the data, the tokenizer and its vocabulary, the sequence length, the
-  seed, the dtype, the task, its options and the pretrained checkpoint (the checkpoint would be misread, or the data position would mean other samples);
+  seed, the dtype, the task, its options, the pretrained checkpoint or Hugging Face model, the decay style and the
+  layer-wise decay (the checkpoint would be misread, the data position would mean other samples, or the optimizer's
+  groups would differ);
   ``--dtype auto`` is no change: a resumed run continues in the checkpoint's dtype (which records what auto
   chose), and the log says so where auto would choose otherwise on this machine;
 - ``--train-steps``: more (or fewer, but still ahead of the checkpoint) steps; the learning-rate schedule
@@ -82,6 +84,8 @@ class TrainConfig:
     min_lr: Finite = 2e-4
     warmup_steps: NonNegative = 50
     weight_decay: Finite = 0.1
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup, to --min-lr
+    layer_lr_decay: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0  # < 1: ELECTRA's layer-wise decay
     clip_grad: Finite = 1.0  # 0: no clipping (the norm is still checked and reported)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: megacore._machine.auto_dtype
     recompute: Literal["none", "selective", "full"] = "none"
@@ -108,6 +112,7 @@ class TrainConfig:
     task: Optional[str] = None  # a registered task (megacore finetune TASK); None: the model's pretraining task
     task_options: dict = dataclasses.field(default_factory=dict)  # the task's own options (checked by the task)
     pretrained: Optional[str] = None  # a megacore train checkpoint to start from: its model, weights, tokenizer
+    hf_model: Optional[str] = None  # a Hugging Face model directory to start from: its model, weights, tokenizer
 
     @field_validator("*", mode="before")
     @classmethod
@@ -131,6 +136,9 @@ class TrainConfig:
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
+        if self.pretrained is not None and self.hf_model is not None:
+            raise ValueError("give one of --pretrained (a megacore checkpoint) and --hf-model (a Hugging Face "
+                             "directory), not both")
         if self.min_lr > self.lr:
             raise ValueError(f"need --min-lr ({self.min_lr}) <= --lr ({self.lr})")
         try:
@@ -223,7 +231,7 @@ def load_config_file(path: str) -> dict:
 # ---- resuming ----------------------------------------------------------------------------------------------
 
 NEVER_ON_RESUME = ("model", "model_overrides", "data", "tokenizer", "vocab_size", "seq_len", "seed", "dtype", "task",
-                   "task_options", "pretrained")
+                   "task_options", "pretrained", "hf_model", "lr_decay_style", "layer_lr_decay")
 SCHEDULE_OPTIONS = ("lr", "min_lr", "warmup_steps", "weight_decay")
 
 

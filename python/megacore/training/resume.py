@@ -107,6 +107,30 @@ def family_of_checkpoint(extra: dict) -> str:
     return Task.for_preset(extra["preset"]).family
 
 
+def model_class_name(model) -> Optional[str]:
+    """The name under which a checkpoint records ``model``'s class when it is not its preset's
+    (``megacore.models.registry.MODEL_CLASSES``: a fine-tuning task's Classifier), else None."""
+    from megacore.models.registry import MODEL_CLASSES
+
+    return next((name for name, cls in MODEL_CLASSES.items() if type(model) is cls), None)
+
+
+def model_class_of(extra: dict):
+    """The model class a checkpoint's ``extra`` was saved from: ``extra["model_class"]`` (MODEL_CLASSES) when
+    recorded, else its preset's. Raises ValueError for a name this megacore does not know."""
+    from megacore.models.registry import MODEL_CLASSES, PRESETS
+
+    name = extra.get("model_class")
+    if name is not None:
+        if name not in MODEL_CLASSES:
+            raise ValueError(f"megacore: the checkpoint's model class {name!r} is not known here; known: "
+                             f"{', '.join(sorted(MODEL_CLASSES))}")
+        return MODEL_CLASSES[name]
+    if extra.get("preset") not in PRESETS:
+        raise ValueError(f"megacore: the checkpoint's preset {extra.get('preset')!r} is not known here")
+    return PRESETS[extra["preset"]][0]
+
+
 def model_from_checkpoint(checkpoint: str, device=None):
     """(model in eval mode with the checkpoint's weights, tokenizer, the checkpoint's extra) for a checkpoint
     written by ``megacore train`` (a step directory, or the checkpoints root: its newest complete step).
@@ -114,7 +138,6 @@ def model_from_checkpoint(checkpoint: str, device=None):
     step directory."""
     from megacore.data import Tokenizer
     from megacore.models import ModelConfig
-    from megacore.models.registry import PRESETS
     from megacore.parallel import state
     from megacore.training.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -124,7 +147,7 @@ def model_from_checkpoint(checkpoint: str, device=None):
     fields["params_dtype"] = DTYPES[fields["params_dtype"]]
     fields["tensor_parallel"] = state.model_parallel_is_initialized() and state.get_tensor_parallel_world_size() > 1
     fields["sequence_parallel"] = False
-    model_cls = PRESETS[extra["preset"]][0]
+    model_cls = model_class_of(extra)
     model = model_cls(getattr(model_cls, "config_class", ModelConfig)(**fields), device=device)
     load_checkpoint(step_dir, model, restore_rng=False)
     extra["path"] = step_dir

@@ -37,7 +37,7 @@ from megacore.training.corpus import MASKED_LM_UNITS, embedded_corpus, embedded_
 from megacore.training.corpus import is_main_process as _is_main
 from megacore.training.metrics import MetricsLog, naming, plot_loss, progress_bar
 from megacore.training.resume import (DTYPES, TOKENIZER_DIR, data_segments, evaluate_checkpoint, family_of_checkpoint,
-                                      model_from_checkpoint, restore_training_state, resume_point)
+                                      model_class_name, model_from_checkpoint, restore_training_state, resume_point)
 from megacore.training.tasks import Task, to_device, unigram_perplexity
 from megacore.training.trainer import TrainingDivergedError
 
@@ -137,11 +137,11 @@ def _pretrained_model(pretrained, overrides: dict, load: bool):
     """The model of a pretrained checkpoint (its config, with the run-time fields of ``overrides``: dropout,
     recompute, the parallel layout), with its weights when ``load``. Raises ValueError when the run's tokenizer
     is not the checkpoint's size."""
-    from megacore.models.registry import PRESETS
     from megacore.training.checkpoint import load_checkpoint
+    from megacore.training.resume import model_class_of
 
     step_dir, extra = pretrained
-    model_cls = PRESETS[extra["preset"]][0]
+    model_cls = model_class_of(extra)
     fields = {k: v for k, v in extra["model_config"].items() if k != "params_dtype"}
     if fields["vocab_size"] != overrides["vocab_size"]:
         raise ValueError(f"{_FN}: the tokenizer has {overrides['vocab_size']} tokens, the pretrained model "
@@ -182,7 +182,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"{_FN}: config must be a TrainConfig, got {type(config).__name__}")
-    if config.model not in PRESETS:
+    if config.model not in PRESETS and config.hf_model is None:
         raise ValueError(f"{_FN}: unknown --model {config.model!r}; known: {', '.join(sorted(PRESETS))}")
     out = Path(config.output)
     ckpt_root = out / "checkpoints"
@@ -200,18 +200,26 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
             config = dataclasses.replace(config, dtype=auto[0])
         dtype_shown = (f"{config.dtype} (auto: {auto[1]})" if config.dtype == auto[0] else
                        f"{config.dtype} (the checkpoint's; auto would choose {auto[0]}: {auto[1]})")
-    if config.model not in PRESETS:  # the checkpoint's model
+    if config.model not in PRESETS and config.hf_model is None:  # the checkpoint's model
         raise ValueError(f"{_FN}: the checkpoint's model {config.model!r} is not a known preset")
     if step >= config.train_steps:
         quiet_log(f"megacore train: {out} is already trained to step {step} (--train-steps {config.train_steps}); "
                   "nothing to do. Pass a larger --train-steps to train further.")
         return {"checkpoint": resumed_dir, "step": step, "already_trained": True}
-    positions = _positions(config, quiet_log)
+    if config.hf_model is not None and config.pipeline_parallel_size > 1:
+        raise ValueError(f"{_FN}: --hf-model with --pipeline-parallel-size > 1 is not supported yet")
+    positions = _positions(config, quiet_log) if config.hf_model is None else None
     _check_pipeline_layout(config)
     _writable_directory(str(out), "--output")
     _writable_directory(config.cache_dir, "--cache-dir")
     pretrained = _pretrained(config)
-    task = Task.for_run(config.task, config.task_options, build(config.model, device="meta"))
+    if config.hf_model is not None:
+        from megacore.training.hf_source import hf_meta_model
+
+        start = hf_meta_model(config.hf_model)
+    else:
+        start = build(config.model, device="meta")
+    task = Task.for_run(config.task, config.task_options, start)
     state = _init_distributed(config)
     tp, dp = (state.tensor_parallel_size, state.data_parallel_size) if state else (1, 1)
     pp, vp = config.pipeline_parallel_size, config.virtual_pipeline_parallel_size
@@ -235,14 +243,19 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
 
     torch.manual_seed(config.seed)
     data = task.datasets(config, dp, segments, quiet_log)
-    overrides = dict(max_position_embeddings=positions, **config.model_overrides)
+    overrides = dict(config.model_overrides, **({} if positions is None else {"max_position_embeddings": positions}))
     overrides.update(vocab_size=data.tokenizer.vocab_size, hidden_dropout=config.hidden_dropout,
                      attention_dropout=config.attention_dropout, recompute=config.recompute,
                      tensor_parallel=state is not None, sequence_parallel=config.sequence_parallel)
-    if pretrained is None:
+    if config.hf_model is not None:  # the Hugging Face model, with this run's dropout, recompute and layout
+        from megacore.training.hf_source import hf_model
+
+        model = hf_model(config.hf_model, overrides)
+    elif pretrained is None:
         model = build(config.model, **overrides)  # drawn whole on CPU: the same weights on every device and layout
     else:  # the pretrained checkpoint's model, with this run's dropout, recompute and layout
         model = _pretrained_model(pretrained, overrides, load=resumed_dir is None)
+    model = task.prepare_model(model, data)  # a fine-tuning task's head (a resumed run's weights load after)
     if pp > 1:
         from megacore.parallel.pipeline import cut_stage
 
@@ -271,12 +284,14 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
         # their parts through the model's stage methods, which module forward pre-hooks do not see, so the
         # parameter all-gathers are waited for at the end of the step instead of in the next forward.
         optimizer = DistributedOptimizer(ddp, precision, lr=config.lr, weight_decay=config.weight_decay,
-                                         overlap_param_gather=pp == 1)
+                                         overlap_param_gather=pp == 1, layer_lr_decay=config.layer_lr_decay)
         precision = optimizer
     else:
-        optimizer = build_optimizer(precision, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = build_optimizer(precision, lr=config.lr, weight_decay=config.weight_decay,
+                                    layer_lr_decay=config.layer_lr_decay)
     schedule = LRSchedule(optimizer, max_lr=config.lr, min_lr=config.min_lr,
-                          warmup_steps=min(config.warmup_steps, config.train_steps), total_steps=config.train_steps)
+                          warmup_steps=min(config.warmup_steps, config.train_steps), total_steps=config.train_steps,
+                          decay=config.lr_decay_style)
     scaler = DynamicLossScaler() if dtype == torch.float16 else None
     trainer = Trainer(ddp or model, optimizer, schedule, precision=precision, scaler=scaler,
                       grad_accumulation=accumulation, clip=config.clip_grad, ddp=ddp, loss_fn=task.loss,
@@ -293,6 +308,7 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
 
     model_config = dataclasses.asdict(model.config)
     model_config["params_dtype"] = config.dtype
+    model_class = model_class_name(model)
     train_config = dataclasses.asdict(config)
     train_config["override_lr_schedule"] = False  # an instruction for one resume, not part of the run
 
@@ -300,6 +316,8 @@ def train(config: TrainConfig, log=print, explicit: Optional[set] = None) -> dic
         e = {"schedule": schedule.state_dict(), "preset": config.model, "model_config": model_config,
              "tokenizer": TOKENIZER_DIR, "tokenizer_source": data.tokenizer_path, "consumed_samples": consumed,
              "step": step_, "data_segments": list(segments), "train_config": train_config}
+        if model_class is not None:  # not the preset's class (a fine-tuning task's Classifier)
+            e["model_class"] = model_class
         if scaler is not None:
             e["scaler"] = scaler.state_dict()
         return e

@@ -180,6 +180,12 @@ class Task:
         so). Raises ValueError / FileNotFoundError for unusable data."""
         raise NotImplementedError
 
+    def prepare_model(self, model: torch.nn.Module, data: TaskData) -> torch.nn.Module:
+        """The model this task trains, from the model the run starts with (a preset, a pretrained checkpoint's or a
+        Hugging Face directory's), once the data is read: a fine-tuning task puts its head on it (default: the
+        model as it is)."""
+        return model
+
     def batch(self, item: dict) -> dict:
         """A collated DataLoader item of ``TaskData.train`` / ``valid`` as the micro-batch :meth:`loss`
         reads: a dict of int64 tensors ``[b, s]`` (or ``[b]``)."""
@@ -700,5 +706,6 @@ __all__ = ["CausalLMTask", "ElectraTask", "EncoderDecoderTask", "MaskedLMTask", 
            "segment_seed", "to_device", "training_stream", "unigram_perplexity"]
 
 
-# The fine-tuning tasks register themselves (megacore finetune translation | seq2seq).
+# The fine-tuning tasks register themselves (megacore finetune translation | seq2seq | austen-novel | ...).
+from megacore.training import classification as _classification  # noqa: E402,F401
 from megacore.training import seq2seq as _seq2seq  # noqa: E402,F401
