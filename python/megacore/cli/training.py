@@ -25,6 +25,9 @@ _HELP = {
     "train_steps": "optimizer steps",
     "lr": "peak learning rate", "min_lr": "final learning rate (cosine decay)", "warmup_steps": "linear warmup steps",
     "weight_decay": "AdamW weight decay (not on biases, norms, embeddings)", "clip_grad": "global gradient-norm clip",
+    "lr_decay_style": "learning-rate decay after warmup, to --min-lr: cosine, linear or constant",
+    "layer_lr_decay": "layer-wise learning-rate decay (ELECTRA's fine-tuning recipe, e.g. 0.8): the head trains at "
+                      "--lr, layer i of L at lr x d^(L+1-i), the embeddings at lr x d^(L+2); 1: off",
     "dtype": "parameter dtype: auto (bfloat16 where the CPU or GPU computes it natively: AVX512-BF16, AMX, "
              "Ampere or newer; float32 elsewhere; the run's header line says which and why, `megacore info` "
              "shows it), float32, bfloat16 (fp32 master weights) or float16 (+ dynamic loss scaling)",
@@ -52,6 +55,8 @@ _HELP = {
     "task_options": "JSON object of the task's own options (megacore finetune's task flags set them)",
     "pretrained": "a megacore train checkpoint to start from: its model, weights and tokenizer (megacore finetune "
                   "--checkpoint)",
+    "hf_model": "a Hugging Face model directory (config.json, model.safetensors, tokenizer) to start from (megacore "
+                "finetune --hf)",
     "override_lr_schedule": "on resume, apply --lr, --min-lr, --warmup-steps and --weight-decay from this command "
                             "instead of refusing a change",
 }
@@ -108,7 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# megacore finetune TASK: the task's own flags, each a key of TrainConfig.task_options (type, help)
+# megacore finetune TASK: the task's own flags, each a key of TrainConfig.task_options (type, help); bool: --x/--no-x
 _TASK_FLAGS = {
     "translation": {"direction": (str, "es-en (default) or en-es")},
     "seq2seq": {"train": (str, "training pairs: a .jsonl/.json or .tsv file (optionally .xz)"),
@@ -116,6 +121,14 @@ _TASK_FLAGS = {
                 "test": (str, "test pairs for the final metrics (default: --valid)"),
                 "source_key": (str, "JSON field / TSV column of the source text (default: source)"),
                 "target_key": (str, "JSON field / TSV column of the target text (default: target)")},
+    "austen-novel": {}, "bible-pair": {}, "proper-nouns": {},
+    "classify": {"train": (str, "training examples: a .jsonl/.json, .csv or .tsv file with a header (optionally .xz)"),
+                 "valid": (str, "validation examples (same format)"),
+                 "test": (str, "test examples for the final metrics (default: --valid)"),
+                 "text_key": (str, "field / column of the text (default: text)"),
+                 "pair_key": (str, "field / column of the optional second text (default: text_pair)"),
+                 "label_key": (str, "field / column of the label (default: label)"),
+                 "regression": (bool, "the labels are numbers to predict (MSE loss; Pearson, Spearman)")},
 }
 _SEQ2SEQ_FLAGS = {
     "target_length": (int, "target tokens per sample, </s> included (default 128)"),
@@ -126,33 +139,57 @@ _SEQ2SEQ_FLAGS = {
     "eval_samples": (int, "validation pairs decoded for BLEU at each evaluation (default 200; 0: all)"),
     "test_samples": (int, "test pairs decoded at the end (default 0: all)"),
 }
+_CLASSIFICATION_FLAGS = {
+    "truncation": (bool, "cut texts longer than --seq-len (the longer of a pair first) instead of stopping at the "
+                         "first one (default: on for the embedded tasks, off for classify)"),
+    "classifier_dropout": (float, "dropout in the classification head (default: --hidden-dropout)"),
+    "eval_samples": (int, "validation examples evaluated at each evaluation (default 0: all)"),
+    "test_samples": (int, "test examples evaluated at the end (default 0: all)"),
+}
+_TASK_HELP = {
+    "translation": "Spanish <-> English on the embedded Bible corpus (T5)",
+    "seq2seq": "any text-to-text task on your files (T5)",
+    "austen-novel": "which of Austen's six novels a passage comes from (6 classes; BERT, RoBERTa, ELECTRA, GPT)",
+    "bible-pair": "is the English verse the translation of the Spanish one? (sentence pairs)",
+    "proper-nouns": "tag each word of a passage as a name or not (token classification; encoders)",
+    "classify": "classify (or score, --regression) the texts or text pairs of your JSONL / CSV / TSV files",
+}
 
 
 # TrainConfig fields megacore finetune sets itself or has no use for (the task brings its data and tokenizer)
-_FINETUNE_SKIP = ("task", "task_options", "pretrained", "data", "valid_data", "tokenizer")
+_FINETUNE_SKIP = ("task", "task_options", "pretrained", "hf_model", "data", "valid_data", "tokenizer")
 
 
 def _add_finetune(sub) -> None:
-    from megacore.training.seq2seq import Seq2SeqFinetuneTask
+    from megacore.training.tasks import TASKS
 
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint (or a preset from scratch) on a task: translation, "
-                                        "seq2seq",
-                       description="Fine-tune a `megacore train` checkpoint (--checkpoint), or a preset from scratch "
-                                   "(--model), on a task, with the progress bar, metrics, checkpoints and resume of "
-                                   "`megacore train`. translation: the embedded Spanish-English Bible corpus (books "
-                                   "held out), BLEU and chrF against copying the source; seq2seq: your JSONL/TSV "
-                                   "pairs, BLEU, chrF and ROUGE.")
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint, a Hugging Face model or a preset from scratch on a "
+                                        "task: " + ", ".join(_TASK_FLAGS),
+                       description="Fine-tune a `megacore train` checkpoint (--checkpoint), a Hugging Face model "
+                                   "directory (--hf) or a preset from scratch (--model) on a task, with the progress "
+                                   "bar, metrics, checkpoints and resume of `megacore train`. Classification tasks "
+                                   "report accuracy, macro-F1 and (two classes) Matthews correlation on held-out "
+                                   "data; translation and seq2seq BLEU, chrF (and ROUGE).")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     for name, flags in _TASK_FLAGS.items():
-        t = tasks.add_parser(name, help={"translation": "Spanish <-> English on the embedded Bible corpus",
-                                         "seq2seq": "any text-to-text task on your files"}[name])
-        t.add_argument("--checkpoint", dest="pretrained", metavar="DIR",
-                       help="a megacore train checkpoint to start from (default: --model from scratch)")
-        for key, (kind, text) in {**flags, **_SEQ2SEQ_FLAGS}.items():
-            t.add_argument("--" + key.replace("_", "-"), dest="task_" + key, type=kind, default=None, help=text,
-                           metavar=key.upper())
-        _add_config_flags(t, skip=_FINETUNE_SKIP, defaults=Seq2SeqFinetuneTask.defaults)
-        t.set_defaults(func=_cmd_finetune, task_flags=tuple({**flags, **_SEQ2SEQ_FLAGS}))
+        shared = _SEQ2SEQ_FLAGS if name in ("translation", "seq2seq") else _CLASSIFICATION_FLAGS
+        t = tasks.add_parser(name, help=_TASK_HELP[name], description=_TASK_HELP[name])
+        start = t.add_mutually_exclusive_group()
+        start.add_argument("--checkpoint", dest="pretrained", metavar="DIR",
+                           help="a megacore train checkpoint to start from (default: --model from scratch)")
+        if shared is _CLASSIFICATION_FLAGS:
+            start.add_argument("--hf", dest="hf_model", metavar="DIR",
+                               help="a Hugging Face model directory to start from (config.json, model.safetensors, "
+                                    "a tokenizer), e.g. one written by save_pretrained")
+        for key, (kind, text) in {**flags, **shared}.items():
+            flag = "--" + key.replace("_", "-")
+            if kind is bool:
+                t.add_argument(flag, dest="task_" + key, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+            else:
+                t.add_argument(flag, dest="task_" + key, type=kind, default=None, help=text, metavar=key.upper())
+        _add_config_flags(t, skip=_FINETUNE_SKIP, defaults=TASKS[name].defaults)
+        t.set_defaults(func=_cmd_finetune, task_flags=tuple({**flags, **shared}))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -174,14 +211,21 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         task_options.update({k: getattr(args, "task_" + k) for k in args.task_flags
                              if getattr(args, "task_" + k) is not None})
         options.update(task=args.task, task_options=task_options)
+        start = {"pretrained"} if args.pretrained is not None else set()
         if args.pretrained is not None:
             options["pretrained"] = args.pretrained
+        hf = getattr(args, "hf_model", None)
+        if hf is not None:
+            if "model" in given:
+                raise ValueError("megacore finetune: --model with --hf: the Hugging Face directory is the model")
+            options.update(hf_model=hf, model="hf")
+            start = {"hf_model", "model"}
         if options.get("pretrained") and "model" not in given:  # the checkpoint's model
             options["model"] = _read_extra(resolve_checkpoint(options["pretrained"], "finetune"), "finetune")["preset"]
         if "output" not in options:
             options["output"] = f"runs/finetune-{args.task}"
         config = parse_config(options)
-        train(config, explicit=set(given) | {"task", "task_options"} | ({"pretrained"} if args.pretrained else set()))
+        train(config, explicit=set(given) | {"task", "task_options"} | start)
     except (ValueError, OSError, NotImplementedError, ImportError, TrainingDivergedError,
             StalledRanksError) as e:
         return print_error(e)
@@ -196,15 +240,28 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--passages", type=int, default=200, help="last-word passages (default 200)")
     p.add_argument("--context-tokens", type=int, default=128, help="context tokens before the last word (default 128)")
     p.add_argument("--batches", type=int, default=50, help="perplexity batches of 8 x seq_len (default 50)")
+    p.add_argument("--task", default=None,
+                   help="a fine-tuned checkpoint: evaluate it on this task (default: the task it was fine-tuned on): "
+                        "accuracy, macro-F1, Matthews correlation (regression: MSE, Pearson, Spearman)")
+    p.add_argument("--split", default="test", choices=["valid", "test"],
+                   help="a fine-tuned checkpoint: which held-out split (default test)")
+    p.add_argument("--file", default=None,
+                   help="a fine-tuned checkpoint: evaluate on this JSONL / CSV / TSV file instead (with the run's "
+                        "field names)")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import math
 
+    from megacore.training.classification import evaluate_finetuned, is_finetuned
     from megacore.training.run import evaluate_checkpoint
 
     try:
+        if args.task is not None or args.file is not None or is_finetuned(args.checkpoint):
+            result = evaluate_finetuned(args.checkpoint, task=args.task, split=args.split, file=args.file)
+            print(json.dumps(result, indent=2))
+            return 0
         result = evaluate_checkpoint(args.checkpoint, batches=args.batches, passages=args.passages,
                                      context_tokens=args.context_tokens)
         if not math.isfinite(result["valid_loss"]):
@@ -305,8 +362,38 @@ def _translate(model, tokenizer, extra: dict, args: argparse.Namespace) -> str:
                      length_penalty=args.length_penalty, source_length=saved.get("seq_len"))[0]
 
 
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="classify a text (or text pair, or tag its words) with a fine-tuned checkpoint",
+                       description="Run a fine-tuned classifier on --text (and --text-pair): prints the predicted "
+                                   "label and its probability (a regression checkpoint: the number; a tagging one: "
+                                   "each word with its tag). Under `torchrun --nproc-per-node T` the model is split "
+                                   "T-way (tensor parallelism).")
+    p.add_argument("--checkpoint", required=True, help="a checkpoints directory (the latest step) or a step directory")
+    p.add_argument("--text", required=True, help="the text to classify")
+    p.add_argument("--text-pair", default=None, help="the second text of a sentence-pair task")
+    p.add_argument("--top", type=int, default=1, help="print the TOP most probable labels (default 1)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from megacore.training.classification import predict_text
+    from megacore.training.run import model_from_checkpoint
+
+    try:
+        printing = _init_tensor_parallel_from_torchrun()
+        if not printing:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this command
+        model, tokenizer, extra = model_from_checkpoint(args.checkpoint)
+        for line in predict_text(model, tokenizer, extra, args.text, args.text_pair, top=args.top):
+            print(line)
+    except (ValueError, OSError, TypeError) as e:
+        return print_error(e)
+    return 0
+
+
 def add_commands(sub) -> None:
     _add_train(sub)
     _add_finetune(sub)
     _add_evaluate(sub)
     _add_generate(sub)
+    _add_predict(sub)

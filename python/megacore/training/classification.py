@@ -90,7 +90,7 @@ class ClassificationTask(Task):
     Options (``TrainConfig.task_options``; ``megacore finetune``'s flags): ``truncation`` (cut texts longer than
     ``--seq-len``, the longer of a pair first; default: the embedded tasks cut, ``classify`` refuses such a text with
     its file and line), ``classifier_dropout`` (the head's dropout; default: the model's hidden dropout),
-    ``eval_samples`` / ``test_samples`` (examples evaluated, default 0: all)."""
+    ``eval_samples`` / ``test_samples`` (examples evaluated, evenly spaced through the split; default 0: all)."""
 
     family = "classifier"
     head: ClassVar[str] = "sequence"
@@ -99,9 +99,9 @@ class ClassificationTask(Task):
     default_truncation: ClassVar[bool] = True
     # megacore finetune's defaults for this task (the command line and --config override them)
     defaults: ClassVar[dict] = {"model": "bert-tiny", "seq_len": 128, "micro_batch_size": 32, "global_batch_size": 32,
-                                "train_steps": 1000, "lr": 1e-3, "min_lr": 0.0, "warmup_steps": 100,
-                                "weight_decay": 0.01, "lr_decay_style": "linear", "eval_interval": 250,
-                                "eval_batches": 1, "save_interval": 500, "log_interval": 50}
+                                "train_steps": 400, "lr": 1e-3, "min_lr": 0.0, "warmup_steps": 40,
+                                "weight_decay": 0.01, "lr_decay_style": "linear", "layer_lr_decay": 0.8,
+                                "eval_interval": 100, "eval_batches": 1, "save_interval": 200, "log_interval": 20}
     _OPTIONS: ClassVar[dict] = {"truncation": bool, "classifier_dropout": float, "eval_samples": int,
                                 "test_samples": int}
 
@@ -197,13 +197,21 @@ class ClassificationTask(Task):
 
     @staticmethod
     def _first(examples: list, n: int) -> list:
-        return examples[:n] if n else examples
+        """``n`` of the examples (0: all), evenly spaced through them: the splits are ordered (by novel, by book),
+        so a prefix would hold only the first classes."""
+        if not n or n >= len(examples):
+            return examples
+        return [examples[i * len(examples) // n] for i in range(n)]
 
     def _encode(self, examples: list, what: str):
         from megacore.data.classification import encode_examples
 
-        return encode_examples(examples, self.tokenizer_, self.seq_len, self.labels, head=self.head,
-                               truncation=self.truncation, regression=self.regression)
+        try:
+            return encode_examples(examples, self.tokenizer_, self.seq_len, self.labels, head=self.head,
+                                   truncation=self.truncation, regression=self.regression)
+        except ValueError as e:  # say it as megacore finetune's flag
+            raise ValueError(str(e).replace("pass truncation=True to cut it",
+                                            "pass --truncation to cut it, or a larger --seq-len")) from None
 
     def prepare_model(self, model: torch.nn.Module, data: TaskData) -> torch.nn.Module:
         """The model with this task's head: a Classifier from a pretrained trunk (kept as it is when the model is
