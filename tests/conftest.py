@@ -36,3 +36,14 @@ def t5_corpus_cache(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("t5-corpus-cache")
     embedded_corpus_t5(str(root), 1000, log=lambda m: None)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def wordpiece_corpus_cache(tmp_path_factory) -> str:
+    """A cache directory holding the embedded corpus as masked-LM / ELECTRA pretraining prepares it (a WordPiece of
+    1,000 tokens, sentences), once for the whole session; fine-tuning from scratch reads its tokenizer."""
+    from megacore.training.corpus import embedded_corpus_wordpiece
+
+    root = tmp_path_factory.mktemp("wordpiece-corpus-cache")
+    embedded_corpus_wordpiece(str(root), 1000, log=lambda m: None)
+    return str(root)

@@ -15,7 +15,7 @@ from megacore.cli import main
 from megacore.training.run import TrainConfig, train
 
 STEPS = 3
-TINY = dict(train_steps=STEPS, seq_len=32, vocab_size=512, micro_batch_size=2, global_batch_size=8, eval_interval=100,
+TINY = dict(train_steps=STEPS, seq_len=32, vocab_size=1000, micro_batch_size=2, global_batch_size=8, eval_interval=100,
             eval_batches=2, log_interval=1, save_interval=100, lr=5e-3, min_lr=5e-4, warmup_steps=1, progress=False,
             dtype="float32", model_overrides={"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4})
 
@@ -25,8 +25,9 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-# T5 reads the session's T5 corpus (a Unigram of 1,000 tokens); its 4 encoder and 4 decoder layers are the pipeline's 8
-T5 = dict(vocab_size=1000, model_overrides=dict(TINY["model_overrides"], kv_channels=8))
+# Each model reads the session's corpus of its tokenizer (1,000 tokens); T5's 4 encoder and 4 decoder layers are the
+# pipeline's 8
+T5 = dict(model_overrides=dict(TINY["model_overrides"], kv_channels=8))
 
 
 def _options(model: str) -> dict:
@@ -39,10 +40,10 @@ def _valid_loss(run) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, t5_corpus_cache):
+def one_process(tmp_path_factory, corpus_cache, wordpiece_corpus_cache, t5_corpus_cache):
     """The reference: each model's run in one process (losses, and T5's validation loss), and the corpus caches."""
     root = tmp_path_factory.mktemp("pipeline-cli")
-    caches = {"gpt-tiny": str(root / "cache"), "bert-tiny": str(root / "cache"), "t5-tiny": t5_corpus_cache}
+    caches = {"gpt-tiny": corpus_cache, "bert-tiny": wordpiece_corpus_cache, "t5-tiny": t5_corpus_cache}
     runs = {}
     for model in ("gpt-tiny", "bert-tiny", "t5-tiny"):
         config = TrainConfig(cache_dir=caches[model], output=str(root / model), **_options(model))
@@ -52,13 +53,13 @@ def one_process(tmp_path_factory, t5_corpus_cache):
     return root, runs, caches
 
 
-def _torchrun(nproc: int, root, out, *flags: str, model: str = "gpt-tiny", cache=None) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, caches: dict, out, *flags: str, model: str = "gpt-tiny") -> subprocess.CompletedProcess:
     config = out.parent / f"{out.name}.json"
     config.write_text(json.dumps(_options(model)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                            str(nproc), "-m", "megacore", "train", "--config", str(config), "--cache-dir",
-                           str(cache or root / "cache"), "--output", str(out), *flags],
+                           caches[model], "--output", str(out), *flags],
                           capture_output=True, text=True, timeout=400, env=env)
 
 
@@ -80,7 +81,7 @@ LAYOUTS = {  # name: (processes, flags, model)
 def test_torchrun_layout_trains_like_one_process(one_process, tmp_path, name):
     root, reference, caches = one_process
     nproc, flags, model = LAYOUTS[name]
-    r = _torchrun(nproc, root, tmp_path / "run", *flags, model=model, cache=caches[model])
+    r = _torchrun(nproc, caches, tmp_path / "run", *flags, model=model)
     assert r.returncode == 0, r.stderr[-4000:]
     assert ("pipeline-parallel" in r.stdout) == ("--pipeline-parallel-size" in flags) and "validation loss" in r.stdout
     assert ("(distributed optimizer)" in r.stdout) == ("distributed_optimizer" in name)
@@ -107,8 +108,8 @@ def test_impossible_pipeline_layouts_are_refused(argv, message, capsys, tmp_path
 
 
 def test_interleaving_needs_whole_rounds_of_micro_batches(one_process, tmp_path):
-    root, _, _ = one_process
-    r = _torchrun(2, root, tmp_path / "run", "--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2",
+    _, _, caches = one_process
+    r = _torchrun(2, caches, tmp_path / "run", "--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2",
                   "--global-batch-size", "6")
     assert r.returncode != 0
     assert ("needs the micro-batches per step, --global-batch-size 6 / (--micro-batch-size 2 x data-parallel size 1) "
@@ -120,12 +121,12 @@ def test_a_pipeline_run_resumes_in_one_process_like_a_one_process_run(one_proces
     that was one process throughout takes (its checkpoint and the pipeline's hold the same state)."""
     import shutil
 
-    root, _, _ = one_process
-    r = _torchrun(2, root, tmp_path / "pp", "--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2")
+    root, _, caches = one_process
+    r = _torchrun(2, caches, tmp_path / "pp", "--pipeline-parallel-size", "2", "--virtual-pipeline-parallel-size", "2")
     assert r.returncode == 0, r.stderr[-4000:]
     shutil.copytree(root / "gpt-tiny", tmp_path / "one")
     for run in ("pp", "one"):
-        config = TrainConfig(model="gpt-tiny", cache_dir=str(root / "cache"), output=str(tmp_path / run),
+        config = TrainConfig(model="gpt-tiny", cache_dir=caches["gpt-tiny"], output=str(tmp_path / run),
                              **dict(TINY, train_steps=STEPS + 2))
         train(config, log=lambda m: None)
     assert _losses(tmp_path / "pp")[STEPS:] == pytest.approx(_losses(tmp_path / "one")[STEPS:], rel=2e-4)

@@ -90,14 +90,9 @@ def test_a_registered_task_is_what_its_models_train_with(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory, corpus_cache, t5_corpus_cache):
-    """Cache directories with the embedded corpus prepared: BPE and T5's Unigram (the session's) and WordPiece
-    (this module's)."""
-    from megacore.training.corpus import embedded_corpus_wordpiece
-
-    wordpiece = str(tmp_path_factory.mktemp("wordpiece-cache"))
-    embedded_corpus_wordpiece(wordpiece, 1000, log=lambda m: None)
-    return {"bpe": corpus_cache, "wordpiece": wordpiece, "unigram": t5_corpus_cache}
+def caches(corpus_cache, wordpiece_corpus_cache, t5_corpus_cache):
+    """Cache directories with the embedded corpus prepared (the session's): BPE, WordPiece and T5's Unigram."""
+    return {"bpe": corpus_cache, "wordpiece": wordpiece_corpus_cache, "unigram": t5_corpus_cache}
 
 
 def _config(preset: str, caches) -> TrainConfig:
