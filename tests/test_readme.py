@@ -59,6 +59,19 @@ NOT_RUN = {
         "needs the user's files; tests/training/test_t5_training.py runs it on a JSONL file it writes",
     "megacore generate --checkpoint runs/finetune-translation/checkpoints --prompt 'Y dijo Dios: Sea la luz.' "
     "--beams 4": "needs the fine-tuning run's checkpoint; tests/training/test_t5_training.py runs it on a shrunk one",
+    "megacore finetune austen-novel --checkpoint runs/bert-tiny/checkpoints":
+        "a full fine-tuning run from the main job's BERT; tests/training/test_classification_training.py runs it shrunk",
+    "megacore finetune bible-pair --checkpoint runs/electra-small/checkpoints":
+        "the same task family on pairs; test_classification_training.py runs bible-pair shrunk",
+    "megacore finetune proper-nouns --checkpoint runs/bert-tiny/checkpoints":
+        "the same, tagging; test_classification_training.py runs proper-nouns shrunk",
+    "megacore finetune classify --train train.csv --valid valid.jsonl --hf '~/models/my-bert'":
+        "needs the user's files and model; test_classification_training.py runs classify on files it writes, and "
+        "--hf on a directory transformers saves",
+    "megacore predict --checkpoint runs/finetune-austen-novel/checkpoints --text 'Mr. Knightley smiled.' --top 3":
+        "needs the fine-tuning run's checkpoint; test_classification_training.py predicts with a shrunk one",
+    "megacore evaluate --checkpoint runs/finetune-austen-novel/checkpoints --task austen-novel":
+        "the same, for evaluate --task",
 }
 
 DISTRIBUTED = "dist.init_process_group("  # marks the block that needs several processes

@@ -62,7 +62,8 @@ def test_bert_presets_pretrain_with_the_sentence_pairs_of_their_binary_head():
 
 def test_a_model_that_declares_no_registered_task_is_refused_with_the_known_tasks():
     with pytest.raises(ValueError, match=r"Linear declares pretraining_task=None; megacore train knows the tasks "
-                                         r"causal_lm, electra, masked_lm, seq2seq, span_corruption, translation"):
+                                         r"austen-novel, bible-pair, causal_lm, classify, electra, masked_lm, proper-nouns, seq2seq, "
+                                             r"span_corruption, translation"):
         Task.for_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
         Task.for_preset("gpt5")
