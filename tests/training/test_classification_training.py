@@ -1,7 +1,8 @@
-"""Fine-tuning classifiers end to end: `megacore finetune austen-novel | bible-pair | proper-nouns | classify` from a
+"""Fine-tuning classifiers end to end: `megacore finetune austen-novel | proper-nouns | classify` from a
 `megacore train` checkpoint, from scratch and from a Hugging Face directory; resume bit for bit; `megacore evaluate
 --task`, `megacore predict`; layer-wise learning-rate decay and the linear schedule; tensor x data parallelism under
-torchrun equal to one process; the errors of bad data and options. Shrunk models and runs: CI-sized."""
+torchrun equal to one process; the errors of bad data and options. Shrunk models and runs: CI-sized (bible-pair's
+data is tests/data/test_classification_data.py's; its runs are the README's)."""
 
 from __future__ import annotations
 
@@ -142,16 +143,6 @@ def test_an_interrupted_fine_tuning_run_resumes_bit_for_bit(novel_run, tmp_path)
     assert _final(out)["test_accuracy"] == _final(run)["test_accuracy"]
 
 
-def test_bible_pair_from_scratch_reports_matthews_correlation(tmp_path, wordpiece_corpus_cache):
-    run = tmp_path / "pairs"
-    argv = ["finetune", "bible-pair", "--model", "bert-tiny", "--model-overrides", json.dumps(ENCODER),
-            "--vocab-size", "1000", "--output", str(run), "--cache-dir", wordpiece_corpus_cache, *FINETUNE]
-    argv[argv.index("--train-steps") + 1] = "10"
-    assert main(argv) == 0
-    final = _final(run)
-    assert -1 <= final["test_mcc"] <= 1 and "majority_mcc" in final and 0 <= final["test_accuracy"] <= 1
-
-
 def test_proper_noun_tagging_reports_word_level_metrics_and_predicts_a_tag_per_word(pretrained, capsys,
                                                                                    wordpiece_corpus_cache):
     """Token classification end to end (whether it learns names is measured at the default size: the README)."""
@@ -201,7 +192,8 @@ def test_classify_on_users_files_from_a_pretrained_checkpoint(pretrained, user_f
     argv = ["finetune", "classify", "--train", str(user_files / "train.csv"), "--valid", str(user_files / "valid.jsonl"),
             "--checkpoint", str(pretrained / "pretrain" / "checkpoints"), "--output", str(run), *FINETUNE]
     argv[argv.index("--lr") + 1] = "5e-3"
-    argv[argv.index("--train-steps") + 1] = "60"
+    argv[argv.index("--train-steps") + 1] = "100"
+    argv += ["--dtype", "float32"]  # the same numbers on every CPU (auto is bf16 on some)
     assert main(argv) == 0
     final = _final(run)
     assert final["test_accuracy"] > 0.8 and "test_mcc" in final, final  # chance: 0.5
@@ -271,6 +263,8 @@ def test_tensor_and_data_parallel_fine_tuning_under_torchrun_equals_one_process(
               "--distributed-timeout-minutes", "2", *FINETUNE]
     common[common.index("--train-steps") + 1] = "10"
     common[common.index("--micro-batch-size") + 1] = "8"  # one process accumulates 2 micro-batches, DP 2 one each
+    common[common.index("--test-samples") + 1] = "48"
+    common[common.index("--eval-samples") + 1] = "48"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, *common, "--output", str(tmp_path / "one")], capture_output=True, text=True,
                          timeout=300, env=env)
@@ -281,4 +275,4 @@ def test_tensor_and_data_parallel_fine_tuning_under_torchrun_equals_one_process(
     assert four.returncode == 0, four.stderr[-3000:]
     a, b = _final(tmp_path / "one"), _final(tmp_path / "four")
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
-    assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1 / 128 + 1e-9)
+    assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1 / 48 + 1e-9)
