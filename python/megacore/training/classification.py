@@ -138,11 +138,7 @@ class ClassificationTask(Task):
 
     @classmethod
     def from_options(cls, options: dict, model: torch.nn.Module) -> "ClassificationTask":
-        unknown = sorted(set(options) - set(cls._OPTIONS))
-        if unknown:
-            raise ValueError(f"{_FN}: task {cls.name!r} has no option {unknown[0]!r}; its options: "
-                             f"{', '.join(sorted(cls._OPTIONS))}")
-        task = cls(**options)
+        task = super().from_options(options, model)
         task.source_model = model
         return task
 

@@ -159,14 +159,6 @@ class Seq2SeqFinetuneTask(EncoderDecoderTask):
         options = {k: v for k, v in options.items() if k not in ("train", "valid", "test")}
         return cls(**options, **({"train": "", "valid": ""} if cls is Seq2SeqTask else {})).source_prefix
 
-    @classmethod
-    def from_options(cls, options: dict, model: torch.nn.Module) -> "Seq2SeqFinetuneTask":
-        unknown = sorted(set(options) - set(cls._OPTIONS))
-        if unknown:
-            raise ValueError(f"{_FN}: task {cls.name!r} has no option {unknown[0]!r}; its options: "
-                             f"{', '.join(sorted(cls._OPTIONS))}")
-        return cls(**options)
-
     # -- data
 
     def pairs(self, split: str) -> list:

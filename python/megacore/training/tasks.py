@@ -163,13 +163,22 @@ class Task:
         """A model whose pretraining task this is."""
         return getattr(model, "pretraining_task", None) == cls.name
 
+    _OPTIONS: ClassVar[Optional[dict]] = None  # a fine-tuning task's options (name -> type), its constructor's
+
     @classmethod
     def from_options(cls, options: dict, model: torch.nn.Module) -> "Task":
-        """This task with ``options`` (``TrainConfig.task_options``) for ``model``; default: no options
-        (:meth:`from_model`). Raises ValueError naming an unknown or bad option."""
-        if options:
-            raise ValueError(f"{_FN}: task {cls.name!r} takes no options; got {', '.join(sorted(options))}")
-        return cls.from_model(model)
+        """This task with ``options`` (``TrainConfig.task_options``) for ``model``: ``cls(**options)`` for a task that
+        declares its options (``_OPTIONS``), else none (:meth:`from_model`). Raises ValueError naming an unknown or
+        bad option."""
+        if cls._OPTIONS is None:
+            if options:
+                raise ValueError(f"{_FN}: task {cls.name!r} takes no options; got {', '.join(sorted(options))}")
+            return cls.from_model(model)
+        unknown = sorted(set(options) - set(cls._OPTIONS))
+        if unknown:
+            raise ValueError(f"{_FN}: task {cls.name!r} has no option {unknown[0]!r}; its options: "
+                             f"{', '.join(sorted(cls._OPTIONS))}")
+        return cls(**options)
 
     # -- training
 
