@@ -18,6 +18,15 @@ def encoder_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def right_padding_mask(batch: int, seq: int, pad) -> torch.Tensor:
+    """A ``[batch, seq]`` 1/0 attention mask whose row ``i`` ends in ``pad[i]`` padding positions."""
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for i, p in enumerate(pad):
+        if p:
+            mask[i, seq - p:] = 0
+    return mask
+
+
 def per_head_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """HF's separate q, k, v (``[h, ...]`` weights or ``[h]`` biases) as the layer's qkv rows, ordered
     (head, {q, k, v}, head_dim)."""

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from megacore.models import BertModel, ModelConfig
 from megacore.models.bert import position_ids_from_input_ids
 from megacore.models.registry import build, preset_config
-from tests.models.bert_utils import encoder_config, hf_embeddings, hf_encoder, load_exactly, prefixed
+from tests.models.bert_utils import (encoder_config, hf_embeddings, hf_encoder, load_exactly, prefixed,
+                                     right_padding_mask)
 from tests.parallel.utils import run_distributed
 
 transformers = pytest.importorskip("transformers")
@@ -46,10 +47,7 @@ def _inputs(seed: int = 0, pad=(0, 3, 7), device="cpu"):
     """(ids, attention mask, token types, MLM labels), drawn on the CPU from ``seed`` and moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, V, (B, S), generator=g)
-    mask = torch.ones(B, S, dtype=torch.long)
-    for i, p in enumerate(pad):
-        if p:
-            mask[i, S - p:] = 0
+    mask = right_padding_mask(B, S, pad)
     types = (torch.arange(S) >= S // 2).long().expand(B, S).clone()
     labels = torch.where(torch.rand(B, S, generator=g) < 0.3, ids, torch.full_like(ids, -100)) * mask + (mask - 1) * 100
     return tuple(t.to(device) for t in (ids, mask, types, labels))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megacore.models import (MODEL_CLASSES, BertModel, Classifier, ClassifierConfig, ElectraDiscriminatorModel,
                              ElectraModel, GPTModel, ModelConfig, backbone_of)
 from megacore.models.classification import classification_loss, last_token_index
-from tests.models.bert_utils import encoder_config
+from tests.models.bert_utils import encoder_config, right_padding_mask
 from tests.parallel.utils import run_distributed
 
 B, S, V, H = 3, 10, 101, 32
@@ -59,10 +59,7 @@ def batch(backbone: str, seed: int = 0, pad=PAD):
     GPT 0) and real tokens never do."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, V, (B, S), generator=g)
-    mask = torch.ones(B, S, dtype=torch.long)
-    for i, p in enumerate(pad):
-        if p:
-            mask[i, S - p:] = 0
+    mask = right_padding_mask(B, S, pad)
     pad_id = {"roberta": 1, "gpt": 0}.get(backbone)
     if pad_id is not None:
         ids = ids.masked_fill(mask == 0, pad_id)

@@ -13,7 +13,8 @@ import torch
 from megacore.models import ElectraDiscriminatorModel, ElectraModel
 from megacore.models.electra import electra_generator_config, replaced_token_loss
 from megacore.models.registry import build, preset_config
-from tests.models.bert_utils import encoder_config, hf_embeddings, hf_encoder, load_exactly, prefixed
+from tests.models.bert_utils import (encoder_config, hf_embeddings, hf_encoder, load_exactly, prefixed,
+                                     right_padding_mask)
 from tests.parallel.utils import run_distributed
 
 transformers = pytest.importorskip("transformers")
@@ -31,10 +32,7 @@ def _batch(seed: int = 0, pad=(0, 3, 5), rate: float = 0.3, device="cpu"):
     on the CPU from ``seed`` and moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     original = torch.randint(5, V, (B, S), generator=g)
-    attention = torch.ones(B, S, dtype=torch.long)
-    for i, p in enumerate(pad):
-        if p:
-            attention[i, S - p:] = 0
+    attention = right_padding_mask(B, S, pad)
     masked = (torch.rand(B, S, generator=g) < rate) & attention.bool()
     masked[:, 0] = True  # every row has a masked token
     labels = torch.where(masked, original, torch.full_like(original, -100))
