@@ -358,6 +358,16 @@ def test_eod_tokens_of_gpt_prepared_data_are_removed():
             assert EOD not in original_tokens(ds[i]) and EOD not in ds[i]["input_ids"]
 
 
+def test_an_eod_that_is_sep_is_removed_so_each_sample_has_only_its_own_separators():
+    # megacore's WordPiece tokenizer (as BERT's) has eod = [SEP]: prepared paragraphs end in it
+    documents = [[*doc[:-1], np.append(doc[-1], SEP)] for doc in random_documents(seed=9)]
+    for mode, separators in (("nsp", 2), ("packed", 1)):
+        ds = make(documents=documents, tokenizer=Tokenizer(eod=SEP), mode=mode, num_samples=300)
+        for i in range(len(ds)):
+            item = ds[i]
+            assert (item["input_ids"][item["attention_mask"] == 1] == SEP).sum() == separators
+
+
 # -- determinism ------------------------------------------------------------------------------------
 
 def test_sample_i_depends_only_on_seed_and_i():

@@ -306,3 +306,27 @@ def _tensor_parallel_bert(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_bert_equals_the_whole_model(world):
     run_distributed(_tensor_parallel_bert, world, timeout_s=240, collective_timeout_s=60)
+
+
+@pytest.mark.parametrize("masked", ["some", "none", "all"])
+def test_mlm_head_computed_at_labeled_rows_equals_the_full_cross_entropy_with_gradients(masked):
+    """The MLM head forms the logits of the labeled (masked) rows only; loss and every gradient equal a plain
+    PyTorch cross-entropy over the full logits (float64), with no labeled row, and with all rows labeled."""
+    torch.manual_seed(0)
+    config = encoder_config(params_dtype=torch.float64)
+    model = BertModel(config)
+    ids, mask, types, labels = _inputs()
+    labels = {"some": labels, "none": torch.full_like(labels, -100), "all": ids.clone()}[masked]
+    out = model(ids, mask, types, labels=labels)
+    out.mlm.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(ids, mask, types).mlm  # [b, s, v]: the full head, no labels
+    ref = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # 0 at -100
+    ref.sum().backward()
+    torch.testing.assert_close(out.mlm, ref)
+    for name, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            torch.testing.assert_close(grads[name], p.grad, msg=name)
+        else:
+            assert name not in grads or grads[name].abs().sum() == 0, name

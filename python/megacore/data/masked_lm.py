@@ -350,8 +350,11 @@ class MaskedLMDataset(SentenceSamples):
                 raise ValueError(f"{name}: tokenizer.{attr}={value!r} must be a token id in [0, vocab_size="
                                  f"{vocab_size}) (the [{attr.upper()}] token); masked-LM data needs it")
             setattr(self, f"{attr}_id", int(value))
+        # The end-of-document id that data preparation appends (``append_eod``) is no text: it is removed. For a
+        # WordPiece tokenizer it is [SEP] itself, which a sentence's tokens otherwise never hold (the separators
+        # are the dataset's to place), so a paragraph's last sentence does not carry a stray [SEP].
         eod = getattr(tokenizer, "eod", None)
-        self.eod_id = int(eod) if _is_int(eod) and eod not in (self.cls_id, self.sep_id, self.pad_id) else None
+        self.eod_id = int(eod) if _is_int(eod) and 0 <= eod < vocab_size else None
         self._specials = (self.cls_id, self.sep_id, self.mask_id, self.pad_id, self.eod_id)
 
     def _word_start_table(self, tokenizer, is_word_start) -> np.ndarray:

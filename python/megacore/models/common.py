@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -442,10 +442,27 @@ def lm_logits(x: torch.Tensor, word: WordEmbedding, sequence_parallel: bool,
 
 
 def lm_output(x: torch.Tensor, word: WordEmbedding, sequence_parallel: bool, labels: Optional[torch.Tensor] = None,
-              ignore_index: int = -100, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+              ignore_index: int = -100, bias: Optional[torch.Tensor] = None, only_labeled: bool = False,
+              transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """The LM head: ``x [s(/tp), b, e]`` -> per-token loss ``[b, s]`` (fp32) when ``labels [b, s]`` is given
     (vocab-parallel cross-entropy under tensor parallelism: the logits are never gathered), else the
-    full logits ``[b, s, vocab_size]``."""
+    full logits ``[b, s, vocab_size]``. ``transform`` (e.g. BERT's dense-GeLU-norm) is applied to ``x`` first.
+
+    ``only_labeled`` (with labels): the transform and the logits are computed for the labeled rows only (the
+    masked 15 % of a masked LM, as Google's BERT and ELECTRA gather ``masked_lm_positions``); the loss is the
+    same, the rows' losses are scattered back into ``[b, s]`` (0 elsewhere). Not under sequence parallelism,
+    where each rank holds a slice of the rows (the full computation is used there)."""
+    if labels is not None and only_labeled and not sequence_parallel:
+        keep = labels.t() != ignore_index  # [s, b]
+        if bool(keep.any()):  # (all ignored: the full path, which gives zeros with a graph)
+            rows = x[keep][:, None]  # [n, 1, e], in keep's row-major order
+            if transform is not None:
+                rows = transform(rows)
+            row_loss = lm_output(rows, word, False, labels.t()[keep][None], ignore_index, bias)  # [1, n]
+            loss = torch.zeros(keep.shape, dtype=row_loss.dtype, device=row_loss.device)
+            return loss.masked_scatter(keep, row_loss[0]).t()
+    if transform is not None:
+        x = transform(x)
     logits = lm_logits(x, word, sequence_parallel, bias)  # [s, b, v_local]
     if labels is not None:
         target = labels.t()
@@ -490,7 +507,10 @@ class MaskedLMHead(nn.Module):
         return self.norm(h)
 
     def forward(self, x: torch.Tensor, word: WordEmbedding, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return lm_output(self.transform(x, word), word, self.config.sequence_parallel, labels, bias=self.bias)
+        """The per-token loss ``[b, s]`` (computed at the labeled positions only) when ``labels`` is given, else
+        the logits ``[b, s, vocab_size]``."""
+        return lm_output(x, word, self.config.sequence_parallel, labels, bias=self.bias, only_labeled=True,
+                         transform=lambda h: self.transform(h, word))
 
 
 def to_sequence_first_mask(padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -304,7 +304,7 @@ class ElectraModel(StagedModel):
         word = self.embedding.word
 
         features = self.generator(self.embedding(input_ids, token_type_ids, position_ids), mask, self.embedding)
-        token_loss = lm_output(features, word, self.config.sequence_parallel, mlm_labels,
+        token_loss = lm_output(features, word, self.config.sequence_parallel, mlm_labels, only_labeled=True,
                                bias=self.generator.mlm_head.bias)  # [b, s] fp32, 0 where not masked
         generator_loss = token_loss.sum() / masked.sum().clamp(min=1)
 
