@@ -88,6 +88,28 @@ def test_masked_lm_and_electra_pretraining_run_and_report_their_metric(trained, 
     assert (tmp_path / "run" / "checkpoints" / "step_00000020").is_dir()
 
 
+def test_megacore_train_takes_the_masked_lm_recipe_for_bert_unless_told_otherwise(wordpiece_corpus_cache, tmp_path):
+    """bert-tiny trains with MaskedLMTask.defaults (not TrainConfig's GPT recipe); a flag or a --config value
+    replaces one of them; a resumed run keeps its checkpoint's values, not the recipe's."""
+    from megacore.training.tasks import MaskedLMTask
+
+    common = ["train", "--model", "bert-tiny", "--vocab-size", "1000", "--cache-dir", wordpiece_corpus_cache,
+              "--micro-batch-size", "4", "--global-batch-size", "4", "--eval-batches", "1", "--no-progress"]
+    saved = lambda run: json.loads((tmp_path / run / "train_config.json").read_text())  # noqa: E731
+    assert main([*common, "--output", str(tmp_path / "a"), "--train-steps", "1"]) == 0
+    recipe = {k: v for k, v in MaskedLMTask.defaults.items() if k not in ("micro_batch_size", "global_batch_size",
+                                                                         "train_steps")}
+    assert recipe and {k: saved("a")[k] for k in recipe} == recipe
+    assert TrainConfig.seq_len != recipe["seq_len"]  # the recipe is not TrainConfig's
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"lr": 3e-4}))
+    assert main([*common, "--output", str(tmp_path / "b"), "--train-steps", "1", "--seq-len", "64",
+                 "--config", str(config)]) == 0
+    assert (saved("b")["seq_len"], saved("b")["lr"], saved("b")["warmup_steps"]) == (64, 3e-4, recipe["warmup_steps"])
+    assert main([*common, "--output", str(tmp_path / "b"), "--train-steps", "2"]) == 0  # resume to step 2
+    assert (saved("b")["seq_len"], saved("b")["lr"], saved("b")["train_steps"]) == (64, 3e-4, 2)
+
+
 def test_a_config_file_with_an_unknown_option_is_refused(tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"train_steps": 5, "learning_rate": 1}))

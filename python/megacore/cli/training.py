@@ -68,9 +68,25 @@ def _add_train(sub) -> None:
                                    "`torchrun --nproc-per-node N -m megacore train --tensor-parallel-size T "
                                    "--pipeline-parallel-size P` it trains with tensor size T, P pipeline stages and "
                                    "data-parallel size N/(T P) (gloo on CPU, NCCL on GPU). Rerunning "
-                                   "with the same --output resumes from the newest complete checkpoint.")
+                                   "with the same --output resumes from the newest complete checkpoint. "
+                                   + _recipes())
     _add_config_flags(p)
     p.set_defaults(func=_cmd_train)
+
+
+def _recipes() -> str:
+    """The help's line on the pretraining tasks whose defaults differ from TrainConfig's (Task.defaults)."""
+    from megacore.models.registry import PRESETS
+    from megacore.training.tasks import Task
+
+    tasks: dict = {}
+    for name in PRESETS:
+        task = Task.for_preset(name)
+        if task.defaults:
+            tasks.setdefault(type(task), []).append(name)
+    return " ".join(f"{', '.join(names)} default to their task's recipe: " +
+                    ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in task.defaults.items()) + "."
+                    for task, names in tasks.items()) + " The defaults below are the others'."
 
 
 def _add_config_flags(p, skip: tuple = (), defaults: dict = {}) -> None:  # noqa: B006 - read only
@@ -93,6 +109,19 @@ def _add_config_flags(p, skip: tuple = (), defaults: dict = {}) -> None:  # noqa
                            help=f"{_HELP[f.name]} (default: {default})")
 
 
+def _task_defaults(options: dict) -> dict:
+    """The defaults (Task.defaults) of the run's task: ``task`` when given, else the pretraining task of the
+    preset ``model``; {} for a name that is neither (the run reports it)."""
+    from megacore.models.registry import PRESETS
+    from megacore.training.config import TrainConfig
+    from megacore.training.tasks import TASKS, Task
+
+    task, model = options.get("task"), options.get("model", TrainConfig.model)
+    if task is not None:
+        return dict(TASKS[task].defaults) if isinstance(task, str) and task in TASKS else {}
+    return dict(Task.for_preset(model).defaults) if isinstance(model, str) and model in PRESETS else {}
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from megacore.parallel import StalledRanksError
     from megacore.training.config import TrainConfig, load_config_file, parse_config
@@ -103,10 +132,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         options = load_config_file(args.config) if args.config else {}
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
         options.update(given)
+        explicit = set(options)  # what this invocation asks for (a resume takes these, and only these)
         if "output" not in options:
             options["output"] = f"runs/{options.get('model', TrainConfig.model)}"
+        options = {**_task_defaults(options), **options}
         config = parse_config(options)
-        train(config, explicit=set(options) - ({"output"} if "output" not in given else set()))
+        train(config, explicit=explicit)
     except (ValueError, OSError, NotImplementedError, ImportError, TrainingDivergedError,
             StalledRanksError) as e:
         return print_error(e)

@@ -97,7 +97,6 @@ class ClassificationTask(Task):
     regression: bool = False
     metric = "valid_accuracy"
     default_truncation: ClassVar[bool] = True
-    # megacore finetune's defaults for this task (the command line and --config override them)
     defaults: ClassVar[dict] = {"model": "bert-tiny", "seq_len": 128, "micro_batch_size": 32, "global_batch_size": 32,
                                 "train_steps": 400, "lr": 1e-3, "min_lr": 0.0, "warmup_steps": 40,
                                 "weight_decay": 0.01, "lr_decay_style": "linear", "layer_lr_decay": 0.8,

@@ -122,7 +122,7 @@ class Seq2SeqFinetuneTask(EncoderDecoderTask):
     metric = "valid_bleu"
     rouge: ClassVar[bool] = False
     default_prefix: ClassVar[str] = ""
-    # megacore finetune's defaults for this task (the command line and --config override them)
+    # megacore finetune's defaults for this task (Task.defaults)
     defaults: ClassVar[dict] = {"model": "t5-tiny", "seq_len": 128, "micro_batch_size": 32, "global_batch_size": 32,
                                 "train_steps": 3000, "lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 100,
                                 "weight_decay": 0.01, "eval_interval": 1000, "eval_batches": 10,

@@ -115,6 +115,10 @@ class Task:
     family: ClassVar[str]
     metric: ClassVar[str]
     corpus_units: ClassVar[dict] = {}
+    # The command's defaults for a run of this task, over TrainConfig's (the command line and --config override
+    # them; a resumed run keeps its checkpoint's): ``megacore train`` reads the model's pretraining task's,
+    # ``megacore finetune TASK`` the task's.
+    defaults: ClassVar[dict] = {}
 
     # -- choosing the task
 
@@ -559,6 +563,13 @@ class MaskedLMTask(_EncoderPretraining):
     name = "masked_lm"
     family = "bert"
     metric = "mlm_accuracy"
+    # A post-LN masked LM sits at the unigram plateau (validation loss = the unigram cross-entropy) until its
+    # attention learns to read the neighbours; at TrainConfig's GPT recipe (lr 2e-3, 8 x 256) bert-tiny is still
+    # there after 2,000 steps. 128-token samples (most of the embedded corpus's paragraphs are shorter), 32 per
+    # step, lr 1e-3 with 500 warmup steps leave it between steps 3,000 and 4,000 (docs/finetuning.md).
+    defaults: ClassVar[dict] = {"seq_len": 128, "micro_batch_size": 32, "global_batch_size": 32, "train_steps": 5000,
+                                "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 500, "eval_interval": 1000,
+                                "save_interval": 2500}
 
     def __init__(self, sentence_pairs: Optional[str] = "nsp"):
         if sentence_pairs not in ("nsp", "sop", None):
