@@ -212,46 +212,24 @@ def test_cuda_glue_passes_a_syntax_check_against_the_cpu_torch(tmp_path):
     assert not failures, "\n\n".join(failures)
 
 
-FORCED_ISAS = ("default", "avx2")
-
-
-@pytest.fixture(scope="module")
-def forced_isa_runs(tmp_path_factory):
-    """The `isa`-marked reference tests re-run under each forced ATEN_CPU_CAPABILITY, all at once (mostly
-    Python-bound small tensors: side by side they take about the time of one): {capability: Popen}."""
-    runs = {}
-    for capability in FORCED_ISAS:
-        if capability.upper() not in megacore.build_info()["cpu_isas"]:
-            continue
-        tmp = tmp_path_factory.mktemp(f"isa-{capability}")
-        # Inductor's on-disk cache is not keyed by ATEN_CPU_CAPABILITY: kernels compiled for the native width
-        # would be reused at another width and read and write past their buffers. A cache of its own per level.
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, CUDA_VISIBLE_DEVICES="",
-                   TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"))
-        script = ("import sys, megacore, pytest; print(megacore.build_info()['cpu_isa_active'], flush=True); "
-                  "sys.exit(pytest.main(sys.argv[1:]))")
-        runs[capability] = subprocess.Popen(
-            [sys.executable, "-c", script, str(ROOT / "tests" / "ops"), "-m", "isa", "-q", "-x",
-             "-p", "no:cacheprovider", "--basetemp", str(tmp / "t")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        )  # fmt: skip
-    yield runs
-    for run in runs.values():
-        if run.poll() is None:
-            run.kill()
-
-
-@pytest.mark.parametrize("capability", FORCED_ISAS)
-def test_each_forced_cpu_isa_matches_the_references(capability, forced_isa_runs):
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_each_forced_cpu_isa_matches_the_references(capability, tmp_path):
     """Re-runs the reference tests marked `isa` with ATEN_CPU_CAPABILITY forced, so every per-ISA build
     of the kernels is exercised (the native one, AVX512 here, runs in the main session)."""
-    if capability not in forced_isa_runs:
+    if capability.upper() not in megacore.build_info()["cpu_isas"]:
         pytest.skip(f"{capability} kernels not built on this platform")
-    try:
-        out, err = forced_isa_runs[capability].communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        forced_isa_runs[capability].kill()
-        pytest.fail(f"ATEN_CPU_CAPABILITY={capability}: the isa tests did not finish in 900 s")
-    assert out.splitlines()[0].strip() == capability.upper(), out[:2000]  # the forced kernels are the ones run
-    rc = forced_isa_runs[capability].returncode
-    assert rc == 0, f"ATEN_CPU_CAPABILITY={capability}:\n{out[-6000:]}\n{err[-2000:]}"
+    # Inductor's on-disk cache is not keyed by ATEN_CPU_CAPABILITY: kernels compiled for the native width
+    # would be reused at another width and read and write past their buffers. A cache of its own per level.
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, CUDA_VISIBLE_DEVICES="",
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    probe = subprocess.run(
+        [sys.executable, "-c", "import megacore; print(megacore.build_info()['cpu_isa_active'])"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert probe.stdout.strip() == capability.upper()
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "tests" / "ops"), "-m", "isa", "-q", "-x",
+         "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t")],
+        env=env, capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, f"ATEN_CPU_CAPABILITY={capability}:\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
