@@ -33,6 +33,10 @@ BATCH_KEYS = {
 }
 
 
+def test_class_for_preset_of_an_unknown_preset_is_none():
+    assert Task.class_for_preset("gpt5") is None
+
+
 def test_every_preset_declares_a_registered_task_and_gets_it():
     expected = {"gpt-tiny": (CausalLMTask, "gpt"), "gpt2-small": (CausalLMTask, "gpt"),
                 "gpt2-medium": (CausalLMTask, "gpt"), "gpt-1.3b": (CausalLMTask, "gpt"),
@@ -44,7 +48,7 @@ def test_every_preset_declares_a_registered_task_and_gets_it():
     for name in PRESETS:
         task = Task.for_preset(name)
         model = build(name, device="meta")
-        assert type(task) is TASKS[model.pretraining_task], name
+        assert type(task) is TASKS[model.pretraining_task] is Task.class_for_preset(name), name
         if name in expected:
             assert (type(task), task.family) == expected[name], name
 

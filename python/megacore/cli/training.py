@@ -81,9 +81,9 @@ def _recipes() -> str:
 
     tasks: dict = {}
     for name in PRESETS:
-        task = Task.for_preset(name)
-        if task.defaults:
-            tasks.setdefault(type(task), []).append(name)
+        task = Task.class_for_preset(name)
+        if task is not None and task.defaults:
+            tasks.setdefault(task, []).append(name)
     return " ".join(f"{', '.join(names)} default to their task's recipe: " +
                     ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in task.defaults.items()) + "."
                     for task, names in tasks.items()) + " The defaults below are the others'."
@@ -112,14 +112,15 @@ def _add_config_flags(p, skip: tuple = (), defaults: dict = {}) -> None:  # noqa
 def _task_defaults(options: dict) -> dict:
     """The defaults (Task.defaults) of the run's task: ``task`` when given, else the pretraining task of the
     preset ``model``; {} for a name that is neither (the run reports it)."""
-    from megacore.models.registry import PRESETS
     from megacore.training.config import TrainConfig
     from megacore.training.tasks import TASKS, Task
 
     task, model = options.get("task"), options.get("model", TrainConfig.model)
     if task is not None:
-        return dict(TASKS[task].defaults) if isinstance(task, str) and task in TASKS else {}
-    return dict(Task.for_preset(model).defaults) if isinstance(model, str) and model in PRESETS else {}
+        cls = TASKS.get(task) if isinstance(task, str) else None
+    else:
+        cls = Task.class_for_preset(model) if isinstance(model, str) else None
+    return dict(cls.defaults) if cls is not None else {}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -132,9 +133,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         options = load_config_file(args.config) if args.config else {}
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
         options.update(given)
-        explicit = set(options)  # what this invocation asks for (a resume takes these, and only these)
         if "output" not in options:
             options["output"] = f"runs/{options.get('model', TrainConfig.model)}"
+        # what this invocation asks for (a resume takes these, and only these; not the task's defaults)
+        explicit = set(options) - ({"output"} if "output" not in given else set())
         options = {**_task_defaults(options), **options}
         config = parse_config(options)
         train(config, explicit=explicit)

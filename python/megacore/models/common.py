@@ -454,13 +454,12 @@ def lm_output(x: torch.Tensor, word: WordEmbedding, sequence_parallel: bool, lab
     where each rank holds a slice of the rows (the full computation is used there)."""
     if labels is not None and only_labeled and not sequence_parallel:
         keep = labels.t() != ignore_index  # [s, b]
-        if bool(keep.any()):  # (all ignored: the full path, which gives zeros with a graph)
-            rows = x[keep][:, None]  # [n, 1, e], in keep's row-major order
-            if transform is not None:
-                rows = transform(rows)
-            row_loss = lm_output(rows, word, False, labels.t()[keep][None], ignore_index, bias)  # [1, n]
-            loss = torch.zeros(keep.shape, dtype=row_loss.dtype, device=row_loss.device)
-            return loss.masked_scatter(keep, row_loss[0]).t()
+        rows = x[keep][:, None]  # [n, 1, e], in keep's row-major order (n may be 0)
+        if transform is not None:
+            rows = transform(rows)
+        row_loss = lm_output(rows, word, False, labels.t()[keep][None], ignore_index, bias)  # [1, n]
+        loss = torch.zeros(keep.shape, dtype=row_loss.dtype, device=row_loss.device)
+        return loss.masked_scatter(keep, row_loss[0]).t()
     if transform is not None:
         x = transform(x)
     logits = lm_logits(x, word, sequence_parallel, bias)  # [s, b, v_local]

@@ -140,6 +140,19 @@ class Task:
 
         return Task.for_model(build(name, device="meta"))
 
+    @staticmethod
+    def class_for_preset(name: str) -> Optional[type["Task"]]:
+        """The Task class preset ``name``'s model class declares (its ``pretraining_task``), read from the class
+        without building the model (its class-level settings, such as ``defaults``); None for an unknown preset
+        or one that declares no registered task."""
+        from megacore.models.registry import PRESETS
+
+        if name not in PRESETS:
+            return None
+        model = PRESETS[name][0]
+        model = getattr(model, "func", model)  # a functools.partial of a model class
+        return TASKS.get(getattr(model, "pretraining_task", None))
+
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "Task":
         """This task for ``model`` (override to read settings from the model; default: ``cls()``)."""
@@ -566,7 +579,8 @@ class MaskedLMTask(_EncoderPretraining):
     # A post-LN masked LM sits at the unigram plateau (validation loss = the unigram cross-entropy) until its
     # attention learns to read the neighbours; at TrainConfig's GPT recipe (lr 2e-3, 8 x 256) bert-tiny is still
     # there after 2,000 steps. 128-token samples (most of the embedded corpus's paragraphs are shorter), 32 per
-    # step, lr 1e-3 with 500 warmup steps leave it between steps 3,000 and 4,000 (docs/finetuning.md).
+    # step, lr 1e-3 with 500 warmup steps start to leave it after ~3,000 steps; at 5,000 bert-tiny is past it
+    # (6.29 against 6.42) and fine-tunes better than from scratch (docs/finetuning.md).
     defaults: ClassVar[dict] = {"seq_len": 128, "micro_batch_size": 32, "global_batch_size": 32, "train_steps": 5000,
                                 "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 500, "eval_interval": 1000,
                                 "save_interval": 2500}
