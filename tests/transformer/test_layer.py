@@ -4,6 +4,8 @@ plain PyTorch block, in one process. The tensor-parallel cases are in tests/para
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -274,6 +276,17 @@ def test_torch_compile_fullgraph_forward_and_backward(decoder):
     wrt_a, wrt_b = [t for t in a if t is not None], [t for t in b if t is not None]
     for got, want in zip(torch.autograd.grad(compiled, wrt_b, g), torch.autograd.grad(eager, wrt_a, g)):
         torch.testing.assert_close(got, want)
+
+
+def test_op_config_is_a_constant_for_torch_compile_without_importing_dynamo():
+    """layer.py marks op_config as torch.compiler.assume_constant_result does, without importing torch._dynamo
+    at start-up (1.5 s of every process, every spawned worker's): the decorator must still be only that."""
+    assert getattr(torch.compiler.assume_constant_result(lambda: 0), "_dynamo_marked_constant", False)
+    assert op_config._dynamo_marked_constant is True
+    code = ("import sys, megacore.training, megacore.models, megacore.parallel, megacore.data, megacore.cli; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 def test_eval_mode_has_no_dropout():

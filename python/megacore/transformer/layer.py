@@ -66,7 +66,15 @@ def _canonical(fields: tuple) -> str:
     return _C.transformer_layer_config([(k, "none" if v is None else str(v)) for k, v in fields])
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the string
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its import of ``torch._dynamo`` (1.5 s of every
+    process's start, every spawned test worker's included): the decorator only sets this attribute, which dynamo
+    reads when it traces a call (tests/transformer/test_layer.py pins that it still does)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result  # torch.compile calls it while tracing and keeps the string
 def op_config(config: TransformerConfig, group_name: str = "", training: bool = True) -> str:
     """The ``config`` string the layer ops take for ``config`` (checked by the C++ parser, which also caches
     what it parsed per string). Raises ValueError naming the field for a value the ops reject."""
