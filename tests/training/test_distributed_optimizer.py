@@ -107,9 +107,11 @@ def _check_training_matches_one_process(rank, world, dtype):
     zero1 = _ddp_trainer(dtype)
     assert zero1.optimizer.ddp.reducer.num_buckets() >= 3
     # Round-off: summing in another order (split batch, norms over pieces) moves Adam's updates of the
-    # near-zero gradients; in bf16 that flips the last bit of some weights (one ulp at 1 is 0.0078).
+    # near-zero gradients; in bf16 that flips the last bit of some weights (one ulp at 1 is 0.0078), and a
+    # gradient that is ~0 in bf16 can change sign, so Adam steps that element the other way: at most 2 lr
+    # apart per step (seen on an AMD EPYC: one bias element of 192 0.0108 apart after 4 steps).
     loss_rel, grad_norm_rel = (1e-5, 1e-5) if dtype == torch.float32 else (1e-4, 1e-3)
-    weights_tol = dict(rtol=1e-4, atol=3e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    weights_tol = dict(rtol=1e-4, atol=3e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2 * LR * STEPS)
     for mbs in batches:
         want = reference.train_step(mbs)
         shard = _shard(mbs, rank, world)
