@@ -188,13 +188,14 @@ def test_generate_under_torchrun_is_tensor_parallel_and_translates_like_one_proc
 
 
 def test_a_short_translation_run_from_scratch_beats_copying_the_source(tmp_path, capsys):
-    """The issue's bar, at test size: 400 steps of t5-tiny from scratch (~1 min on 2 cores) translate the held-out
-    books better than copying the Spanish source does (BLEU 0.57 against 0.11 on this project's machine; chrF needs
-    the full default run, see the README)."""
+    """The issue's bar, at test size: 400 steps of t5-tiny from scratch (~1 min on 2 Xeon cores in bf16, ~3 min on
+    2 AMD EPYC cores without native bf16, so in fp32) translate the held-out books better than copying the Spanish
+    source does: BLEU 0.57 (Xeon) and 0.35 (EPYC) against copying's 0.11 (chrF needs the full default run, see the
+    README). Twice copying's BLEU: 3x held on the Xeon, not by much on the EPYC (3.2x)."""
     argv = ["finetune", "translation", "--output", str(tmp_path / "run"), "--vocab-size", "2000", "--train-steps",
             "400", "--eval-interval", "1000", "--save-interval", "1000", "--eval-batches", "2", "--eval-samples", "20",
             "--test-samples", "200", "--beams", "1", "--seq-len", "96", "--target-length", "96", "--max-new-tokens",
             "64", "--log-interval", "100", "--no-progress"]
     assert main(argv) == 0
     final = {k: v for r in _records(tmp_path / "run") for k, v in r.items()}
-    assert final["test_bleu"] > 3 * final["copy_bleu"] > 0, final
+    assert final["test_bleu"] > 2 * final["copy_bleu"] > 0, final
